@@ -1,0 +1,1 @@
+"""The ahead-of-time compiler: importers -> IR -> passes -> partition -> memory plan -> codegen -> .frt."""

@@ -1,0 +1,138 @@
+"""The build driver: model file -> .frt engine (import, passes, partition, memory plan, codegen, assemble)."""
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import flashrt
+from flashrt.aot.codegen import build_cubins, kernel_source, min_driver
+from flashrt.aot.importers.onnx_import import import_onnx
+from flashrt.aot.memory import plan_memory
+from flashrt.aot.partition import Program, partition
+from flashrt.aot.passes import run_passes
+from flashrt.aot.targets import resolve_target
+from flashrt.engine_format.format import BASE_ARENA, BASE_WEIGHTS, FORMAT_MAJOR, FORMAT_MINOR, Launch, Relocation, \
+    arg_layout
+from flashrt.engine_format.writer import engine_bytes, write_engine
+from flashrt.errors import BuildError
+from flashrt.kernels.registry import family
+
+Progress = Callable[[str, int, int, int], None]
+
+
+@dataclass
+class BuildResult:
+    path: str
+    size: int
+    regions: int
+    launches: int
+    kernels: int
+    compute_nodes: int
+    targets: list[str]
+
+
+def assemble(program: Program, arena_bytes: int, weights: bytes, cubins: dict[str, bytes], resources: dict,
+             provenance: dict) -> bytes:
+    from flashrt.kernels.dtypes import ITEMSIZE
+
+    kernel_index: dict[tuple[str, str], int] = {}
+    kernels, launches, relocs, args_blob, regions = [], [], [], bytearray(), []
+    for call in program.calls:
+        fam = family(call.family)
+        src = kernel_source(call.family, call.params)
+        key = (call.family, src.params_json)
+        spec = fam.arg_spec(call.params)
+        offsets, size = arg_layout([t for _, t in spec])
+        if key not in kernel_index:
+            kernel_index[key] = len(kernels)
+            kernels.append({"symbol": src.symbol, "family": call.family, "params": call.params,
+                            "args": [{"name": n, "type": t, "offset": o} for (n, t), o in zip(spec, offsets)]})
+        grid, block, smem = fam.launch_config(call.params)
+        packed = bytearray(size)
+        first = len(relocs)
+        ptr_args = [o for (_, t), o in zip(spec, offsets) if t == "ptr"]
+        if len(ptr_args) != len(call.args):
+            raise BuildError(f"internal: region '{call.name}' has {len(call.args)} tensors for "
+                             f"{len(ptr_args)} pointer parameters")
+        for slot, ref in zip(ptr_args, call.args):
+            base = BASE_WEIGHTS if ref.buffer.kind == "weight" else BASE_ARENA
+            byte_offset = ref.buffer.offset + ref.offset * ITEMSIZE[ref.dtype]
+            packed[slot:slot + 8] = byte_offset.to_bytes(8, "little")
+            relocs.append(Relocation(slot, base, ref.span_bytes()))
+        launches.append(Launch(kernel_index[key], grid, block, smem, len(args_blob), size, first, len(ptr_args)))
+        regions.append({"name": call.name, "kind": call.family, "kernel": kernel_index[key],
+                        "launches": [len(launches) - 1], "ops": call.ops, "source_nodes": call.source_nodes,
+                        "precision": call.args[-1].dtype})
+        args_blob += packed
+        args_blob += bytes(-len(args_blob) % 8)
+
+    def io(entries):
+        return [{"name": n, "dtype": b.dtype, "shape": list(s), "offset": b.offset, "nbytes": b.nbytes}
+                for n, b, s in entries]
+
+    weight_table = sorted(({"name": b.name, "dtype": b.dtype, "shape": list(b.data.shape), "offset": b.offset,
+                            "nbytes": b.nbytes} for b in program.buffers if b.kind == "weight"),
+                          key=lambda w: w["offset"])
+    manifest = {
+        "format": {"major": FORMAT_MAJOR, "minor": FORMAT_MINOR},
+        "inputs": io(program.inputs),
+        "outputs": io(program.outputs),
+        "memory": {"arena_bytes": arena_bytes, "weights_bytes": len(weights)},
+        "kernels": kernels,
+        "regions": regions,
+        "weights": weight_table,
+        "targets": sorted(cubins),
+        "kernel_resources": resources,
+        "provenance": provenance,
+    }
+    return engine_bytes(manifest, cubins, weights, launches, relocs, bytes(args_blob))
+
+
+def build_engine(model: str, targets: list[str], output: str | None = None, shapes: dict | None = None,
+                 precision: str = "fp32", progress: Progress | None = None) -> BuildResult:
+    def stage(name: str) -> None:
+        if progress:
+            progress(name, 0, 0, 0)
+
+    archs = sorted({resolve_target(t) for t in (targets or ["thor"])})
+    if not os.path.isfile(model):
+        raise BuildError(f"{model}: no such model file")
+    if not model.lower().endswith(".onnx"):
+        raise BuildError(f"{model}: unrecognized model format; flashrt builds .onnx files")
+    output = output or os.path.splitext(model)[0] + ".frt"
+    out_dir = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(out_dir):
+        raise BuildError(f"-o {output}: directory {out_dir} does not exist")
+
+    stage("import")
+    graph, sha = import_onnx(model, shapes)
+    stage("passes")
+    run_passes(graph)
+    stage("partition")
+    program = partition(graph, precision)
+    stage("memory")
+    plan = plan_memory(program)
+    sources, seen = [], set()
+    for call in program.calls:
+        src = kernel_source(call.family, call.params)
+        if src.symbol not in seen:
+            seen.add(src.symbol)
+            sources.append(src)
+    cubins, resources, nvcc_version = build_cubins(sources, archs, progress)
+    provenance = {
+        "flashrt_version": flashrt.__version__,
+        "source_name": os.path.basename(model),
+        "source_sha256": sha,
+        "build_flags": {"targets": archs, "precision": precision,
+                        "shapes": {k: list(v) for k, v in sorted((shapes or {}).items())}},
+        "nvcc_version": nvcc_version,
+        "min_driver": min_driver(nvcc_version),
+        "precision": precision,
+        "compute_nodes": program.compute_nodes,
+        "intermediate_bytes_without_reuse": plan.intermediate_bytes,
+    }
+    stage("write")
+    data = assemble(program, plan.arena_bytes, plan.weights, cubins, resources, provenance)
+    write_engine(output, data)
+    return BuildResult(output, len(data), len(program.calls), len(program.calls), len(sources),
+                       program.compute_nodes, archs)

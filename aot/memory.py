@@ -1,0 +1,62 @@
+"""The memory plan: one activation arena with offsets from liveness, and the weight blob.
+
+Inputs and outputs get arena ranges of their own (never shared), so a caller may redirect them to its
+own device memory; intermediates share space when their lifetimes (first write .. last read, in launch
+order) do not overlap. Placement is greedy, largest first, at the lowest offset that fits."""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from flashrt.aot.partition import Program
+
+ALIGN = 256
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+@dataclass
+class MemoryPlan:
+    arena_bytes: int
+    weights: bytes
+    intermediate_bytes: int  # what the intermediates would take without reuse
+
+
+def plan_memory(program: Program) -> MemoryPlan:
+    pos = 0
+    for _, buf, _ in program.inputs + program.outputs:
+        buf.offset = pos
+        pos = _align(pos + buf.nbytes)
+    io_end = pos
+
+    life: dict[int, list] = {}
+    for i, call in enumerate(program.calls):
+        for ref in call.args:
+            if ref.buffer.kind == "arena":
+                span = life.setdefault(id(ref.buffer), [ref.buffer, i, i])
+                span[1], span[2] = min(span[1], i), max(span[2], i)
+    placed: list[tuple[int, int, int, int]] = []  # (offset, end, first, last)
+    total = 0
+    for buf, first, last in sorted(life.values(), key=lambda s: (-s[0].nbytes, s[1], s[0].name)):
+        size = _align(max(buf.nbytes, 1))
+        total += size
+        busy = sorted((o, e) for o, e, f, la in placed if f <= last and first <= la)
+        offset = io_end
+        for o, e in busy:
+            if offset + size <= o:
+                break
+            offset = max(offset, e)
+        buf.offset = offset
+        placed.append((offset, offset + size, first, last))
+        pos = max(pos, offset + size)
+
+    blob = bytearray()
+    for buf in sorted((b for b in program.buffers if b.kind == "weight"), key=lambda b: (b.name, b.dtype)):
+        if buf.offset >= 0:
+            continue
+        buf.offset = len(blob)
+        blob += np.ascontiguousarray(buf.data).tobytes()
+        blob += bytes(_align(len(blob)) - len(blob))
+    return MemoryPlan(pos, bytes(blob), total)

@@ -1,0 +1,145 @@
+"""Graph passes: lower Gemm to MatMul + epilogue ops, and raise exporter decompositions (GELU's erf form)
+to the high-level ops that kernels implement, so they fuse the same way as the ONNX op would."""
+
+import math
+
+import numpy as np
+
+from flashrt.aot.ir import Graph, Node, Value
+
+
+def _fresh(graph: Graph, base: str) -> str:
+    name, i = base, 0
+    while name in graph.values:
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def _const(graph: Graph, base: str, value: np.ndarray) -> str:
+    name = _fresh(graph, base)
+    graph.constants[name] = value
+    graph.values[name] = Value(name, str(value.dtype), tuple(value.shape))
+    return name
+
+
+def _tmp(graph: Graph, base: str, like: str, shape=None) -> str:
+    name = _fresh(graph, base)
+    v = graph.values[like]
+    graph.values[name] = Value(name, v.dtype, tuple(shape) if shape is not None else v.shape)
+    return name
+
+
+def lower_gemm(graph: Graph) -> None:
+    """Gemm(A, B, C; alpha, beta, transA, transB) -> [Transpose] MatMul [Mul alpha] [Add beta*C]."""
+    out = []
+    for n in graph.nodes:
+        if n.op != "Gemm":
+            out.append(n)
+            continue
+        src = [n.name]
+        a, b = n.inputs[0], n.inputs[1]
+        if n.attrs.get("transA", 0):
+            t = _tmp(graph, f"{n.name}/At", a, graph.values[a].shape[::-1])
+            out.append(Node("Transpose", f"{n.name}/transA", [a], [t], {"perm": [1, 0]}, src))
+            a = t
+        if n.attrs.get("transB", 0):
+            if b in graph.constants:
+                b = _const(graph, f"{b}/T", np.ascontiguousarray(graph.constants[b].T))
+            else:
+                t = _tmp(graph, f"{n.name}/Bt", b, graph.values[b].shape[::-1])
+                out.append(Node("Transpose", f"{n.name}/transB", [b], [t], {"perm": [1, 0]}, src))
+                b = t
+        y = n.outputs[0]
+        alpha, beta = float(n.attrs.get("alpha", 1.0)), float(n.attrs.get("beta", 1.0))
+        has_c = len(n.inputs) > 2 and n.inputs[2] and beta != 0.0
+        steps = [("MatMul", None)]
+        if alpha != 1.0:
+            steps.append(("Mul", _const(graph, f"{n.name}/alpha", np.array(alpha, np.float32))))
+        if has_c:
+            c = n.inputs[2]
+            if beta != 1.0:
+                if c in graph.constants:
+                    c = _const(graph, f"{c}/beta", (graph.constants[c] * beta).astype(np.float32))
+                else:
+                    bc = _tmp(graph, f"{n.name}/betaC", c)
+                    out.append(Node("Mul", f"{n.name}/beta", [c, _const(graph, f"{n.name}/beta_v",
+                                                                          np.array(beta, np.float32))], [bc], {}, src))
+                    c = bc
+            steps.append(("Add", c))
+        cur = None
+        for i, (op, other) in enumerate(steps):
+            dst = y if i == len(steps) - 1 else _tmp(graph, f"{n.name}/{op.lower()}", y)
+            ins = [a, b] if op == "MatMul" else [cur, other]
+            out.append(Node(op, n.name if op == "MatMul" else f"{n.name}/{op.lower()}", ins, [dst], {}, src))
+            cur = dst
+    graph.nodes = out
+
+
+def _scalar(graph: Graph, name: str) -> float | None:
+    v = graph.constants.get(name)
+    if v is None or v.size != 1 or v.dtype.kind != "f":
+        return None
+    return float(v.reshape(()))
+
+
+def raise_gelu(graph: Graph) -> None:
+    """x * 0.5 * (1 + erf(x / sqrt(2))) in the orders exporters write it -> Gelu(x)."""
+    users = graph.consumers()
+    prod = graph.producers()
+    outputs = set(graph.outputs)
+
+    def only_user(value: str, op: str) -> Node | None:
+        us = users.get(value, [])
+        return us[0] if len(us) == 1 and us[0].op == op and value not in outputs else None
+
+    def other(node: Node, value: str) -> str:
+        return node.inputs[1] if node.inputs[0] == value else node.inputs[0]
+
+    dead: set[int] = set()
+    for erf in [n for n in graph.nodes if n.op == "Erf"]:
+        scale = prod.get(erf.inputs[0])
+        if scale is None or scale.op not in ("Div", "Mul") or id(scale) in dead:
+            continue
+        x = next((i for i in scale.inputs if i not in graph.constants), None)
+        c = _scalar(graph, other(scale, x)) if x else None
+        if c is None or (scale.op == "Div" and scale.inputs[0] != x):
+            continue
+        if not math.isclose(c if scale.op == "Mul" else 1 / c, 1 / math.sqrt(2), rel_tol=1e-3):
+            continue
+        add = only_user(erf.outputs[0], "Add")
+        if add is None or _scalar(graph, other(add, erf.outputs[0])) != 1.0:
+            continue
+        m1 = only_user(add.outputs[0], "Mul")
+        if m1 is None:
+            continue
+        m1_other = other(m1, add.outputs[0])
+        chain = [scale, erf, add, m1]
+        if m1_other == x:  # x * (1 + erf) then * 0.5
+            m2 = only_user(m1.outputs[0], "Mul")
+            if m2 is None or _scalar(graph, other(m2, m1.outputs[0])) != 0.5:
+                continue
+            chain.append(m2)
+            final = m2
+        else:  # (x * 0.5) * (1 + erf)
+            half = prod.get(m1_other)
+            if (half is None or half.op != "Mul" or x not in half.inputs or _scalar(graph, other(half, x)) != 0.5
+                    or len(users.get(m1_other, [])) != 1):
+                continue
+            chain.append(half)
+            final = m1
+        if len(users.get(scale.outputs[0], [])) != 1:
+            continue
+        gelu = Node("Gelu", f"{erf.name}/gelu", [x], [final.outputs[0]], {},
+                    [s for n in chain for s in n.source])
+        for n in chain:
+            dead.add(id(n))
+        idx = graph.nodes.index(final)
+        graph.nodes[idx] = gelu
+    graph.nodes = [n for n in graph.nodes if id(n) not in dead]
+    graph.remove_dead()
+
+
+def run_passes(graph: Graph) -> None:
+    lower_gemm(graph)
+    raise_gelu(graph)

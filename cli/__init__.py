@@ -1,0 +1,1 @@
+"""The flashrt command line (click)."""

@@ -1,0 +1,195 @@
+"""The `flashrt` command line. Every user error is one line on stderr and a non-zero exit, never a traceback."""
+
+import json
+import os
+import sys
+import time
+
+import click
+import numpy as np
+
+from flashrt.errors import FlashRTError
+
+
+class _Progress:
+    """Build progress on a terminal: one rewritten line with the stage, kernels compiled and cache hits."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.start = time.monotonic()
+
+    def __call__(self, stage: str, done: int, total: int, hits: int) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.monotonic() - self.start
+        if stage == "compile":
+            text = f"compile: {done}/{total} kernels ({hits} cache hits)"
+        elif stage == "link":
+            text = f"link: {done}/{total} targets"
+        else:
+            text = f"{stage}..."
+        click.echo(f"\r\033[K[{elapsed:5.1f}s] {text}", nl=False, err=True)
+
+    def finish(self) -> None:
+        if self.enabled:
+            click.echo("\r\033[K", nl=False, err=True)
+
+
+def _fail(message: str, code: int = 1):
+    click.echo(f"flashrt: error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group()
+@click.version_option(package_name="flashrt", prog_name="flashrt")
+def cli() -> None:
+    """FlashRT: compile models into self-contained batch-1 GPU engines (.frt) and run them."""
+
+
+@cli.command()
+def targets() -> None:
+    """List the known targets and their GPU architectures."""
+    from flashrt.aot.targets import TARGETS
+
+    for name, (arch, desc) in TARGETS.items():
+        click.echo(f"{name:10s} {arch:9s} {desc}")
+    click.echo("Any sm_XX or sm_XXa (XX >= 75) is accepted as a raw architecture.")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--target", "-t", "target_list", multiple=True, help="thor, rtx5090, h100, h200, ... or sm_XX[a]; repeatable.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Engine file (default: MODEL with .frt).")
+@click.option("--shapes", help="Static sizes for dynamic inputs: name:1x3x224x224,other:1x16")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+def build(model: str, target_list: tuple, output: str | None, shapes: str | None, precision: str) -> None:
+    """Compile MODEL (.onnx) into an engine."""
+    from flashrt.aot.build import build_engine
+    from flashrt.aot.importers.onnx_import import parse_shapes
+
+    progress = _Progress(sys.stderr.isatty())
+    try:
+        result = build_engine(model, list(target_list) or ["thor"], output, parse_shapes(shapes), precision, progress)
+    finally:
+        progress.finish()
+    click.echo(f"built {result.path}: {result.launches} launches for {result.compute_nodes} compute nodes, "
+               f"{result.kernels} kernels, targets {', '.join(result.targets)}, {result.size / 1e6:.2f} MB")
+
+
+def _inspect_dict(ef) -> dict:
+    m = ef.manifest
+    return {
+        "path": ef.path,
+        "format": f"{ef.major}.{ef.minor}",
+        "inputs": m["inputs"], "outputs": m["outputs"],
+        "targets": ef.targets,
+        "provenance": m["provenance"],
+        "memory": m["memory"],
+        "regions": m["regions"],
+        "kernels": [{"symbol": k["symbol"], "family": k["family"],
+                     "resources": {a: m.get("kernel_resources", {}).get(a, {}).get(k["symbol"], {})
+                                   for a in ef.targets}} for k in m["kernels"]],
+        "launches": len(ef.launches),
+        "sections": [{"kind": s.kind, "name": s.name, "offset": s.offset, "size": s.size,
+                      "sha256": s.sha256.hex()} for s in ef.sections],
+    }
+
+
+@cli.command()
+@click.argument("engine", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect(engine: str, as_json: bool) -> None:
+    """Show an engine's signature, targets, provenance, regions, kernels, memory and sections."""
+    from flashrt.engine_format.reader import read_engine
+
+    info = _inspect_dict(read_engine(engine))
+    if as_json:
+        click.echo(json.dumps(info, indent=1, sort_keys=True))
+        return
+    p = info["provenance"]
+    click.echo(f"engine {info['path']} (format {info['format']})")
+    click.echo(f"  source     {p.get('source_name')} sha256 {str(p.get('source_sha256'))[:16]}…")
+    click.echo(f"  built by   flashrt {p.get('flashrt_version')}, nvcc {p.get('nvcc_version')}, "
+               f"precision {p.get('precision')}, min driver {p.get('min_driver')}")
+    click.echo(f"  targets    {', '.join(info['targets'])}")
+    for key in ("inputs", "outputs"):
+        for t in info[key]:
+            click.echo(f"  {key[:-1]:6s}     {t['name']}: {t['dtype']}{t['shape']}")
+    mem = info["memory"]
+    click.echo(f"  memory     weights {mem['weights_bytes'] / 1e6:.3f} MB, arena {mem['arena_bytes'] / 1e6:.3f} MB")
+    click.echo(f"  regions    {len(info['regions'])} ({info['launches']} launches, "
+               f"{p.get('compute_nodes', '?')} compute nodes in the source)")
+    for r in info["regions"]:
+        nodes = ", ".join(r["source_nodes"])
+        click.echo(f"    [{r['launches'][0]:3d}] {r['kind']:9s} {r['precision']:8s} {'+'.join(r['ops'])}  <- {nodes}")
+    click.echo(f"  kernels    {len(info['kernels'])}")
+    for k in info["kernels"]:
+        res = "; ".join(f"{a}: {v.get('registers', '?')} regs, {v.get('shared_bytes', '?')} B smem, "
+                        f"{v.get('spill_bytes', 0)} B spill" for a, v in k["resources"].items())
+        click.echo(f"    {k['symbol']}  {res}")
+    click.echo("  sections")
+    for s in info["sections"]:
+        click.echo(f"    kind {s['kind']} {s['name']:12s} offset {s['offset']:>10d} size {s['size']:>10d}")
+
+
+def _load_inputs(path: str) -> dict:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError) as e:
+        raise FlashRTError(f"--inputs {path}: not a readable .npz file ({e})") from None
+
+
+@cli.command()
+@click.argument("engine", type=click.Path(dir_okay=False))
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cuda", show_default=True)
+@click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False), help=".npz of inputs (default: seeded random).")
+@click.option("--output", "output_path", type=click.Path(dir_okay=False), help="Write the outputs to this .npz.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
+def run(engine: str, device: str, inputs_path: str | None, output_path: str | None, seed: int, as_json: bool) -> None:
+    """Run ENGINE once on the CPU reference executor or the GPU."""
+    import flashrt
+
+    eng = flashrt.load(engine, device=device)
+    feeds = _load_inputs(inputs_path) if inputs_path else eng.example_inputs(seed)
+    t0 = time.perf_counter()
+    outputs = eng.run(feeds)
+    elapsed = time.perf_counter() - t0
+    if output_path:
+        tmp = output_path + ".partial.npz"
+        np.savez(tmp, **outputs)
+        os.replace(tmp, output_path)
+    summary = {name: {"dtype": str(a.dtype), "shape": list(a.shape),
+                      "mean": float(np.mean(a)) if a.size else 0.0, "std": float(np.std(a)) if a.size else 0.0,
+                      "min": float(np.min(a)) if a.size else 0.0, "max": float(np.max(a)) if a.size else 0.0,
+                      "finite": bool(np.isfinite(a).all())} for name, a in outputs.items()}
+    if as_json:
+        click.echo(json.dumps({"device": device, "seconds": elapsed, "outputs": summary}, indent=1, sort_keys=True))
+        return
+    click.echo(f"ran {engine} on {device} in {elapsed * 1e3:.2f} ms (first run, includes warm-up)")
+    for name, s in summary.items():
+        click.echo(f"  {name}: {s['dtype']}{s['shape']} mean {s['mean']:.6g} std {s['std']:.6g} "
+                   f"min {s['min']:.6g} max {s['max']:.6g}")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        _fail("aborted", 130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except FlashRTError as e:
+        _fail(str(e).replace("\n", " "))
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except Exception as e:  # a bug: still one line, with a way to get the traceback
+        if os.environ.get("FLASHRT_DEBUG"):
+            raise
+        _fail(f"internal error: {type(e).__name__}: {str(e)[:200]} (set FLASHRT_DEBUG=1 for the traceback)", 3)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Kernel families: CUDA sources (kernels/cuda), their generators, and numpy references."""

@@ -1,0 +1,78 @@
+// Tiled SIMT GEMM with fused prologue (LayerNorm over K) and a generated elementwise epilogue.
+//   C[b, m, n] = P::epilogue(b, m, n, sum_k A'(b, m, k) * B(b, k, n))
+// 256 threads as 16 x 16, each computing TM x TN outputs: a (16*TM) x (16*TN) tile per block.
+// P is a generated struct: compile-time shapes and the strided, dtype-converting loads and stores.
+#pragma once
+#include "common.cuh"
+
+template <class P>
+__device__ __forceinline__ void gemm_tile(const typename P::Args& g) {
+  constexpr int TM = P::TM, TN = P::TN, BM = 16 * TM, BN = 16 * TN, BK = 16;
+  __shared__ float As[BK][BM + 1];  // transposed tile of A: As[k][m]
+  __shared__ float Bs[BK][BN];
+  __shared__ float row_mean[BM], row_rstd[BM];
+  const int bat = blockIdx.z, m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+
+  if constexpr (P::LN) {  // LayerNorm statistics of this block's rows, one warp per row
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int r = warp; r < BM; r += 8) {
+      const int m = m0 + r;
+      float mean = 0.f, rstd = 0.f;
+      if (m < P::M) {
+        float s = 0.f;
+        for (int k = lane; k < P::K; k += 32) s += P::load_a(g, bat, m, k);
+        mean = warp_sum(s) / P::K;
+        float q = 0.f;
+        for (int k = lane; k < P::K; k += 32) { float d = P::load_a(g, bat, m, k) - mean; q += d * d; }
+        rstd = 1.f / sqrtf(warp_sum(q) / P::K + P::EPS);
+      }
+      if (lane == 0) { row_mean[r] = mean; row_rstd[r] = rstd; }
+    }
+    __syncthreads();
+  }
+
+  float acc[TM][TN];
+#pragma unroll
+  for (int i = 0; i < TM; ++i)
+#pragma unroll
+    for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
+
+  for (int k0 = 0; k0 < P::K; k0 += BK) {
+    for (int i = threadIdx.x; i < BM * BK; i += 256) {
+      const int mm = i / BK, kk = i % BK, m = m0 + mm, k = k0 + kk;
+      float v = 0.f;
+      if (m < P::M && k < P::K) {
+        v = P::load_a(g, bat, m, k);
+        if constexpr (P::LN) v = (v - row_mean[mm]) * row_rstd[mm] * P::ln_gamma(g, k) + P::ln_beta(g, k);
+      }
+      As[kk][mm] = v;
+    }
+    for (int i = threadIdx.x; i < BK * BN; i += 256) {
+      const int kk = i / BN, nn = i % BN, k = k0 + kk, n = n0 + nn;
+      Bs[kk][nn] = (k < P::K && n < P::N) ? P::load_b(g, bat, k, n) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < BK; ++kk) {
+      float a[TM], b[TN];
+#pragma unroll
+      for (int i = 0; i < TM; ++i) a[i] = As[kk][ty + 16 * i];
+#pragma unroll
+      for (int j = 0; j < TN; ++j) b[j] = Bs[kk][tx + 16 * j];
+#pragma unroll
+      for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int i = 0; i < TM; ++i)
+#pragma unroll
+    for (int j = 0; j < TN; ++j) {
+      const int m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
+      if (m < P::M && n < P::N) P::epilogue(g, bat, m, n, acc[i][j]);
+    }
+}

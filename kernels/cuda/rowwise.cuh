@@ -1,0 +1,40 @@
+// Row-wise kernels: one warp per row. Rows of L elements at stride INNER (softmax over any axis);
+// LayerNorm over the last K contiguous elements.
+#pragma once
+#include "common.cuh"
+
+template <typename TI, typename TO, long ROWS, int L, int INNER>
+__device__ __forceinline__ void softmax_rows(const TI* __restrict__ x, TO* __restrict__ y) {
+  const long row = (long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= ROWS) return;
+  const long base = (row / INNER) * (long)L * INNER + row % INNER;
+  float mx = -INFINITY;
+  for (int j = lane; j < L; j += 32) mx = fmaxf(mx, to_float(x[base + (long)j * INNER]));
+  mx = warp_max(mx);
+  float s = 0.f;
+  for (int j = lane; j < L; j += 32) s += expf(to_float(x[base + (long)j * INNER]) - mx);
+  s = warp_sum(s);
+  const float inv = 1.f / s;
+  for (int j = lane; j < L; j += 32) y[base + (long)j * INNER] = from_float<TO>(expf(to_float(x[base + (long)j * INNER]) - mx) * inv);
+}
+
+template <typename TI, typename TO, long ROWS, int K, bool HAS_BETA>
+__device__ __forceinline__ void layernorm_rows(const TI* __restrict__ x, const float* __restrict__ gamma,
+                                               const float* __restrict__ beta, TO* __restrict__ y, float eps) {
+  const long row = (long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= ROWS) return;
+  const TI* xr = x + row * K;
+  float s = 0.f;
+  for (int k = lane; k < K; k += 32) s += to_float(xr[k]);
+  const float mean = warp_sum(s) / K;
+  float q = 0.f;
+  for (int k = lane; k < K; k += 32) { float d = to_float(xr[k]) - mean; q += d * d; }
+  const float rstd = 1.f / sqrtf(warp_sum(q) / K + eps);
+  for (int k = lane; k < K; k += 32) {
+    float v = (to_float(xr[k]) - mean) * rstd * gamma[k];
+    if (HAS_BETA) v += beta[k];
+    y[row * K + k] = from_float<TO>(v);
+  }
+}

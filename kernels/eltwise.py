@@ -1,0 +1,50 @@
+"""Elementwise family: out = expr(in0, in1, ...), each input a strided/broadcast view of the output's
+shape; one thread per output element (grid-stride).
+
+params: shape, inputs: [{dtype, strides}], expr, out_dtype (out contiguous)
+args: in0..in{n-1}, out"""
+
+import math
+
+import numpy as np
+
+from flashrt.kernels import expr as ex
+from flashrt.kernels.dtypes import CTYPES
+from flashrt.kernels.memory import load, store
+from flashrt.kernels.source import offset_code
+
+FAMILY = "eltwise"
+MAX_BLOCKS = 1 << 16
+
+
+def arg_spec(p: dict) -> list[tuple[str, str]]:
+    return [(f"in{i}", "ptr") for i in range(len(p["inputs"]))] + [("out", "ptr")]
+
+
+def launch_config(p: dict):
+    total = math.prod(p["shape"])
+    return (max(1, min(MAX_BLOCKS, math.ceil(total / 256))), 1, 1), (256, 1, 1), 0
+
+
+def cuda_source(p: dict, symbol: str) -> str:
+    shape, total = list(p["shape"]), math.prod(p["shape"])
+    params = [f"const {CTYPES[x['dtype']]}* __restrict__ in{i}" for i, x in enumerate(p["inputs"])]
+    params.append(f"{CTYPES[p['out_dtype']]}* __restrict__ out")
+    loads = [f"to_float(in{i}[{offset_code('i', shape, x['strides'])}])" for i, x in enumerate(p["inputs"])]
+    body, result = ex.emit(p["expr"], lambda k: loads[k])
+    body_text = "\n    ".join(body)
+    return f'''#include "common.cuh"
+
+extern "C" __global__ void __launch_bounds__(256) {symbol}({", ".join(params)}) {{
+  for (long i = (long)blockIdx.x * 256 + threadIdx.x; i < {total}L; i += (long)gridDim.x * 256) {{
+    {body_text}
+    out[i] = from_float<{CTYPES[p["out_dtype"]]}>({result});
+  }}
+}}
+'''
+
+
+def reference(p: dict, args: dict) -> None:
+    shape = list(p["shape"])
+    inputs = [load(args[f"in{i}"], x["dtype"], shape, x["strides"]) for i, x in enumerate(p["inputs"])]
+    store(args["out"], p["out_dtype"], np.broadcast_to(ex.evaluate(p["expr"], inputs), shape))

@@ -1,0 +1,117 @@
+"""Elementwise expressions: the fused body of eltwise kernels and of GEMM epilogues.
+
+An expression is a list of instructions; each refers to earlier ones by index, the last is the result:
+  ["in", k]       the k-th tensor input, broadcast to the iteration space
+  ["acc"]         the GEMM accumulator (epilogues only)
+  ["const", c]    a float32 constant
+  [op, i] / [op, i, j]   a unary / binary op below
+The same list is emitted as CUDA (float32 registers) and evaluated in numpy (float32 arrays)."""
+
+import math
+import struct
+
+import numpy as np
+
+from flashrt.errors import EngineFormatError
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    # Abramowitz & Stegun 7.1.26 in float64: |error| <= 1.5e-7, below float32 resolution of erf's range.
+    z = np.abs(x.astype(np.float64))
+    t = 1.0 / (1.0 + 0.3275911 * z)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    return (np.sign(x) * (1.0 - poly * np.exp(-z * z))).astype(np.float32)
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    return (np.float32(0.5) * x * (np.float32(1.0) + _erf(x * np.float32(1 / math.sqrt(2))))).astype(np.float32)
+
+
+UNARY = {
+    "relu": ("frt_relu({a})", lambda a: np.where(a < 0, np.float32(0), a)),
+    "sigmoid": ("frt_sigmoid({a})", lambda a: (1 / (1 + np.exp(-a))).astype(np.float32)),
+    "tanh": ("tanhf({a})", np.tanh),
+    "erf": ("erff({a})", _erf),
+    "gelu": ("frt_gelu({a})", _gelu),
+    "neg": ("(-{a})", np.negative),
+    "exp": ("expf({a})", np.exp),
+    "sqrt": ("sqrtf({a})", np.sqrt),
+    "recip": ("(1.f / {a})", lambda a: (np.float32(1) / a).astype(np.float32)),
+    "abs": ("fabsf({a})", np.abs),
+}
+BINARY = {
+    "add": ("({a} + {b})", np.add),
+    "sub": ("({a} - {b})", np.subtract),
+    "mul": ("({a} * {b})", np.multiply),
+    "div": ("({a} / {b})", np.divide),
+    "pow": ("powf({a}, {b})", np.power),
+    "max": ("fmaxf({a}, {b})", np.fmax),
+    "min": ("fminf({a}, {b})", np.fmin),
+}
+
+
+def c_float(value: float) -> str:
+    """An exact CUDA float literal for a float32 value (a hex literal, so it stays a constant expression)."""
+    value = struct.unpack("<f", struct.pack("<f", float(value)))[0]
+    if math.isfinite(value):
+        return f"{value.hex()}f"
+    bits = struct.unpack("<I", struct.pack("<f", value))[0]
+    return f"__uint_as_float(0x{bits:08x}u)"
+
+
+def emit(expr: list, load_input, acc: str = "acc", prefix: str = "v") -> tuple[list[str], str]:
+    """CUDA statements computing expr; load_input(k) gives the C expression of input k."""
+    lines = []
+    for i, ins in enumerate(expr):
+        op = ins[0]
+        if op == "in":
+            rhs = load_input(ins[1])
+        elif op == "acc":
+            rhs = acc
+        elif op == "const":
+            rhs = c_float(ins[1])
+        elif op in UNARY:
+            rhs = UNARY[op][0].format(a=f"{prefix}{ins[1]}")
+        else:
+            rhs = BINARY[op][0].format(a=f"{prefix}{ins[1]}", b=f"{prefix}{ins[2]}")
+        lines.append(f"const float {prefix}{i} = {rhs};")
+    return lines, f"{prefix}{len(expr) - 1}"
+
+
+def validate(expr, n_inputs: int, allow_acc: bool) -> None:
+    if not isinstance(expr, list) or not expr:
+        raise EngineFormatError("elementwise expression is empty or not a list")
+    for i, ins in enumerate(expr):
+        ok = isinstance(ins, list) and ins and isinstance(ins[0], str)
+        if ok:
+            op, operands = ins[0], ins[1:]
+            if op == "in":
+                ok = len(operands) == 1 and isinstance(operands[0], int) and 0 <= operands[0] < n_inputs
+            elif op == "acc":
+                ok = allow_acc and not operands
+            elif op == "const":
+                ok = len(operands) == 1 and isinstance(operands[0], (int, float))
+            else:
+                arity = 1 if op in UNARY else 2 if op in BINARY else -1
+                ok = len(operands) == arity and all(isinstance(j, int) and 0 <= j < i for j in operands)
+        if not ok:
+            raise EngineFormatError(f"elementwise expression instruction {i} is invalid: {str(ins)[:80]}")
+
+
+def evaluate(expr: list, inputs: list[np.ndarray], acc: np.ndarray | None = None) -> np.ndarray:
+    vals: list[np.ndarray] = []
+    with np.errstate(all="ignore"):
+        for ins in expr:
+            op = ins[0]
+            if op == "in":
+                v = inputs[ins[1]]
+            elif op == "acc":
+                v = acc
+            elif op == "const":
+                v = np.float32(ins[1])
+            elif op in UNARY:
+                v = UNARY[op][1](vals[ins[1]])
+            else:
+                v = BINARY[op][1](vals[ins[1]], vals[ins[2]])
+            vals.append(np.asarray(v, dtype=np.float32))
+    return vals[-1]

@@ -1,0 +1,126 @@
+"""GEMM family: C[b, m, n] = epilogue(sum_k A'(b, m, k) B(b, k, n)) with an optional LayerNorm
+prologue on A (over K) and an elementwise epilogue expression (bias, activation, residual, scale).
+
+params:
+  M, N, K         problem size; batch: the output's leading dims (numpy matmul broadcasting)
+  a: {dtype, batch_strides, sm, sk}   b: {dtype, batch_strides, sk, sn}   element strides
+  ln: null | {eps, has_beta}           LayerNorm of A's rows over K, gamma/beta float32 [K]
+  epi_inputs: [{dtype, strides}]       extra epilogue tensors, strides over batch + [M, N]
+  expr: elementwise expression over ["acc"] and the epilogue inputs
+  out_dtype: C's dtype, C contiguous over batch + [M, N]
+args: a, b, [ln_gamma, [ln_beta]], e0..e{n-1}, c"""
+
+import math
+
+import numpy as np
+
+from flashrt.kernels import expr as ex
+from flashrt.kernels.dtypes import CTYPES
+from flashrt.kernels.memory import load, store
+from flashrt.kernels.source import offset_code
+
+FAMILY = "gemm"
+
+
+def arg_spec(p: dict) -> list[tuple[str, str]]:
+    args = [("a", "ptr"), ("b", "ptr")]
+    if p["ln"]:
+        args.append(("ln_gamma", "ptr"))
+        if p["ln"]["has_beta"]:
+            args.append(("ln_beta", "ptr"))
+    args += [(f"e{i}", "ptr") for i in range(len(p["epi_inputs"]))]
+    return args + [("c", "ptr")]
+
+
+def tile(p: dict) -> tuple[int, int]:
+    tm = 1 if p["M"] <= 16 else 2 if p["M"] <= 32 else 4
+    return tm, 4
+
+
+def launch_config(p: dict) -> tuple[tuple[int, int, int], tuple[int, int, int], int]:
+    tm, tn = tile(p)
+    grid = (math.ceil(p["N"] / (16 * tn)), math.ceil(p["M"] / (16 * tm)), math.prod(p["batch"]))
+    return grid, (256, 1, 1), 0
+
+
+def cuda_source(p: dict, symbol: str) -> str:
+    M, N, K, batch = p["M"], p["N"], p["K"], p["batch"]
+    tm, tn = tile(p)
+    a, b, ln = p["a"], p["b"], p["ln"]
+    fields = [f"const {CTYPES[a['dtype']]}* a;", f"const {CTYPES[b['dtype']]}* b;"]
+    params = [f"const {CTYPES[a['dtype']]}* __restrict__ a", f"const {CTYPES[b['dtype']]}* __restrict__ b"]
+    names = ["a", "b"]
+    if ln:
+        fields += ["const float* gamma;", "const float* beta;"]
+        params.append("const float* __restrict__ ln_gamma")
+        names.append("ln_gamma")
+        if ln["has_beta"]:
+            params.append("const float* __restrict__ ln_beta")
+            names.append("ln_beta")
+        else:
+            names.append("nullptr")
+    for i, e in enumerate(p["epi_inputs"]):
+        fields.append(f"const {CTYPES[e['dtype']]}* e{i};")
+        params.append(f"const {CTYPES[e['dtype']]}* __restrict__ e{i}")
+        names.append(f"e{i}")
+    fields.append(f"{CTYPES[p['out_dtype']]}* c;")
+    params.append(f"{CTYPES[p['out_dtype']]}* __restrict__ c")
+    names.append("c")
+
+    out_shape = list(batch) + [M, N]
+    loads = []
+    for i, e in enumerate(p["epi_inputs"]):
+        loads.append(f"to_float(g.e{i}[{offset_code('o', out_shape, e['strides'])}])")
+    body, result = ex.emit(p["expr"], lambda k: loads[k], acc="acc")
+    body_text = "\n    ".join(body)
+    eps = ex.c_float(ln["eps"]) if ln else "0.f"
+    return f'''#include "gemm.cuh"
+
+namespace {{
+struct P {{
+  struct Args {{ {" ".join(fields)} }};
+  static constexpr int M = {M}, N = {N}, K = {K}, TM = {tm}, TN = {tn};
+  static constexpr bool LN = {"true" if ln else "false"};
+  static constexpr float EPS = {eps};
+  __device__ static float load_a(const Args& g, int bat, int m, int k) {{
+    const long bo = {offset_code("(long)bat", list(batch), a["batch_strides"])};
+    return to_float(g.a[bo + (long)m * {a["sm"]}L + (long)k * {a["sk"]}L]);
+  }}
+  __device__ static float load_b(const Args& g, int bat, int k, int n) {{
+    const long bo = {offset_code("(long)bat", list(batch), b["batch_strides"])};
+    return to_float(g.b[bo + (long)k * {b["sk"]}L + (long)n * {b["sn"]}L]);
+  }}
+  __device__ static float ln_gamma(const Args& g, int k) {{ return {"g.gamma[k]" if ln else "1.f"}; }}
+  __device__ static float ln_beta(const Args& g, int k) {{ return {"g.beta[k]" if ln and ln["has_beta"] else "0.f"}; }}
+  __device__ static void epilogue(const Args& g, int bat, int m, int n, float acc) {{
+    const long o = ((long)bat * M + m) * N + n;
+    {body_text}
+    g.c[o] = from_float<{CTYPES[p["out_dtype"]]}>({result});
+  }}
+}};
+}}  // namespace
+
+extern "C" __global__ void __launch_bounds__(256) {symbol}({", ".join(params)}) {{
+  const P::Args g{{{", ".join(names)}}};
+  gemm_tile<P>(g);
+}}
+'''
+
+
+def reference(p: dict, args: dict) -> None:
+    M, N, K, batch = p["M"], p["N"], p["K"], list(p["batch"])
+    a, b, ln = p["a"], p["b"], p["ln"]
+    A = load(args["a"], a["dtype"], batch + [M, K], list(a["batch_strides"]) + [a["sm"], a["sk"]])
+    if ln:
+        mean = A.mean(axis=-1, keepdims=True, dtype=np.float32)
+        var = np.square(A - mean).mean(axis=-1, keepdims=True, dtype=np.float32)
+        A = (A - mean) * (np.float32(1) / np.sqrt(var + np.float32(ln["eps"])))
+        A = A * load(args["ln_gamma"], "float32", [K])
+        if ln["has_beta"]:
+            A = A + load(args["ln_beta"], "float32", [K])
+    B = load(args["b"], b["dtype"], batch + [K, N], list(b["batch_strides"]) + [b["sk"], b["sn"]])
+    acc = np.matmul(A.astype(np.float32), B).astype(np.float32)
+    out_shape = batch + [M, N]
+    inputs = [load(args[f"e{i}"], e["dtype"], out_shape, e["strides"]) for i, e in enumerate(p["epi_inputs"])]
+    result = np.broadcast_to(ex.evaluate(p["expr"], inputs, acc), out_shape)
+    store(args["c"], p["out_dtype"], result)

@@ -1,0 +1,39 @@
+"""Assembles a kernel's self-contained CUDA translation unit: the shared headers of kernels/cuda inlined
+ahead of the generated code, so the text alone determines the cubin (and its cache key)."""
+
+import re
+from functools import cache
+from pathlib import Path
+
+CUDA_DIR = Path(__file__).parent / "cuda"
+_INCLUDE = re.compile(r'^#include "([A-Za-z0-9_.]+)"\s*$', re.M)
+
+
+@cache
+def _header(name: str) -> str:
+    return (CUDA_DIR / name).read_text()
+
+
+def inline_headers(text: str, seen: set | None = None) -> str:
+    seen = set() if seen is None else seen
+
+    def expand(match: re.Match) -> str:
+        name = match.group(1)
+        if name in seen:
+            return ""
+        seen.add(name)
+        body = _header(name).replace("#pragma once\n", "")
+        return f"// ---- {name}\n" + inline_headers(body, seen)
+
+    return _INCLUDE.sub(expand, text)
+
+
+def offset_code(index: str, shape: list[int], strides: list[int]) -> str:
+    """C expression: the element offset of linear (row-major over shape) index `index` under strides."""
+    terms, div = [], 1
+    for size, stride in zip(reversed(shape), reversed(strides)):
+        if size > 1 and stride != 0:
+            q = index if div == 1 else f"({index} / {div}L)"
+            terms.append(f"(({q} % {size}L) * {stride}L)")
+        div *= size
+    return " + ".join(reversed(terms)) or "0L"

@@ -1,0 +1,245 @@
+"""The CUDA loader: cuda-bindings' driver API only. Load the cubin for this GPU, allocate the arena and
+weights once, patch the relocations, and record the launch list into CUDA graphs replayed by every run:
+one with the host copies (run) and one of kernels alone for callers holding device memory (launch)."""
+
+import ctypes
+
+import numpy as np
+
+from flashrt.engine_format.format import BASE_ARENA
+from flashrt.engine_format.reader import EngineFile
+from flashrt.errors import DeviceError, InputError
+from flashrt.runtime.engine import Engine
+
+try:
+    from cuda.bindings import driver as cu
+except ImportError:  # pragma: no cover - depends on the machine
+    cu = None
+
+
+def _check(result, what: str):
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if err != cu.CUresult.CUDA_SUCCESS:
+        name = cu.cuGetErrorName(err)[1]
+        raise DeviceError(f"{what} failed: {name.decode() if isinstance(name, bytes) else err}")
+    return rest[0] if len(rest) == 1 else (rest or None)
+
+
+def device_arch(ordinal: int = 0) -> tuple[int, int]:
+    _check(cu.cuInit(0), "cuInit")
+    dev = _check(cu.cuDeviceGet(ordinal), f"cuDeviceGet({ordinal})")
+    attr = cu.CUdevice_attribute
+    major = _check(cu.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "attribute")
+    minor = _check(cu.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev), "attribute")
+    return major, minor
+
+
+def pick_cubin_arch(targets: list[str], major: int, minor: int) -> str:
+    """The engine's cubin for compute capability major.minor: sm_XYa, else sm_XY; cubins do not run on
+    other architectures, so no fallback."""
+    for name in (f"sm_{major}{minor}a", f"sm_{major}{minor}"):
+        if name in targets:
+            return name
+    raise DeviceError(f"this GPU is sm_{major}{minor}, but the engine has cubins only for {', '.join(targets)}; "
+                      f"rebuild with --target sm_{major}{minor}{'a' if major >= 9 else ''}")
+
+
+class CUDAEngine(Engine):
+    device = "cuda"
+
+    def __init__(self, engine_file: EngineFile, ordinal: int = 0):
+        super().__init__(engine_file)
+        if cu is None:
+            raise DeviceError("device='cuda' needs cuda-bindings: pip install cuda-bindings")
+        self._allocs, self._host_allocs, self._graphs = [], [], []
+        self._ctx = None
+        try:
+            _check(cu.cuInit(0), "cuInit (is there an NVIDIA GPU and driver?)")
+        except DeviceError as e:
+            raise DeviceError(f"CUDA is not available: {e}") from None
+        self._dev = _check(cu.cuDeviceGet(ordinal), f"cuDeviceGet({ordinal})")
+        self._ctx = _check(cu.cuDevicePrimaryCtxRetain(self._dev), "cuDevicePrimaryCtxRetain")
+        _check(cu.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
+        self._check_driver()
+        major, minor = device_arch(ordinal)
+        self.arch = pick_cubin_arch(engine_file.targets, major, minor)
+        self._module = _check(cu.cuModuleLoadData(engine_file.cubin(self.arch)), f"loading the {self.arch} cubin")
+        self._functions = []
+        for k in engine_file.kernels:
+            fn = _check(cu.cuModuleGetFunction(self._module, k.symbol.encode()), f"kernel {k.symbol}")
+            self._functions.append(fn)
+        for launch in engine_file.launches:
+            if launch.smem > 48 * 1024:
+                _check(cu.cuFuncSetAttribute(self._functions[launch.kernel],
+                                             cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                             launch.smem), "raising the shared memory limit")
+        self._stream = _check(cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING), "cuStreamCreate")
+        self.arena = self._alloc(engine_file.arena_bytes)
+        self.weights = self._alloc(engine_file.weights_bytes)
+        if engine_file.weights_bytes:
+            w = engine_file.weights()
+            _check(cu.cuMemcpyHtoD(self.weights, w.ctypes.data, w.nbytes), "copying the weights")
+        self._bound: dict[str, int] = {}
+        in_bytes = sum(t.nbytes for t in self.inputs)
+        out_bytes = sum(t.nbytes for t in self.outputs)
+        self._pinned_in = self._pinned(in_bytes)
+        self._pinned_out = self._pinned(out_bytes)
+        self._host_graph = self._capture(with_copies=True)
+        self._device_graph = None
+
+    # ---- resources ---------------------------------------------------------------------------------
+
+    def _check_driver(self) -> None:
+        driver = _check(cu.cuDriverGetVersion(), "cuDriverGetVersion")
+        prov = self.manifest.get("provenance", {})
+        nvcc = str(prov.get("nvcc_version", "0.0"))
+        try:
+            need = int(nvcc.split(".")[0]) * 1000 + int(nvcc.split(".")[1]) * 10
+        except (ValueError, IndexError):
+            return
+        if driver < need:
+            raise DeviceError(f"the driver supports CUDA {driver // 1000}.{driver % 1000 // 10}, but the engine was "
+                              f"built with nvcc {nvcc} and needs CUDA {need // 1000}.{need % 1000 // 10} "
+                              f"(driver >= {prov.get('min_driver', '?')}); update the driver or rebuild with an "
+                              "older nvcc")
+
+    def _alloc(self, nbytes: int) -> int:
+        ptr = _check(cu.cuMemAlloc(max(nbytes, 256)), f"allocating {nbytes} bytes of device memory")
+        self._allocs.append(ptr)
+        return int(ptr)
+
+    def _pinned(self, nbytes: int) -> np.ndarray:
+        ptr = _check(cu.cuMemHostAlloc(max(nbytes, 1), 0), "allocating pinned host memory")
+        self._host_allocs.append(ptr)
+        return np.frombuffer((ctypes.c_uint8 * max(nbytes, 1)).from_address(int(ptr)), np.uint8)
+
+    def _patched_params(self):
+        """Argument bytes with device pointers in place, and kernelParams arrays pointing into them."""
+        ef = self.file
+        blob = bytearray(ef.arguments())
+        redirect = [(t.offset, t.offset + t.nbytes, self._bound[t.name]) for t in self.inputs + self.outputs
+                    if t.name in self._bound]
+        for launch in ef.launches:
+            for r in ef.relocations[launch.reloc_first:launch.reloc_first + launch.reloc_count]:
+                at = launch.args_offset + r.slot
+                value = int.from_bytes(blob[at:at + 8], "little")
+                if r.base == BASE_ARENA:
+                    target = self.arena + value
+                    for start, end, ptr in redirect:
+                        if start <= value < end:
+                            target = ptr + (value - start)
+                else:
+                    target = self.weights + value
+                blob[at:at + 8] = target.to_bytes(8, "little")
+        buf = (ctypes.c_uint8 * max(len(blob), 1)).from_buffer(blob) if blob else None
+        base = ctypes.addressof(buf) if buf is not None else 0
+        params = []
+        for launch in ef.launches:
+            k = ef.kernels[launch.kernel]
+            arr = (ctypes.c_void_p * max(len(k.arg_offsets), 1))(
+                *[base + launch.args_offset + o for o in k.arg_offsets])
+            params.append(arr)
+        return blob, buf, params
+
+    def _capture(self, with_copies: bool):
+        blob, buf, params = self._patched_params()
+        s = self._stream
+        _check(cu.cuStreamBeginCapture(s, cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
+               "cuStreamBeginCapture")
+        try:
+            if with_copies:
+                pos = 0
+                for t in self.inputs:
+                    if t.nbytes:
+                        _check(cu.cuMemcpyHtoDAsync(self.arena + t.offset, self._pinned_in.ctypes.data + pos,
+                                                    t.nbytes, s), f"copying input '{t.name}'")
+                    pos += t.nbytes
+            for launch, p in zip(self.file.launches, params):
+                _check(cu.cuLaunchKernel(self._functions[launch.kernel], *launch.grid, *launch.block, launch.smem,
+                                         s, ctypes.addressof(p), 0), f"launching kernel {launch.kernel}")
+            if with_copies:
+                pos = 0
+                for t in self.outputs:
+                    if t.nbytes:
+                        _check(cu.cuMemcpyDtoHAsync(self._pinned_out.ctypes.data + pos, self.arena + t.offset,
+                                                    t.nbytes, s), f"copying output '{t.name}'")
+                    pos += t.nbytes
+        finally:
+            graph = _check(cu.cuStreamEndCapture(s), "cuStreamEndCapture")
+        exe = _check(cu.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
+        self._graphs.append((graph, exe))
+        self._keep = (blob, buf, params)  # kernel node parameters were copied at capture; keep for clarity
+        return exe
+
+    # ---- running -------------------------------------------------------------------------------------
+
+    def run(self, feeds: dict) -> dict[str, np.ndarray]:
+        if self._bound:
+            raise InputError("this engine has bound device pointers; use launch(stream) or unbind() first")
+        stored = self.check_inputs(feeds)
+        pos = 0
+        for t in self.inputs:
+            self._pinned_in[pos:pos + t.nbytes] = stored[t.name].view(np.uint8).reshape(-1)
+            pos += t.nbytes
+        _check(cu.cuGraphLaunch(self._host_graph, self._stream), "cuGraphLaunch")
+        _check(cu.cuStreamSynchronize(self._stream), "running the engine")
+        out, pos = {}, 0
+        for t in self.outputs:
+            out[t.name] = self.host_output(t, self._pinned_out[pos:pos + t.nbytes])
+            pos += t.nbytes
+        return out
+
+    def bind(self, pointers: dict[str, int]) -> None:
+        """Redirect inputs/outputs to caller-owned device memory (name -> device pointer); re-records the
+        kernel graph once, so each launch() costs one graph launch and no copies."""
+        names = {t.name for t in self.inputs + self.outputs}
+        unknown = [n for n in pointers if n not in names]
+        if unknown:
+            raise InputError(f"bind: unknown tensor(s) {unknown}; the engine has {sorted(names)}")
+        self._bound.update({n: int(p) for n, p in pointers.items()})
+        self._device_graph = self._capture(with_copies=False)
+
+    def unbind(self) -> None:
+        self._bound = {}
+        self._device_graph = None
+
+    def tensor_pointer(self, name: str) -> int:
+        """Device address of an input or output inside the engine's arena."""
+        for t in self.inputs + self.outputs:
+            if t.name == name:
+                return self._bound.get(name, self.arena + t.offset)
+        raise InputError(f"no input or output named '{name}'")
+
+    def launch(self, stream=None) -> None:
+        """Run the kernels on `stream` (a CUstream or its handle) without host copies or synchronization."""
+        if self._device_graph is None:
+            self._device_graph = self._capture(with_copies=False)
+        _check(cu.cuGraphLaunch(self._device_graph, self._stream if stream is None else stream), "cuGraphLaunch")
+
+    def synchronize(self) -> None:
+        _check(cu.cuStreamSynchronize(self._stream), "cuStreamSynchronize")
+
+    def close(self) -> None:
+        if cu is None or self._ctx is None:
+            return
+        cu.cuCtxSetCurrent(self._ctx)
+        cu.cuStreamSynchronize(self._stream) if hasattr(self, "_stream") else None
+        for graph, exe in self._graphs:
+            cu.cuGraphExecDestroy(exe)
+            cu.cuGraphDestroy(graph)
+        for p in self._allocs:
+            cu.cuMemFree(p)
+        for p in self._host_allocs:
+            cu.cuMemFreeHost(p)
+        if getattr(self, "_module", None) is not None:
+            cu.cuModuleUnload(self._module)
+        if hasattr(self, "_stream"):
+            cu.cuStreamDestroy(self._stream)
+        cu.cuDevicePrimaryCtxRelease(self._dev)
+        self._graphs, self._allocs, self._host_allocs, self._module, self._ctx = [], [], [], None, None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,72 @@
+"""What every engine shares: the I/O signature and input checking."""
+
+import numpy as np
+
+from flashrt.engine_format.reader import EngineFile, TensorInfo
+from flashrt.errors import InputError
+from flashrt.kernels.dtypes import STORAGE, bf16_to_f32, f32_to_bf16
+
+HOST_DTYPES = {"bfloat16": np.float32}  # bfloat16 tensors are exchanged as float32 arrays
+
+
+def host_dtype(dtype: str) -> np.dtype:
+    return np.dtype(HOST_DTYPES.get(dtype, STORAGE[dtype]))
+
+
+class Engine:
+    def __init__(self, engine_file: EngineFile):
+        self.file = engine_file
+        self.manifest = engine_file.manifest
+
+    @property
+    def inputs(self) -> list[TensorInfo]:
+        return self.file.inputs
+
+    @property
+    def outputs(self) -> list[TensorInfo]:
+        return self.file.outputs
+
+    def example_inputs(self, seed: int = 0) -> dict[str, np.ndarray]:
+        """Seeded random inputs of the right shapes and dtypes."""
+        rng = np.random.default_rng(seed)
+        feeds = {}
+        for t in self.inputs:
+            dt = host_dtype(t.dtype)
+            if dt.kind == "f":
+                feeds[t.name] = rng.standard_normal(t.shape).astype(dt)
+            elif dt.kind == "b":
+                feeds[t.name] = rng.integers(0, 2, t.shape).astype(dt)
+            else:
+                feeds[t.name] = rng.integers(0, 8, t.shape).astype(dt)
+        return feeds
+
+    def check_inputs(self, feeds: dict) -> dict[str, np.ndarray]:
+        """The inputs as stored bytes per input name; errors name the input, what was given and expected."""
+        if not isinstance(feeds, dict):
+            raise InputError(f"inputs must be a dict of name -> numpy array, got {type(feeds).__name__}")
+        names = [t.name for t in self.inputs]
+        missing = [n for n in names if n not in feeds]
+        extra = [n for n in feeds if n not in names]
+        if missing:
+            raise InputError(f"missing input(s) {missing}; the engine takes {names}")
+        if extra:
+            raise InputError(f"unknown input(s) {extra}; the engine takes {names}")
+        out = {}
+        for t in self.inputs:
+            arr = feeds[t.name]
+            if not isinstance(arr, np.ndarray):
+                raise InputError(f"input '{t.name}' is a {type(arr).__name__}, expected a numpy array")
+            expect = host_dtype(t.dtype)
+            if arr.dtype != expect:
+                raise InputError(f"input '{t.name}' has dtype {arr.dtype}, expected {expect}")
+            if tuple(arr.shape) != tuple(t.shape):
+                raise InputError(f"input '{t.name}' has shape {list(arr.shape)}, expected {list(t.shape)}")
+            stored = f32_to_bf16(arr) if t.dtype == "bfloat16" else np.ascontiguousarray(arr)
+            out[t.name] = stored
+        return out
+
+    @staticmethod
+    def host_output(t: TensorInfo, raw: np.ndarray) -> np.ndarray:
+        """Stored bytes of output t -> the numpy array handed to the caller."""
+        arr = raw.view(STORAGE[t.dtype]).reshape(t.shape)
+        return bf16_to_f32(arr) if t.dtype == "bfloat16" else arr.copy()
