@@ -2,7 +2,7 @@
 
 import os
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import flashrt
 from flashrt.aot.codegen import build_cubins, kernel_source, min_driver

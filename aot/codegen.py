@@ -100,15 +100,29 @@ def _gencode(arch: str) -> str:
     return f"-gencode=arch=compute_{n},code=sm_{n}"
 
 
+def nvlink_path(tc: Toolchain) -> str:
+    """nvlink beside nvcc: linking device code needs no host compiler or assembler."""
+    path = os.path.join(os.path.dirname(os.path.realpath(tc.nvcc)), "nvlink")
+    if not os.access(path, os.X_OK):
+        raise BuildError(f"nvlink is missing beside {tc.nvcc}; reinstall the CUDA toolkit or the nvidia-cuda-nvcc wheel")
+    return path
+
+
 def _run_nvcc(tc: Toolchain, args: list[str], cwd: str, what: str) -> str:
+    return _run_tool(tc.nvcc, args, cwd, what)
+
+
+def _run_tool(tool: str, args: list[str], cwd: str, what: str) -> str:
     try:
-        proc = subprocess.run([tc.nvcc, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run([tool, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired:
-        raise BuildError(f"nvcc timed out compiling {what}") from None
+        raise BuildError(f"{os.path.basename(tool)} timed out on {what}") from None
+    except OSError as e:
+        raise BuildError(f"cannot run {tool}: {e.strerror or e}") from None
     if proc.returncode != 0:
         msg = (proc.stderr or proc.stdout).strip().splitlines()
         first = next((line for line in msg if "error" in line), msg[0] if msg else "")
-        raise BuildError(f"nvcc failed on {what}: {first[:300]}")
+        raise BuildError(f"{os.path.basename(tool)} failed on {what}: {first[:300]}")
     return proc.stdout + proc.stderr
 
 
@@ -164,7 +178,7 @@ def link(tc: Toolchain, objects: list[Path], arch: str) -> bytes:
             name = f"k{i}.cubin"
             shutil.copyfile(o, os.path.join(tmp, name))
             names.append(name)
-        _run_nvcc(tc, [_gencode(arch), "-dlink", "-cubin", *names, "-o", "engine.cubin"], tmp,
+        _run_tool(nvlink_path(tc), [f"-arch=sm_{arch_number(arch)}", *names, "-o", "engine.cubin"], tmp,
                   f"the {arch} link step")
         return Path(tmp, "engine.cubin").read_bytes()
 

@@ -19,7 +19,6 @@ import numpy as np
 
 from flashrt.aot.ir import Graph, Node
 from flashrt.errors import ModelError
-from flashrt.kernels import expr as ex
 from flashrt.kernels.dtypes import ITEMSIZE, from_f32
 
 ACT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}

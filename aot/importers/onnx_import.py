@@ -140,6 +140,10 @@ def import_onnx(path: str, shapes: dict[str, tuple[int, ...]] | None = None) -> 
         _dtype_name(t.data_type, f"initializer '{t.name}'")
         constants[t.name] = arr
 
+    input_names = [vi.name for vi in g.input if vi.name not in constants]
+    unknown = sorted(set(shapes) - set(input_names))
+    if unknown:
+        raise ModelError(f"--shapes names {unknown}, which are not inputs of the model (inputs: {input_names})")
     values: dict[str, Value] = {}
     inputs = []
     for vi in g.input:
@@ -171,9 +175,6 @@ def import_onnx(path: str, shapes: dict[str, tuple[int, ...]] | None = None) -> 
             shape = tuple(shape)
         values[vi.name] = Value(vi.name, dtype, tuple(shape))
         inputs.append(vi.name)
-    if shapes:
-        raise ModelError(f"--shapes names {sorted(shapes)}, which are not inputs of the model "
-                         f"(inputs: {inputs})")
     for name, arr in constants.items():
         values[name] = Value(name, str(arr.dtype) if arr.dtype != np.float64 else "float64", tuple(arr.shape))
 

@@ -1,0 +1,55 @@
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "samples"
+
+
+def cuda_device_arch():
+    """The GPU's sm_XX name, or None where no GPU (or no cuda-bindings) is present."""
+    try:
+        from flashrt.runtime.cuda import device_arch
+
+        major, minor = device_arch(0)
+    except Exception:
+        return None
+    return f"sm_{major}{minor}{'a' if major >= 9 else ''}"
+
+
+GPU_ARCH = cuda_device_arch()
+requires_gpu = pytest.mark.skipif(GPU_ARCH is None, reason="no NVIDIA GPU here")
+
+
+@pytest.fixture(scope="session")
+def samples(tmp_path_factory) -> Path:
+    """The sample models, freshly written (the checked-in copies are what README's command uses)."""
+    import sys
+
+    sys.path.insert(0, str(SAMPLES))
+    import make_models
+
+    out = tmp_path_factory.mktemp("samples")
+    make_models.write(make_models.tiny_encoder(), str(out / "tiny_encoder.onnx"))
+    make_models.write(make_models.mlp(), str(out / "mlp.onnx"))
+    return out
+
+
+def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def onnxruntime_outputs(model: Path, feeds: dict) -> dict:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+
+def flashrt_cli() -> list[str]:
+    exe = shutil.which("flashrt")
+    return [exe] if exe else [os.sys.executable, "-m", "flashrt.cli.main"]
