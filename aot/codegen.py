@@ -104,7 +104,7 @@ def nvlink_path(tc: Toolchain) -> str:
     """nvlink beside nvcc: linking device code needs no host compiler or assembler."""
     path = os.path.join(os.path.dirname(os.path.realpath(tc.nvcc)), "nvlink")
     if not os.access(path, os.X_OK):
-        raise BuildError(f"nvlink is missing beside {tc.nvcc}; reinstall the CUDA toolkit or the nvidia-cuda-nvcc wheel")
+        raise BuildError(f"nvlink is missing beside {tc.nvcc}; reinstall the CUDA toolkit or the nvcc wheel")
     return path
 
 

@@ -101,7 +101,7 @@ def broadcast_strides(ref: TensorRef, out_shape: tuple) -> list[int]:
     """ref's strides for iterating over out_shape under numpy broadcasting."""
     pad = len(out_shape) - len(ref.shape)
     strides = []
-    for i, d in enumerate(out_shape):
+    for i in range(len(out_shape)):
         j = i - pad
         strides.append(0 if j < 0 or ref.shape[j] == 1 else ref.strides[j])
     return strides

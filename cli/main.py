@@ -58,7 +58,7 @@ def targets() -> None:
 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--target", "-t", "target_list", multiple=True, help="thor, rtx5090, h100, h200, ... or sm_XX[a]; repeatable.")
+@click.option("--target", "-t", "target_list", multiple=True, help="thor, rtx5090, h100, ... or sm_XX[a]; repeats.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Engine file (default: MODEL with .frt).")
 @click.option("--shapes", help="Static sizes for dynamic inputs: name:1x3x224x224,other:1x16")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
@@ -143,7 +143,7 @@ def _load_inputs(path: str) -> dict:
 @cli.command()
 @click.argument("engine", type=click.Path(dir_okay=False))
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cuda", show_default=True)
-@click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False), help=".npz of inputs (default: seeded random).")
+@click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False), help=".npz of inputs (default: random).")
 @click.option("--output", "output_path", type=click.Path(dir_okay=False), help="Write the outputs to this .npz.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random inputs.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")

@@ -1,6 +1,15 @@
 """FlashRT: an ahead-of-time compiler of batch-1 inference engines, and their loader."""
 
-from flashrt.errors import EngineFormatError, FlashRTError
+import os as _os
+
+# Running from a source checkout without installing (PYTHONPATH=.): the subpackages are the top-level
+# folders beside this one, as pyproject's package-dir maps them for an install.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "aot")) and _os.path.isfile(
+        _os.path.join(_root, "engine_format", "SPEC.md")):
+    __path__.append(_root)
+
+from flashrt.errors import EngineFormatError, FlashRTError  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -26,10 +26,12 @@ def launch_config(p: dict):
 def cuda_source(p: dict, symbol: str) -> str:
     ti, to = CTYPES[p["in_dtype"]], CTYPES[p["out_dtype"]]
     beta_param = ", const float* __restrict__ beta" if p["has_beta"] else ""
+    has_beta, beta = ("true", "beta") if p["has_beta"] else ("false", "nullptr")
     return f'''#include "rowwise.cuh"
 
-extern "C" __global__ void __launch_bounds__(256) {symbol}(const {ti}* __restrict__ x, const float* __restrict__ gamma{beta_param}, {to}* __restrict__ y) {{
-  layernorm_rows<{ti}, {to}, {p["rows"]}L, {p["K"]}, {"true" if p["has_beta"] else "false"}>(x, gamma, {"beta" if p["has_beta"] else "nullptr"}, y, {ex.c_float(p["eps"])});
+extern "C" __global__ void __launch_bounds__(256) {symbol}(const {ti}* __restrict__ x,
+    const float* __restrict__ gamma{beta_param}, {to}* __restrict__ y) {{
+  layernorm_rows<{ti}, {to}, {p["rows"]}L, {p["K"]}, {has_beta}>(x, gamma, {beta}, y, {ex.c_float(p["eps"])});
 }}
 '''
 

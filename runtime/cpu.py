@@ -28,7 +28,8 @@ class CPUEngine(Engine):
             k = engine_file.kernels[launch.kernel]
             fam = family(k.family)
             raw = engine_file.launch_args(launch)
-            relocs = {r.slot: r for r in engine_file.relocations[launch.reloc_first:launch.reloc_first + launch.reloc_count]}
+            run = engine_file.relocations[launch.reloc_first:launch.reloc_first + launch.reloc_count]
+            relocs = {r.slot: r for r in run}
             args = {}
             for name, typ, off in zip(k.arg_names, k.arg_types, k.arg_offsets):
                 if typ == "ptr":

@@ -25,6 +25,19 @@ def _check(result, what: str):
     return rest[0] if len(rest) == 1 else (rest or None)
 
 
+_PRIMARY_CONTEXTS: dict[int, tuple] = {}
+
+
+def primary_context(ordinal: int):
+    """The device's primary context, retained once per process and never released: callers' own allocations
+    in it (the device-pointer path) must outlive any engine."""
+    if ordinal not in _PRIMARY_CONTEXTS:
+        _check(cu.cuInit(0), "cuInit (is there an NVIDIA GPU and driver?)")
+        dev = _check(cu.cuDeviceGet(ordinal), f"cuDeviceGet({ordinal})")
+        _PRIMARY_CONTEXTS[ordinal] = (dev, _check(cu.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain"))
+    return _PRIMARY_CONTEXTS[ordinal]
+
+
 def device_arch(ordinal: int = 0) -> tuple[int, int]:
     _check(cu.cuInit(0), "cuInit")
     dev = _check(cu.cuDeviceGet(ordinal), f"cuDeviceGet({ordinal})")
@@ -54,11 +67,9 @@ class CUDAEngine(Engine):
         self._allocs, self._host_allocs, self._graphs = [], [], []
         self._ctx = None
         try:
-            _check(cu.cuInit(0), "cuInit (is there an NVIDIA GPU and driver?)")
+            self._dev, self._ctx = primary_context(ordinal)
         except DeviceError as e:
             raise DeviceError(f"CUDA is not available: {e}") from None
-        self._dev = _check(cu.cuDeviceGet(ordinal), f"cuDeviceGet({ordinal})")
-        self._ctx = _check(cu.cuDevicePrimaryCtxRetain(self._dev), "cuDevicePrimaryCtxRetain")
         _check(cu.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
         self._check_driver()
         major, minor = device_arch(ordinal)
@@ -235,7 +246,6 @@ class CUDAEngine(Engine):
             cu.cuModuleUnload(self._module)
         if hasattr(self, "_stream"):
             cu.cuStreamDestroy(self._stream)
-        cu.cuDevicePrimaryCtxRelease(self._dev)
         self._graphs, self._allocs, self._host_allocs, self._module, self._ctx = [], [], [], None, None
 
     def __del__(self):

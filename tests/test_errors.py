@@ -78,7 +78,8 @@ def test_malformed_models(tmp_path, case):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])
     if case == "cycle":
-        nodes = [helper.make_node("Add", ["x", "b"], ["a"], name="n1"), helper.make_node("Relu", ["a"], ["b"], name="n2"),
+        nodes = [helper.make_node("Add", ["x", "b"], ["a"], name="n1"),
+                 helper.make_node("Relu", ["a"], ["b"], name="n2"),
                  helper.make_node("Relu", ["a"], ["y"], name="n3")]
         path, needle = _save(tmp_path, _model(nodes, [x], [y])), "cycle"
     elif case == "dangling":

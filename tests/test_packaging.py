@@ -33,9 +33,10 @@ def _wheel_nvcc():
     return _wheel_nvcc()
 
 
-@pytest.mark.skipif(_wheel_nvcc() is None, reason="the nvidia-cuda-nvcc wheel is not installed (pip install -e .[build])")
+@pytest.mark.skipif(_wheel_nvcc() is None, reason="the nvcc wheel is not installed (pip install -e .[build])")
 def test_build_with_the_nvcc_wheel_and_no_nvcc_on_path(tmp_path):
-    path = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and not os.path.exists(os.path.join(d, "nvcc"))]
+    path = [d for d in os.environ.get("PATH", "").split(os.pathsep)
+            if d and not os.path.exists(os.path.join(d, "nvcc"))]
     env = {k: v for k, v in os.environ.items() if k not in ("FLASHRT_NVCC", "CUDA_HOME", "CUDA_PATH")}
     env.update(PATH=os.pathsep.join(path), FLASHRT_CACHE_DIR=str(tmp_path / "cache"))
     engine = tmp_path / "w.frt"
