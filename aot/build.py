@@ -13,7 +13,7 @@ from flashrt.aot.passes import run_passes
 from flashrt.aot.targets import resolve_target
 from flashrt.engine_format.format import BASE_ARENA, BASE_WEIGHTS, FORMAT_MAJOR, FORMAT_MINOR, Launch, Relocation, \
     arg_layout
-from flashrt.engine_format.writer import engine_bytes, write_engine
+from flashrt.engine_format.writer import engine_bytes, selftest_bytes, write_engine
 from flashrt.errors import BuildError
 from flashrt.kernels.registry import family
 
@@ -32,7 +32,8 @@ class BuildResult:
 
 
 def assemble(program: Program, arena_bytes: int, weights: bytes, cubins: dict[str, bytes], resources: dict,
-             provenance: dict) -> bytes:
+             provenance: dict) -> dict:
+    """The engine's parts, as engine_format.writer.engine_bytes takes them."""
     from flashrt.kernels.dtypes import ITEMSIZE
 
     kernel_index: dict[tuple[str, str], int] = {}
@@ -85,11 +86,41 @@ def assemble(program: Program, arena_bytes: int, weights: bytes, cubins: dict[st
         "kernel_resources": resources,
         "provenance": provenance,
     }
-    return engine_bytes(manifest, cubins, weights, launches, relocs, bytes(args_blob))
+    return {"manifest": manifest, "cubins": cubins, "weights": weights, "launches": launches,
+            "relocations": relocs, "arguments": bytes(args_blob)}
+
+
+SELFTEST_REL_L2 = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 2e-2}
+
+
+def make_selftest(engine: bytes, precision: str, feeds: dict | None) -> bytes:
+    """Run the engine on the CPU reference executor and bundle the inputs with the outputs it gives."""
+    import numpy as np
+
+    from flashrt.engine_format.reader import read_engine
+    from flashrt.runtime.cpu import CPUEngine
+
+    cpu = CPUEngine(read_engine(engine))
+    feeds = cpu.example_inputs(0) if feeds is None else feeds
+    cpu.check_inputs(feeds)
+    outputs = cpu.run(feeds)
+    blob, meta = bytearray(), {"inputs": [], "outputs": [], "max_rel_l2": SELFTEST_REL_L2[precision],
+                               "source": "flashrt CPU reference executor on this engine"}
+    for key, arrays, sig in (("inputs", feeds, cpu.inputs), ("outputs", outputs, cpu.outputs)):
+        for t in sig:
+            a = np.ascontiguousarray(arrays[t.name])
+            meta[key].append({"name": t.name, "dtype": str(a.dtype), "shape": list(a.shape), "offset": len(blob),
+                              "nbytes": a.nbytes})
+            blob += a.tobytes()
+            blob += bytes(-len(blob) % 256)
+    return selftest_bytes(meta, bytes(blob))
 
 
 def build_engine(model: str, targets: list[str], output: str | None = None, shapes: dict | None = None,
-                 precision: str = "fp32", progress: Progress | None = None) -> BuildResult:
+                 precision: str = "fp32", progress: Progress | None = None, bundle_test: bool = False,
+                 test_inputs: dict | None = None) -> BuildResult:
+    """Compile `model` into an engine at `output`. With bundle_test, the engine carries sample inputs
+    (test_inputs, or seeded random ones) and the outputs the CPU reference executor gives for them."""
     def stage(name: str) -> None:
         if progress:
             progress(name, 0, 0, 0)
@@ -132,7 +163,11 @@ def build_engine(model: str, targets: list[str], output: str | None = None, shap
         "intermediate_bytes_without_reuse": plan.intermediate_bytes,
     }
     stage("write")
-    data = assemble(program, plan.arena_bytes, plan.weights, cubins, resources, provenance)
+    parts = assemble(program, plan.arena_bytes, plan.weights, cubins, resources, provenance)
+    data = engine_bytes(**parts)
+    if bundle_test:
+        stage("self-test")
+        data = engine_bytes(**parts, selftest=make_selftest(data, precision, test_inputs))
     write_engine(output, data)
     return BuildResult(output, len(data), len(program.calls), len(program.calls), len(sources),
                        program.compute_nodes, archs)

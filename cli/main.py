@@ -62,14 +62,21 @@ def targets() -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Engine file (default: MODEL with .frt).")
 @click.option("--shapes", help="Static sizes for dynamic inputs: name:1x3x224x224,other:1x16")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
-def build(model: str, target_list: tuple, output: str | None, shapes: str | None, precision: str) -> None:
+@click.option("--bundle-test", is_flag=True, help="Store sample inputs and expected outputs for `flashrt verify`.")
+@click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False), help=".npz of inputs for --bundle-test.")
+def build(model: str, target_list: tuple, output: str | None, shapes: str | None, precision: str,
+          bundle_test: bool, inputs_path: str | None) -> None:
     """Compile MODEL (.onnx) into an engine."""
     from flashrt.aot.build import build_engine
     from flashrt.aot.importers.onnx_import import parse_shapes
 
+    if inputs_path and not bundle_test:
+        raise FlashRTError("--inputs applies to --bundle-test; add --bundle-test or drop --inputs")
+    test_inputs = _load_inputs(inputs_path) if inputs_path else None
     progress = _Progress(sys.stderr.isatty())
     try:
-        result = build_engine(model, list(target_list) or ["thor"], output, parse_shapes(shapes), precision, progress)
+        result = build_engine(model, list(target_list) or ["thor"], output, parse_shapes(shapes), precision, progress,
+                              bundle_test, test_inputs)
     finally:
         progress.finish()
     click.echo(f"built {result.path}: {result.launches} launches for {result.compute_nodes} compute nodes, "
@@ -171,6 +178,26 @@ def run(engine: str, device: str, inputs_path: str | None, output_path: str | No
     for name, s in summary.items():
         click.echo(f"  {name}: {s['dtype']}{s['shape']} mean {s['mean']:.6g} std {s['std']:.6g} "
                    f"min {s['min']:.6g} max {s['max']:.6g}")
+
+
+@cli.command()
+@click.argument("engine", type=click.Path(dir_okay=False))
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cuda", show_default=True)
+def verify(engine: str, device: str) -> None:
+    """Check an engine on arrival: checksums, a cubin for this GPU, and its bundled self-test."""
+    from flashrt.runtime.selftest import verify as run_verify
+
+    report = run_verify(engine, device)
+    click.echo(f"checksums: ok ({report.sections} sections)")
+    click.echo(f"cubin: {report.arch} for this GPU" if report.arch else "device: cpu (reference executor)")
+    if not report.bundled:
+        _fail(f"{engine}: no self-test bundled; build with --bundle-test to verify it on a device")
+    for o in report.outputs:
+        click.echo(f"{'PASS' if o.passed else 'FAIL'} {o.name}: rel-L2 {o.rel_l2:.3e} (limit {report.max_rel_l2:.1e}), "
+                   f"max abs {o.max_abs:.3e}")
+    if not report.passed:
+        _fail(f"{engine}: self-test failed on {device}")
+    click.echo(f"verify: PASS on {device}")
 
 
 def main() -> None:

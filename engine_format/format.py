@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 MAGIC = b"FLASHRT\0"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
+FORMAT_MINOR = 1
 
 HEADER = struct.Struct("<8sHHIQQ32s")  # magic, major, minor, section_count, table_offset, file_size, table_sha256
 SECTION = struct.Struct("<IIQQQ32s32s")  # kind, flags, offset, size, alignment, name, sha256
@@ -29,6 +29,7 @@ class SectionKind(enum.IntEnum):
     LAUNCHES = 4
     RELOCATIONS = 5
     ARGUMENTS = 6
+    SELFTEST = 7
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ from flashrt.errors import EngineFormatError
 MAX_BYTES = 1 << 44  # no arena or tensor is larger than 16 TiB; larger numbers are damage
 MAX_RANK = 8
 MAX_SMEM = 232448  # the largest dynamic shared memory of any supported architecture
+_NP = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64, "uint8": np.uint8,
+       "int8": np.int8, "bool": np.bool_}
 _SYMBOL = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}")
 
 
@@ -93,6 +95,50 @@ class EngineFile:
 
     def arguments(self) -> bytes:
         return bytes(self.section_bytes(self.section(SectionKind.ARGUMENTS)))
+
+    def selftest(self) -> tuple[dict, dict[str, np.ndarray], dict[str, np.ndarray]] | None:
+        """The bundled (meta, inputs, expected outputs), validated; None when the engine has none."""
+        s = self.section(SectionKind.SELFTEST)
+        if s is None:
+            return None
+        raw = self.section_bytes(s)
+        where = f"{self.path}: selftest section"
+        if s.size < 4:
+            raise EngineFormatError(f"{where} is {s.size} bytes, shorter than its length field")
+        n = int.from_bytes(raw[:4], "little")
+        start = -(-(4 + n) // 256) * 256
+        if 4 + n > s.size or start > s.size:
+            raise EngineFormatError(f"{where}: JSON length {n} exceeds the section ({s.size} bytes)")
+        try:
+            meta = json.loads(bytes(raw[4:4 + n]).decode())
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise EngineFormatError(f"{where}: invalid JSON: {str(e)[:120]}") from None
+        if not isinstance(meta, dict):
+            raise EngineFormatError(f"{where}: JSON is not an object")
+        blob = raw[start:]
+        tol = meta.get("max_rel_l2")
+        if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not 0 <= tol < 1e6:
+            raise EngineFormatError(f"{where}: max_rel_l2 = {tol!r} is not a non-negative number")
+        tensors = []
+        for key, sig in (("inputs", self.inputs), ("outputs", self.outputs)):
+            items = _field(self.path, meta, key, list, "selftest")
+            found = {}
+            for i, t in enumerate(items):
+                info = _tensor(self.path, t, f"selftest {key}[{i}]", len(blob), "selftest data")
+                found[info.name] = info
+            want = {t.name: t for t in sig}
+            if set(found) != set(want):
+                raise EngineFormatError(f"{where}: {key} {sorted(found)} differ from the engine's {sorted(want)}")
+            arrays = {}
+            for name, info in found.items():
+                host = "float32" if want[name].dtype == "bfloat16" else want[name].dtype
+                if info.shape != want[name].shape or info.dtype != host:
+                    raise EngineFormatError(f"{where}: {key[:-1]} '{name}' is {info.dtype}{list(info.shape)}, "
+                                            f"expected {host}{list(want[name].shape)}")
+                arrays[name] = np.frombuffer(blob, dtype=_NP[host], count=int(np.prod(info.shape)),
+                                             offset=info.offset).reshape(info.shape)
+            tensors.append(arrays)
+        return meta, tensors[0], tensors[1]
 
     def launch_args(self, launch: Launch) -> bytes:
         s = self.section(SectionKind.ARGUMENTS)

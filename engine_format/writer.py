@@ -14,8 +14,15 @@ def manifest_bytes(manifest: dict) -> bytes:
     return json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def selftest_bytes(meta: dict, blob: bytes) -> bytes:
+    """The selftest section (SPEC.md §10): length-prefixed JSON, padding to 256, then the data blob."""
+    head = manifest_bytes(meta)
+    start = -(-(4 + len(head)) // 256) * 256
+    return len(head).to_bytes(4, "little") + head + bytes(start - 4 - len(head)) + blob
+
+
 def engine_bytes(manifest: dict, cubins: dict[str, bytes], weights: bytes, launches: list[Launch],
-                 relocations: list[Relocation], arguments: bytes) -> bytes:
+                 relocations: list[Relocation], arguments: bytes, selftest: bytes | None = None) -> bytes:
     sections: list[tuple[int, str, bytes]] = [(SectionKind.MANIFEST, "manifest", manifest_bytes(manifest))]
     for arch in sorted(cubins):
         sections.append((SectionKind.CUBIN, arch, cubins[arch]))
@@ -25,6 +32,8 @@ def engine_bytes(manifest: dict, cubins: dict[str, bytes], weights: bytes, launc
         (SectionKind.RELOCATIONS, "relocations", b"".join(r.pack() for r in relocations)),
         (SectionKind.ARGUMENTS, "arguments", arguments),
     ]
+    if selftest is not None:
+        sections.append((SectionKind.SELFTEST, "selftest", selftest))
     table_offset = HEADER.size
     pos = table_offset + SECTION.size * len(sections)
     entries, body = [], bytearray()
