@@ -1,15 +1,15 @@
-"""The partitioner: groups graph nodes into regions, one kernel launch each, and binds every tensor to a
-buffer view.
+"""The partitioner: groups graph nodes into regions, one kernel launch each, and binds every tensor to a view
+of a buffer (aot/views.py).
 
-Fusion rules (v0):
-- MatMul + the elementwise ops that consume only its result (bias, activation, scale, residual add,
-  ...) -> one GEMM with an epilogue expression; a LayerNormalization whose only users are GEMMs is
-  recomputed in their prologue and launches nothing.
-- Chains and DAGs of elementwise ops over one iteration space -> one elementwise kernel.
-- Reshape / Flatten / Squeeze / Unsqueeze / Identity / Transpose are views: they change shape and
-  strides and launch nothing; GEMM operands and elementwise inputs read any strided view, so a
-  transpose feeding them is free. A kernel that needs contiguous rows gets a copy only when its input
-  is not already contiguous.
+Fusion rules:
+- MatMul + the elementwise ops that consume only its result (bias, activation, scale, mask, residual add:
+  any elementwise DAG over the GEMM's output) -> one GEMM with an epilogue expression; a LayerNorm or
+  RMSNorm whose only users are GEMMs is recomputed in their prologue and launches nothing.
+- Elementwise DAGs over one iteration space (Where, comparisons and Casts included) -> one kernel.
+- Reshape / Flatten / Squeeze / Unsqueeze / Identity / Transpose / Expand / Slice / Split and Gather of a
+  constant index are views: no launch. GEMM operands, epilogue and elementwise inputs read any view, so the
+  head split/merge of attention and the patch layout of a patch-embedding Conv cost nothing. Kernels that
+  need contiguous rows (Softmax, LayerNorm, Gather's table) get a copy only when their input is not.
 A group is emitted at the position of its last node, which keeps the launch order topological."""
 
 import math
@@ -17,53 +17,29 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from flashrt.aot.importers.onnx_ops import REDUCE_OPS
 from flashrt.aot.ir import Graph, Node
+from flashrt.aot.views import Buffer, TensorRef
 from flashrt.errors import ModelError
-from flashrt.kernels.dtypes import ITEMSIZE, from_f32
+from flashrt.kernels.dtypes import STORAGE, from_f32
 
 ACT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-FLOAT_DTYPES = {"float32", "float16", "bfloat16"}
-VIEW_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Transpose"}
-RESHAPE_OPS = VIEW_OPS - {"Transpose"}
+FLOAT_DTYPES = {"float32", "float16", "bfloat16", "float64"}
+VIEW_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Transpose", "Expand", "Slice", "Split"}
+RESHAPE_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
 UNARY = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Erf": "erf", "Neg": "neg", "Exp": "exp",
-         "Sqrt": "sqrt", "Reciprocal": "recip", "Abs": "abs"}
-BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Pow": "pow", "Max": "max", "Min": "min"}
-ELEMENTWISE = set(UNARY) | set(BINARY) | {"Gelu"}
-MAX_EXPR = 64
+         "Sqrt": "sqrt", "Reciprocal": "recip", "Abs": "abs", "Sin": "sin", "Cos": "cos", "Not": "not",
+         "IsNaN": "isnan", "Floor": "floor", "Ceil": "ceil", "Softplus": "softplus"}
+BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Pow": "pow", "Max": "max", "Min": "min",
+          "Equal": "eq", "Less": "lt", "Greater": "gt", "LessOrEqual": "le", "GreaterOrEqual": "ge",
+          "And": "and", "Or": "or"}
+ELEMENTWISE = set(UNARY) | set(BINARY) | {"Gelu", "Where", "Cast", "CastLike", "LeakyRelu", "HardSigmoid"}
+NORMS = {"LayerNormalization", "RMSNormalization"}
+MAX_EXPR = 96
 
 
-@dataclass(eq=False)
-class Buffer:
-    name: str
-    kind: str  # "arena" | "input" | "output" | "weight"
-    dtype: str
-    nelems: int
-    data: np.ndarray | None = None  # weights: the stored array
-    offset: int = -1  # bytes, set by the memory plan
-
-    @property
-    def nbytes(self) -> int:
-        return self.nelems * ITEMSIZE[self.dtype]
-
-
-@dataclass(eq=False)
-class TensorRef:
-    buffer: Buffer
-    shape: tuple[int, ...]
-    strides: tuple[int, ...]
-    offset: int = 0  # elements
-
-    @property
-    def dtype(self) -> str:
-        return self.buffer.dtype
-
-    def contiguous(self) -> bool:
-        return tuple(self.strides) == tuple(contiguous_strides(self.shape)) or math.prod(self.shape) <= 1
-
-    def span_bytes(self) -> int:
-        if math.prod(self.shape) == 0:
-            return 0
-        return (sum((d - 1) * s for d, s in zip(self.shape, self.strides)) + 1) * ITEMSIZE[self.dtype]
+def _unique(items) -> list[str]:
+    return list(dict.fromkeys(items))
 
 
 @dataclass(eq=False)
@@ -85,33 +61,11 @@ class Program:
     compute_nodes: int = 0
 
 
-def contiguous_strides(shape) -> list[int]:
-    out, acc = [], 1
-    for d in reversed(shape):
-        out.append(acc)
-        acc *= d
-    return out[::-1]
-
-
-def _unique(items) -> list[str]:
-    return list(dict.fromkeys(items))
-
-
-def broadcast_strides(ref: TensorRef, out_shape: tuple) -> list[int]:
-    """ref's strides for iterating over out_shape under numpy broadcasting."""
-    pad = len(out_shape) - len(ref.shape)
-    strides = []
-    for i in range(len(out_shape)):
-        j = i - pad
-        strides.append(0 if j < 0 or ref.shape[j] == 1 else ref.strides[j])
-    return strides
-
-
 @dataclass(eq=False)
 class Group:
-    kind: str  # "gemm" | "eltwise" | "layernorm" | "softmax" | "view"
+    kind: str  # "gemm" | "eltwise" | "norm" | "softmax" | "view" | "gather" | "concat" | "reduce" | "conv"
     nodes: list[Node]
-    prologue: Node | None = None  # a fused LayerNormalization for gemm
+    prologue: Node | None = None  # a fused LayerNorm/RMSNorm for gemm
 
 
 class Partitioner:
@@ -129,15 +83,17 @@ class Partitioner:
         self.buffers: list[Buffer] = []
         self.output_buffers: dict[str, Buffer] = {}
 
+    def storage(self, value: str) -> str:
+        dtype = self.g.values[value].dtype
+        return self.act if dtype in FLOAT_DTYPES else dtype
+
     # ---- planning -------------------------------------------------------------------------------
 
     def _fusable(self, node: Node, shape: tuple) -> bool:
-        out = self.g.values[node.outputs[0]]
-        return node.op in ELEMENTWISE and out.shape == shape and out.dtype in FLOAT_DTYPES
+        return node.op in ELEMENTWISE and self.g.values[node.outputs[0]].shape == shape
 
-    def _grow(self, seed: Node, assigned: set) -> list[Node]:
+    def _grow(self, seed: Node, assigned: set, shape: tuple) -> list[Node]:
         """Largest elementwise DAG grown from seed whose only escaping value is its last node's output."""
-        shape = self.g.values[seed.outputs[0]].shape
         members, produced = [seed], {seed.outputs[0]}
         best, size = [seed], 1
         while size < MAX_EXPR:
@@ -156,47 +112,53 @@ class Partitioner:
                 best = sorted(members, key=lambda n: self.index[id(n)])
         return best
 
-    def _ln_prologue_ok(self, ln: Node) -> bool:
-        y = ln.outputs[0]
+    def _norm_prologue_ok(self, norm: Node) -> bool:
+        y = norm.outputs[0]
         users = self.users.get(y, [])
-        x = self.g.values[ln.inputs[0]]
-        axis = ln.attrs.get("axis", -1) % len(x.shape)
+        x = self.g.values[norm.inputs[0]]
+        axis = norm.attrs.get("axis", -1) % len(x.shape)
         return (axis == len(x.shape) - 1 and y not in self.outputs and bool(users)
-                and not any(o and self.users.get(o) for o in ln.outputs[1:])
+                and not any(o and self.users.get(o) for o in norm.outputs[1:])
                 and all(u.op == "MatMul" and u.inputs[0] == y and u.inputs[1] != y for u in users)
-                and all(i in self.g.constants for i in ln.inputs[1:] if i))
+                and all(i in self.g.constants for i in norm.inputs[1:] if i))
 
     def plan(self) -> list[Group]:
         assigned: set[int] = set()
         groups: list[Group] = []
-        fused_ln: dict[str, Node] = {}
+        fused_norm: dict[str, Node] = {}
         for node in self.g.nodes:
             if id(node) in assigned:
                 continue
-            for v in node.outputs[:1]:
-                if self.g.values[v].dtype not in FLOAT_DTYPES and node.op not in VIEW_OPS:
-                    raise ModelError(f"node '{node.name}' ({node.op}) computes a {self.g.values[v].dtype} tensor "
-                                     "at run time; flashrt computes float tensors only")
-            if node.op in VIEW_OPS:
+            for v in node.outputs:
+                if v and math.prod(self.g.values[v].shape) == 0:
+                    raise ModelError(f"node '{node.name}' ({node.op}): its output '{v}' has no elements; "
+                                     "flashrt does not compute zero-size tensors")
+            op = node.op
+            if op in VIEW_OPS or (op == "Gather" and node.inputs[1] in self.g.constants
+                                  and self.g.constants[node.inputs[1]].ndim == 0):
                 group = Group("view", [node])
-            elif node.op == "LayerNormalization":
+            elif op in NORMS:
                 if len(node.outputs) > 1 and any(o and self.users.get(o) for o in node.outputs[1:]):
-                    raise ModelError(f"node '{node.name}' (LayerNormalization): its Mean/InvStdDev outputs are "
-                                     "used; flashrt supports only the normalized output")
-                if self._ln_prologue_ok(node):
-                    fused_ln[node.outputs[0]] = node
+                    raise ModelError(f"node '{node.name}' ({op}): its Mean/InvStdDev outputs are used; "
+                                     "flashrt supports only the normalized output")
+                if self._norm_prologue_ok(node):
+                    fused_norm[node.outputs[0]] = node
                     assigned.add(id(node))
                     continue
-                group = Group("layernorm", [node])
-            elif node.op == "Softmax":
+                group = Group("norm", [node])
+            elif op == "Softmax":
                 group = Group("softmax", [node])
-            elif node.op == "MatMul":
-                members = self._grow(node, assigned)
-                group = Group("gemm", members, fused_ln.get(node.inputs[0]))
-            elif node.op in ELEMENTWISE:
-                group = Group("eltwise", self._grow(node, assigned))
+            elif op == "MatMul":
+                shape = self.g.values[node.outputs[0]].shape
+                group = Group("gemm", self._grow(node, assigned, shape), fused_norm.get(node.inputs[0]))
+            elif op in ELEMENTWISE:
+                group = Group("eltwise", self._grow(node, assigned, self.g.values[node.outputs[0]].shape))
+            elif op in ("Gather", "Concat", "Conv"):
+                group = Group(op.lower(), [node])
+            elif op in REDUCE_OPS:
+                group = Group("reduce", [node])
             else:
-                raise ModelError(f"node '{node.name}': op {node.op} has no kernel")
+                raise ModelError(f"node '{node.name}': {op} with run-time inputs has no kernel in flashrt")
             for n in group.nodes:
                 assigned.add(id(n))
             groups.append(group)
@@ -216,31 +178,41 @@ class Partitioner:
                     return found
         return None
 
-    def new_output(self, value: str) -> TensorRef:
-        """A fresh contiguous buffer for the value a kernel writes; a graph output's own buffer when the
-        value is (a reshape of) one, so no copy is needed."""
+    def new_output(self, value: str, nelems: int | None = None) -> Buffer:
+        """A fresh buffer for the value a kernel writes; a graph output's own buffer when the value is (a
+        reshape of) one, so no copy is needed."""
         v = self.g.values[value]
-        n = math.prod(v.shape)
+        n = math.prod(v.shape) if nelems is None else nelems
         out = self._reshape_only_output(value)
-        if out is not None:
+        if out is not None and self.g.values[out].dtype != "float64":
             buf = Buffer(out, "output", self.g.values[out].dtype, n)
             self.output_buffers[out] = buf
         else:
-            buf = Buffer(value, "arena", self.act, n)
+            buf = Buffer(value, "arena", self.storage(value), n)
         self.buffers.append(buf)
-        return TensorRef(buf, v.shape, tuple(contiguous_strides(v.shape)))
+        return buf
 
-    def weight(self, name: str, dtype: str, array: np.ndarray | None = None) -> TensorRef:
+    def new_output_ref(self, value: str) -> TensorRef:
+        return TensorRef.contiguous_view(self.new_output(value), self.g.values[value].shape)
+
+    def weight(self, name: str, dtype: str | None = None, array: np.ndarray | None = None) -> TensorRef:
         arr = np.asarray(self.g.constants[name] if array is None else array)
-        key = (name, dtype)
+        if dtype is None:
+            dtype = "float32" if arr.dtype.kind == "f" else {"b": "bool"}.get(arr.dtype.kind, str(arr.dtype))
+            if dtype not in STORAGE:
+                dtype = "int64" if arr.dtype.kind in "iu" else "float32"
+        key = (name, dtype, arr.shape)
         if key not in self.weights:
-            data = np.ascontiguousarray(from_f32(arr.astype(np.float32), dtype))
-            buf = Buffer(name, "weight", dtype, arr.size, data)
+            if dtype in ("float32", "float16", "bfloat16"):
+                data = from_f32(arr.astype(np.float32), dtype)
+            else:
+                data = arr.astype(STORAGE[dtype])
+            buf = Buffer(name, "weight", dtype, arr.size, np.ascontiguousarray(data))
             self.weights[key] = buf
             self.buffers.append(buf)
-        return TensorRef(self.weights[key], tuple(arr.shape), tuple(contiguous_strides(arr.shape)))
+        return TensorRef.contiguous_view(self.weights[key], arr.shape)
 
-    def ref(self, value: str, weight_dtype: str = "float32") -> TensorRef:
+    def ref(self, value: str, weight_dtype: str | None = None) -> TensorRef:
         if value in self.g.constants:
             return self.weight(value, weight_dtype)
         return self.refs[value]
@@ -250,7 +222,7 @@ class Partitioner:
             return ref
         buf = Buffer(f"{name}/contiguous", "arena", ref.dtype, math.prod(ref.shape))
         self.buffers.append(buf)
-        out = TensorRef(buf, ref.shape, tuple(contiguous_strides(ref.shape)))
+        out = TensorRef.contiguous_view(buf, ref.shape)
         self._eltwise_call(f"{name}/copy", ref.shape, [ref], [["in", 0]], out, ["Copy"], source)
         return out
 
@@ -258,133 +230,240 @@ class Partitioner:
 
     def _eltwise_call(self, name, shape, inputs, expr, out, ops, source):
         params = {"shape": list(shape), "out_dtype": out.dtype, "expr": expr,
-                  "inputs": [{"dtype": r.dtype, "strides": broadcast_strides(r, shape)} for r in inputs]}
+                  "inputs": [{"dtype": r.dtype, "atoms": r.atoms_over(shape)} for r in inputs]}
         self.calls.append(KernelCall(name, "eltwise", params, list(inputs) + [out], ops, _unique(source)))
 
-    def _expression(self, nodes: list[Node], acc_value: str | None, out_shape: tuple):
+    def _expression(self, nodes: list[Node], acc_value: str | None):
         """Expression instructions for an elementwise DAG, and the tensor inputs it reads."""
         expr, slot, inputs, input_slot = [], {}, [], {}
         if acc_value is not None:
             expr.append(["acc"])
             slot[acc_value] = 0
 
+        def emit(*ins) -> int:
+            expr.append(list(ins))
+            return len(expr) - 1
+
         def operand(value: str) -> int:
             if value in slot:
                 return slot[value]
             const = self.g.constants.get(value)
             if const is not None and const.size == 1:
-                expr.append(["const", float(np.float32(const.reshape(())))])
+                slot[value] = emit("const", float(np.float32(const.reshape(()).astype(np.float64))))
             else:
                 if value not in input_slot:
                     input_slot[value] = len(inputs)
                     inputs.append(self.ref(value))
-                expr.append(["in", input_slot[value]])
-            slot[value] = len(expr) - 1
+                slot[value] = emit("in", input_slot[value])
             return slot[value]
 
         for n in nodes:
-            args = [operand(i) for i in n.inputs if i]
-            if n.op == "Gelu" and n.attrs.get("approximate", "none") == "tanh":
-                x = args[0]  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-                base = len(expr)
-                expr += [["mul", x, x], ["mul", base, x], ["const", 0.044715], ["mul", base + 1, base + 2],
-                         ["add", x, base + 3], ["const", math.sqrt(2 / math.pi)], ["mul", base + 4, base + 5],
-                         ["tanh", base + 6], ["const", 1.0], ["add", base + 7, base + 8], ["const", 0.5],
-                         ["mul", x, base + 10], ["mul", base + 11, base + 9]]
+            if n.op == "Where":
+                args = [operand(i) for i in n.inputs]
+                out = emit("where", *args)
+            elif n.op in ("Cast", "CastLike"):
+                x = operand(n.inputs[0])
+                to = self.g.values[n.outputs[0]].dtype
+                out = x if to in FLOAT_DTYPES else emit("ne0" if to == "bool" else "trunc", x)
+            elif n.op == "Gelu" and n.attrs.get("approximate", "none") in ("tanh", b"tanh"):
+                x = operand(n.inputs[0])  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+                x3 = emit("mul", emit("mul", x, x), x)
+                inner = emit("mul", emit("add", x, emit("mul", x3, emit("const", 0.044715))),
+                             emit("const", math.sqrt(2 / math.pi)))
+                t = emit("add", emit("tanh", inner), emit("const", 1.0))
+                out = emit("mul", emit("mul", x, emit("const", 0.5)), t)
             elif n.op == "Gelu":
-                expr.append(["gelu", args[0]])
+                out = emit("gelu", operand(n.inputs[0]))
+            elif n.op == "LeakyRelu":
+                x = operand(n.inputs[0])
+                neg = emit("lt", x, emit("const", 0.0))
+                out = emit("where", neg, emit("mul", x, emit("const", n.attrs.get("alpha", 0.01))), x)
+            elif n.op == "HardSigmoid":
+                x = operand(n.inputs[0])
+                y = emit("add", emit("mul", x, emit("const", n.attrs.get("alpha", 0.2))),
+                         emit("const", n.attrs.get("beta", 0.5)))
+                out = emit("min", emit("max", y, emit("const", 0.0)), emit("const", 1.0))
             elif n.op in UNARY:
-                expr.append([UNARY[n.op], args[0]])
+                out = emit(UNARY[n.op], operand(n.inputs[0]))
             else:
-                acc = args[0]
+                args = [operand(i) for i in n.inputs if i]
+                out = args[0]
                 for b in args[1:]:
-                    expr.append([BINARY[n.op], acc, b])
-                    acc = len(expr) - 1
-            slot[n.outputs[0]] = len(expr) - 1
+                    out = emit(BINARY[n.op], out, b)
+            slot[n.outputs[0]] = out
+        if slot[nodes[-1].outputs[0]] != len(expr) - 1:  # the result is an earlier value: make it the last
+            emit("id", slot[nodes[-1].outputs[0]])
         return expr, inputs
 
     def emit_view(self, node: Node) -> None:
-        x = self.ref(node.inputs[0], self.act)
-        out = self.g.values[node.outputs[0]].shape
-        if node.op == "Transpose":
+        op = node.op
+        x = self.ref(node.inputs[0])
+        outs = [self.g.values[o] for o in node.outputs]
+        if op == "Transpose":
             perm = node.attrs.get("perm", list(range(len(x.shape)))[::-1])
-            self.refs[node.outputs[0]] = TensorRef(x.buffer, tuple(x.shape[p] for p in perm),
-                                                   tuple(x.strides[p] for p in perm), x.offset)
+            self.refs[node.outputs[0]] = x.transpose(perm)
             return
-        x = self.contiguous(x, node.name, node.source)
-        self.refs[node.outputs[0]] = TensorRef(x.buffer, out, tuple(contiguous_strides(out)), x.offset)
+        if op == "Expand":
+            self.refs[node.outputs[0]] = x.expand(outs[0].shape)
+            return
+        if op in ("Slice", "Split", "Gather"):
+            for o, v in zip(node.outputs, outs):
+                if not o:
+                    continue
+                view = self._slice_view(node, x, o, v.shape)
+                if view is None:
+                    x = self.contiguous(x, node.name, node.source)
+                    view = self._slice_view(node, x, o, v.shape)
+                if view is None:
+                    raise ModelError(f"node '{node.name}' ({op}): this slicing (negative steps) is not supported "
+                                     "on run-time tensors")
+                self.refs[o] = view
+            return
+        view = x.reshape(outs[0].shape)
+        if view is None:
+            x = self.contiguous(x, node.name, node.source)
+            view = x.reshape(outs[0].shape)
+        self.refs[node.outputs[0]] = view
+
+    def _slice_view(self, node: Node, x: TensorRef, out: str, out_shape: tuple) -> TensorRef | None:
+        """Slice, Split output or constant-scalar Gather as a view of x."""
+        rank = len(x.shape)
+        if node.op == "Gather":
+            axis = node.attrs.get("axis", 0) % rank
+            idx = int(self.g.constants[node.inputs[1]])
+            idx = idx + x.shape[axis] if idx < 0 else idx
+            v = x.slice(axis, idx, 1, 1)
+            return None if v is None else v.reshape(out_shape)
+        if node.op == "Split":
+            axis = node.attrs.get("axis", 0) % rank
+            start = 0
+            for o in node.outputs:
+                size = self.g.values[o].shape[axis] if o else 0
+                if o == out:
+                    return x.slice(axis, start, 1, size)
+                start += size
+        c = self.g.constants
+        starts, ends = (np.asarray(c[node.inputs[i]]).reshape(-1) for i in (1, 2))
+        axes = np.asarray(c[node.inputs[3]]).reshape(-1) if len(node.inputs) > 3 and node.inputs[3] \
+            else np.arange(len(starts))
+        steps = np.asarray(c[node.inputs[4]]).reshape(-1) if len(node.inputs) > 4 and node.inputs[4] \
+            else np.ones(len(starts), np.int64)
+        view = x
+        for s, e, a, st in zip(starts, ends, axes, steps):
+            a = int(a) % rank
+            start, _, step = slice(int(max(min(s, 2**62), -2**62)), int(max(min(e, 2**62), -2**62)),
+                                   int(st)).indices(x.shape[a])
+            view = view.slice(a, start, step, out_shape[a])
+            if view is None:
+                return None
+        return view
 
     def emit_eltwise(self, group: Group) -> None:
         last = group.nodes[-1].outputs[0]
         shape = self.g.values[last].shape
-        expr, inputs = self._expression(group.nodes, None, shape)
-        out = self.new_output(last)
-        name = group.nodes[-1].name
-        self._eltwise_call(name, shape, inputs, expr, out, [n.op for n in group.nodes],
+        expr, inputs = self._expression(group.nodes, None)
+        out = self.new_output_ref(last)
+        self._eltwise_call(group.nodes[-1].name, shape, inputs, expr, out, [n.op for n in group.nodes],
                            [s for n in group.nodes for s in n.source])
         self.refs[last] = out
 
+    def _gemm_call(self, name: str, a: TensorRef, a_atoms: dict, b: TensorRef, b_atoms: dict, mnk: tuple,
+                   batch: tuple, norm: Node | None, expr: list, epi_inputs: list[TensorRef], out: TensorRef,
+                   ops: list[str], source: list[str]) -> None:
+        M, N, K = mnk
+        kshape = tuple(batch) + (M, N)
+        args = [a, b]
+        norm_params = None
+        if norm is not None:
+            gamma = np.broadcast_to(self.g.constants[norm.inputs[1]], (K,))
+            args.append(self.weight(norm.inputs[1], "float32", gamma))
+            has_beta = norm.op == "LayerNormalization" and len(norm.inputs) > 2 and bool(norm.inputs[2])
+            if has_beta:
+                args.append(self.weight(norm.inputs[2], "float32",
+                                        np.broadcast_to(self.g.constants[norm.inputs[2]], (K,))))
+            norm_params = {"eps": float(np.float32(norm.attrs.get("epsilon", 1e-5))), "has_beta": has_beta,
+                           "rms": norm.op == "RMSNormalization"}
+        params = {"M": M, "N": N, "K": K, "batch": list(batch), "out_dtype": out.dtype, "expr": expr,
+                  "a": a_atoms, "b": b_atoms, "ln": norm_params,
+                  "epi_inputs": [{"dtype": r.dtype, "atoms": r.atoms_over(kshape)} for r in epi_inputs]}
+        self.calls.append(KernelCall(name, "gemm", params, args + list(epi_inputs) + [out], ops, _unique(source)))
+
     def emit_gemm(self, group: Group) -> None:
         mm, epi = group.nodes[0], group.nodes[1:]
-        ln = group.prologue
-        a = self.ref(ln.inputs[0] if ln else mm.inputs[0], self.act)
+        norm = group.prologue
+        a = self.ref(norm.inputs[0] if norm else mm.inputs[0], self.act)
         b = self.ref(mm.inputs[1], self.act)
         if len(a.shape) == 1:
-            a = TensorRef(a.buffer, (1,) + a.shape, (0,) + a.strides, a.offset)
+            a = a.reshape((1,) + a.shape)
         if len(b.shape) == 1:
-            b = TensorRef(b.buffer, b.shape + (1,), b.strides + (0,), b.offset)
-        M, K = a.shape[-2:]
-        N = b.shape[-1]
+            b = b.reshape(b.shape + (1,))
         batch = tuple(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
+        M, K, N = a.shape[-2], a.shape[-1], b.shape[-1]
         kshape = batch + (M, N)
-        a_bs = broadcast_strides(a, batch + a.shape[-2:])[:len(batch)]
-        b_bs = broadcast_strides(b, batch + b.shape[-2:])[:len(batch)]
-
         last = (epi[-1] if epi else mm).outputs[0]
+        expr, inputs = self._expression(epi, mm.outputs[0]) if epi else ([["acc"]], [])
         onnx_shape = self.g.values[last].shape
-        expr, inputs = self._expression(epi, mm.outputs[0], onnx_shape)
-        epi_inputs = []
-        for r in inputs:
-            st = broadcast_strides(r, onnx_shape)
-            if len(onnx_shape) != len(kshape):  # a 1-D MatMul operand dropped M or N: reinsert a 0 stride
-                st = st + [0] if len(self.g.values[mm.inputs[1]].shape) == 1 else st[:-1] + [0, st[-1]]
-            epi_inputs.append({"dtype": r.dtype, "strides": st})
-        args = [a, b]
-        ln_params = None
-        if ln:
-            gamma = self.g.constants[ln.inputs[1]]
-            args.append(self.weight(ln.inputs[1], "float32", np.broadcast_to(gamma, (K,))))
-            has_beta = len(ln.inputs) > 2 and bool(ln.inputs[2])
-            if has_beta:
-                args.append(self.weight(ln.inputs[2], "float32", np.broadcast_to(self.g.constants[ln.inputs[2]], (K,))))
-            ln_params = {"eps": float(np.float32(ln.attrs.get("epsilon", 1e-5))), "has_beta": has_beta}
-        out = self.new_output(last)
-        params = {"M": M, "N": N, "K": K, "batch": list(batch), "out_dtype": out.dtype, "expr": expr,
-                  "a": {"dtype": a.dtype, "batch_strides": a_bs, "sm": a.strides[-2], "sk": a.strides[-1]},
-                  "b": {"dtype": b.dtype, "batch_strides": b_bs, "sk": b.strides[-2], "sn": b.strides[-1]},
-                  "ln": ln_params, "epi_inputs": epi_inputs}
-        nodes = ([ln] if ln else []) + group.nodes
-        self.calls.append(KernelCall(mm.name, "gemm", params, args + inputs + [out], [n.op for n in nodes],
-                                     _unique(s for n in nodes for s in n.source)))
-        self.refs[last] = out
+        # epilogue inputs broadcast against the ONNX shape; the kernel iterates over kshape (a 1-D operand
+        # drops M or N in ONNX): reach kshape through a reshape of the broadcast view
+        epi_refs = [r.expand(onnx_shape).reshape(kshape) if onnx_shape != kshape else r for r in inputs]
+        out_buf = self.new_output(last)
+        out = TensorRef.contiguous_view(out_buf, kshape)
+        nodes = ([norm] if norm else []) + group.nodes
+        a_atoms = {"dtype": a.dtype, "batch": a.batch_atoms(batch), "m": a.dim_atoms(-2), "k": a.dim_atoms(-1)}
+        b_atoms = {"dtype": b.dtype, "batch": b.batch_atoms(batch), "k": b.dim_atoms(-2), "n": b.dim_atoms(-1)}
+        self._gemm_call(mm.name, a, a_atoms, b, b_atoms, (M, N, K), batch, norm, expr, epi_refs, out,
+                        [n.op for n in nodes], [s for n in nodes for s in n.source])
+        self.refs[last] = TensorRef.contiguous_view(out_buf, onnx_shape)
 
-    def emit_layernorm(self, group: Group) -> None:
+    def emit_conv(self, group: Group) -> None:
+        """A patch-embedding Conv as a GEMM: patches [Hp*Wp, C*kh*kw], a view of the image, times W^T."""
+        (n,) = group.nodes
+        x = self.ref(n.inputs[0])
+        w = self.g.constants.get(n.inputs[1])
+        if w is None:
+            raise ModelError(f"node '{n.name}' (Conv): the weight must be a constant")
+        _, C, H, W = x.shape
+        n_out, _, kh, kw = w.shape
+        hp, wp = H // kh, W // kw
+        if any(len(x.dim_atoms(d)) != 1 for d in (1, 2, 3)):
+            x = self.contiguous(x, n.name, n.source)
+        sc, sh, sw = (x.dim_atoms(d)[0][1] for d in (1, 2, 3))
+        K = C * kh * kw
+        a_atoms = {"dtype": x.dtype, "batch": [[1, 0]], "m": _atoms([[hp, kh * sh], [wp, kw * sw]]),
+                   "k": _atoms([[C, sc], [kh, sh], [kw, sw]])}
+        wref = self.weight(n.inputs[1], self.act, w.reshape(n_out, K))  # [n_out, K]: B[k, n] at n * K + k
+        b_atoms = {"dtype": wref.dtype, "batch": [[1, 0]], "k": [[K, 1]], "n": [[n_out, K]]}
+        epi_inputs, expr = [], [["acc"]]
+        if len(n.inputs) > 2 and n.inputs[2]:
+            epi_inputs = [self.weight(n.inputs[2], "float32").reshape((1, n_out))]
+            expr = [["acc"], ["in", 0], ["add", 0, 1]]
+        out_buf = self.new_output(n.outputs[0])
+        out = TensorRef.contiguous_view(out_buf, (hp * wp, n_out))
+        self._gemm_call(n.name, x, a_atoms, wref, b_atoms, (hp * wp, n_out, K), (), None, expr, epi_inputs, out,
+                        ["Conv"], n.source)
+        # the ONNX value [1, n_out, Hp, Wp] is a view of the [Hp*Wp, n_out] result
+        self.refs[n.outputs[0]] = TensorRef(out_buf, (1, n_out, hp, wp),
+                                            (((1, 0),), ((n_out, 1),), ((hp, wp * n_out),), ((wp, n_out),)))
+
+    def emit_norm(self, group: Group) -> None:
         (n,) = group.nodes
         x = self.contiguous(self.ref(n.inputs[0], self.act), n.name, n.source)
         axis = n.attrs.get("axis", -1) % len(x.shape)
         rows, K = math.prod(x.shape[:axis]), math.prod(x.shape[axis:])
         for i in n.inputs[1:]:
             if i and i not in self.g.constants:
-                raise ModelError(f"node '{n.name}' (LayerNormalization): scale and bias must be constants")
-        args = [x, self.weight(n.inputs[1], "float32", np.broadcast_to(self.g.constants[n.inputs[1]],
-                                                                        x.shape[axis:]).reshape(K))]
-        has_beta = len(n.inputs) > 2 and bool(n.inputs[2])
+                raise ModelError(f"node '{n.name}' ({n.op}): scale and bias must be constants")
+        trailing = x.shape[axis:]
+        args = [x, self.weight(n.inputs[1], "float32",
+                               np.broadcast_to(self.g.constants[n.inputs[1]], trailing).reshape(K))]
+        has_beta = n.op == "LayerNormalization" and len(n.inputs) > 2 and bool(n.inputs[2])
         if has_beta:
             args.append(self.weight(n.inputs[2], "float32",
-                                    np.broadcast_to(self.g.constants[n.inputs[2]], x.shape[axis:]).reshape(K)))
-        out = self.new_output(n.outputs[0])
+                                    np.broadcast_to(self.g.constants[n.inputs[2]], trailing).reshape(K)))
+        out = self.new_output_ref(n.outputs[0])
         params = {"rows": rows, "K": K, "eps": float(np.float32(n.attrs.get("epsilon", 1e-5))),
-                  "has_beta": has_beta, "in_dtype": x.dtype, "out_dtype": out.dtype}
+                  "has_beta": has_beta, "rms": n.op == "RMSNormalization", "in_dtype": x.dtype,
+                  "out_dtype": out.dtype}
         self.calls.append(KernelCall(n.name, "layernorm", params, args + [out], [n.op], n.source))
         self.refs[n.outputs[0]] = out
 
@@ -393,40 +472,94 @@ class Partitioner:
         x = self.contiguous(self.ref(n.inputs[0], self.act), n.name, n.source)
         axis = n.attrs.get("axis", -1) % len(x.shape)
         L, inner = x.shape[axis], math.prod(x.shape[axis + 1:])
-        out = self.new_output(n.outputs[0])
+        out = self.new_output_ref(n.outputs[0])
         params = {"rows": math.prod(x.shape) // max(L, 1), "L": L, "inner": inner,
                   "in_dtype": x.dtype, "out_dtype": out.dtype}
         self.calls.append(KernelCall(n.name, "softmax", params, [x, out], [n.op], n.source))
+        self.refs[n.outputs[0]] = out
+
+    def emit_gather(self, group: Group) -> None:
+        (n,) = group.nodes
+        data_dtype = self.act if self.g.values[n.inputs[0]].dtype in FLOAT_DTYPES else None
+        data = self.contiguous(self.ref(n.inputs[0], data_dtype), n.name, n.source)
+        idx = self.contiguous(self.ref(n.inputs[1]), n.name, n.source)
+        axis = n.attrs.get("axis", 0) % len(data.shape)
+        out = self.new_output_ref(n.outputs[0])
+        params = {"outer": math.prod(data.shape[:axis]), "D": data.shape[axis],
+                  "inner": math.prod(data.shape[axis + 1:]), "J": math.prod(idx.shape), "data_dtype": data.dtype,
+                  "index_dtype": idx.dtype,
+                  "out_dtype": out.dtype}
+        self.calls.append(KernelCall(n.name, "gather", params, [data, idx, out], [n.op], n.source))
+        self.refs[n.outputs[0]] = out
+
+    def emit_concat(self, group: Group) -> None:
+        (n,) = group.nodes
+        shape = self.g.values[n.outputs[0]].shape
+        axis = n.attrs["axis"] % len(shape)
+        inputs = [self.ref(i) for i in n.inputs if i and self.g.values[i].shape[axis] > 0]
+        out = self.new_output_ref(n.outputs[0])
+        params = {"shape": list(shape), "axis": axis, "out_dtype": out.dtype,
+                  "inputs": [{"dtype": r.dtype, "size": r.shape[axis], "atoms": r.atoms_over(r.shape)}
+                             for r in inputs]}
+        self.calls.append(KernelCall(n.name, "concat", params, inputs + [out], [n.op], n.source))
+        self.refs[n.outputs[0]] = out
+
+    def emit_reduce(self, group: Group) -> None:
+        (n,) = group.nodes
+        x = self.ref(n.inputs[0])
+        rank = len(x.shape)
+        axes = n.attrs.get("axes")
+        if len(n.inputs) > 1 and n.inputs[1]:
+            axes = [int(a) for a in np.asarray(self.g.constants[n.inputs[1]]).reshape(-1)]
+        if not axes:
+            if n.attrs.get("noop_with_empty_axes", 0):
+                self.refs[n.outputs[0]] = x
+                return
+            axes = list(range(rank))
+        axes = sorted({a % rank for a in axes})
+        kept = [d for d in range(rank) if d not in axes]
+        view = x.transpose(kept + axes)
+        outer, R = math.prod(x.shape[d] for d in kept), math.prod(x.shape[d] for d in axes)
+        out = self.new_output_ref(n.outputs[0])
+        params = {"outer": outer, "R": R, "op": n.op[6:].lower(), "in_dtype": x.dtype, "out_dtype": out.dtype,
+                  "atoms": view.atoms_over(view.shape)}
+        self.calls.append(KernelCall(n.name, "reduce", params, [x, out], [n.op], n.source))
         self.refs[n.outputs[0]] = out
 
     def run(self) -> Program:
         inputs = []
         for name in self.g.inputs:
             v = self.g.values[name]
+            if v.dtype == "float64":
+                raise ModelError(f"input '{name}' is float64; flashrt engines take float32/16 or bfloat16")
             buf = Buffer(name, "input", v.dtype, math.prod(v.shape))
             self.buffers.append(buf)
-            self.refs[name] = TensorRef(buf, v.shape, tuple(contiguous_strides(v.shape)))
+            self.refs[name] = TensorRef.contiguous_view(buf, v.shape)
             inputs.append((name, buf, v.shape))
-        emit = {"view": self.emit_view, "gemm": self.emit_gemm, "eltwise": self.emit_eltwise,
-                "layernorm": self.emit_layernorm, "softmax": self.emit_softmax}
+        emit = {"view": lambda g: self.emit_view(g.nodes[0]), "gemm": self.emit_gemm, "eltwise": self.emit_eltwise,
+                "norm": self.emit_norm, "softmax": self.emit_softmax, "gather": self.emit_gather,
+                "concat": self.emit_concat, "reduce": self.emit_reduce, "conv": self.emit_conv}
         for group in self.plan():
-            if group.kind == "view":
-                self.emit_view(group.nodes[0])
-            else:
-                emit[group.kind](group)
+            emit[group.kind](group)
         outputs = []
         for name in self.g.outputs:
-            shape = self.g.values[name].shape
-            ref = self.refs[name]
+            v = self.g.values[name]
+            if v.dtype == "float64":
+                raise ModelError(f"output '{name}' is float64; flashrt engines produce float32/16 or bfloat16")
+            ref = self.refs[name] if name not in self.g.constants else self.weight(name)
             own = self.output_buffers.get(name)
-            if own is None or ref.buffer is not own or not ref.contiguous():
-                own = Buffer(name, "output", self.g.values[name].dtype, math.prod(shape))
+            if own is None or ref.buffer is not own or not ref.contiguous() or ref.offset:
+                own = Buffer(name, "output", v.dtype, math.prod(v.shape))
                 self.buffers.append(own)
-                out = TensorRef(own, shape, tuple(contiguous_strides(shape)))
-                self._eltwise_call(f"{name}/output", shape, [ref], [["in", 0]], out, ["Copy"], [name])
-            outputs.append((name, own, shape))
+                out = TensorRef.contiguous_view(own, v.shape)
+                self._eltwise_call(f"{name}/output", v.shape, [ref], [["in", 0]], out, ["Copy"], [name])
+            outputs.append((name, own, v.shape))
         compute = sum(1 for n in self.g.nodes if n.op not in VIEW_OPS)
         return Program(self.calls, inputs, outputs, self.buffers, compute)
+
+
+def _atoms(atoms: list[list[int]]) -> list[list[int]]:
+    return [a for a in atoms if a[0] != 1] or [[1, 0]]
 
 
 def partition(graph: Graph, precision: str) -> Program:

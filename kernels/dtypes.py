@@ -5,7 +5,8 @@ rounding is to nearest-even, as the GPU's cvt.rn instructions do."""
 
 import numpy as np
 
-CTYPES = {"float32": "float", "bfloat16": "bf16_t", "float16": "f16_t"}
+CTYPES = {"float32": "float", "bfloat16": "bf16_t", "float16": "f16_t", "int64": "long long", "int32": "int",
+          "int8": "signed char", "uint8": "unsigned char", "bool": "bool_t"}
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "int32": 4, "int64": 8, "uint8": 1, "int8": 1, "bool": 1}
 STORAGE = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.float16, "int32": np.int32,
            "int64": np.int64, "uint8": np.uint8, "int8": np.int8, "bool": np.bool_}
@@ -29,7 +30,16 @@ def to_f32(stored: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def from_f32(x: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 values rounded to a storage dtype, as the kernels store them."""
+    """float32 values converted to a storage dtype, as the kernels store them: floats rounded to nearest
+    even, integers truncated toward zero (saturating), bool as x != 0."""
+    x = np.asarray(x, dtype=np.float32)
     if dtype == "bfloat16":
         return f32_to_bf16(x)
-    return np.asarray(x, dtype=np.float32).astype(STORAGE[dtype])
+    if dtype == "bool":
+        return x != 0
+    if dtype in ("float32", "float16"):
+        return x.astype(STORAGE[dtype])
+    info = np.iinfo(STORAGE[dtype])
+    with np.errstate(invalid="ignore"):
+        t = np.nan_to_num(np.trunc(x), nan=0.0).astype(np.float64)
+    return np.clip(t, info.min, info.max).astype(STORAGE[dtype])

@@ -1,7 +1,7 @@
 """Elementwise family: out = expr(in0, in1, ...), each input a strided/broadcast view of the output's
 shape; one thread per output element (grid-stride).
 
-params: shape, inputs: [{dtype, strides}], expr, out_dtype (out contiguous)
+params: shape, inputs: [{dtype, atoms}] ((size, stride) atoms over the output's shape), expr, out_dtype
 args: in0..in{n-1}, out"""
 
 import math
@@ -10,8 +10,8 @@ import numpy as np
 
 from flashrt.kernels import expr as ex
 from flashrt.kernels.dtypes import CTYPES
-from flashrt.kernels.memory import load, store
-from flashrt.kernels.source import offset_code
+from flashrt.kernels.memory import load_atoms, store
+from flashrt.kernels.source import atoms_code
 
 FAMILY = "eltwise"
 MAX_BLOCKS = 1 << 16
@@ -27,10 +27,10 @@ def launch_config(p: dict):
 
 
 def cuda_source(p: dict, symbol: str) -> str:
-    shape, total = list(p["shape"]), math.prod(p["shape"])
+    total = math.prod(p["shape"])
     params = [f"const {CTYPES[x['dtype']]}* __restrict__ in{i}" for i, x in enumerate(p["inputs"])]
     params.append(f"{CTYPES[p['out_dtype']]}* __restrict__ out")
-    loads = [f"to_float(in{i}[{offset_code('i', shape, x['strides'])}])" for i, x in enumerate(p["inputs"])]
+    loads = [f"to_float(in{i}[{atoms_code('i', x['atoms'])}])" for i, x in enumerate(p["inputs"])]
     body, result = ex.emit(p["expr"], lambda k: loads[k])
     body_text = "\n    ".join(body)
     return f'''#include "common.cuh"
@@ -46,5 +46,5 @@ extern "C" __global__ void __launch_bounds__(256) {symbol}({", ".join(params)}) 
 
 def reference(p: dict, args: dict) -> None:
     shape = list(p["shape"])
-    inputs = [load(args[f"in{i}"], x["dtype"], shape, x["strides"]) for i, x in enumerate(p["inputs"])]
+    inputs = [load_atoms(args[f"in{i}"], x["dtype"], x["atoms"], shape) for i, x in enumerate(p["inputs"])]
     store(args["out"], p["out_dtype"], np.broadcast_to(ex.evaluate(p["expr"], inputs), shape))

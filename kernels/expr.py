@@ -4,7 +4,8 @@ An expression is a list of instructions; each refers to earlier ones by index, t
   ["in", k]       the k-th tensor input, broadcast to the iteration space
   ["acc"]         the GEMM accumulator (epilogues only)
   ["const", c]    a float32 constant
-  [op, i] / [op, i, j]   a unary / binary op below
+  [op, i] / [op, i, j]   a unary / binary op below; ["where", c, i, j] picks i where c != 0
+Comparisons and logic ops give 1.0 or 0.0.
 The same list is emitted as CUDA (float32 registers) and evaluated in numpy (float32 arrays)."""
 
 import math
@@ -38,6 +39,16 @@ UNARY = {
     "sqrt": ("sqrtf({a})", np.sqrt),
     "recip": ("(1.f / {a})", lambda a: (np.float32(1) / a).astype(np.float32)),
     "abs": ("fabsf({a})", np.abs),
+    "id": ("({a})", lambda a: a),
+    "sin": ("sinf({a})", np.sin),
+    "cos": ("cosf({a})", np.cos),
+    "floor": ("floorf({a})", np.floor),
+    "ceil": ("ceilf({a})", np.ceil),
+    "trunc": ("truncf({a})", np.trunc),
+    "softplus": ("frt_softplus({a})", lambda a: np.where(a > 20, a, np.log1p(np.exp(np.minimum(a, 20))))),
+    "not": ("({a} == 0.f ? 1.f : 0.f)", lambda a: (a == 0).astype(np.float32)),
+    "ne0": ("({a} != 0.f ? 1.f : 0.f)", lambda a: (a != 0).astype(np.float32)),
+    "isnan": ("({a} != {a} ? 1.f : 0.f)", lambda a: np.isnan(a).astype(np.float32)),
 }
 BINARY = {
     "add": ("({a} + {b})", np.add),
@@ -47,7 +58,15 @@ BINARY = {
     "pow": ("powf({a}, {b})", np.power),
     "max": ("fmaxf({a}, {b})", np.fmax),
     "min": ("fminf({a}, {b})", np.fmin),
+    "eq": ("({a} == {b} ? 1.f : 0.f)", lambda a, b: (a == b).astype(np.float32)),
+    "lt": ("({a} < {b} ? 1.f : 0.f)", lambda a, b: (a < b).astype(np.float32)),
+    "gt": ("({a} > {b} ? 1.f : 0.f)", lambda a, b: (a > b).astype(np.float32)),
+    "le": ("({a} <= {b} ? 1.f : 0.f)", lambda a, b: (a <= b).astype(np.float32)),
+    "ge": ("({a} >= {b} ? 1.f : 0.f)", lambda a, b: (a >= b).astype(np.float32)),
+    "and": ("(({a} != 0.f) && ({b} != 0.f) ? 1.f : 0.f)", lambda a, b: ((a != 0) & (b != 0)).astype(np.float32)),
+    "or": ("(({a} != 0.f) || ({b} != 0.f) ? 1.f : 0.f)", lambda a, b: ((a != 0) | (b != 0)).astype(np.float32)),
 }
+TERNARY = {"where": ("({a} != 0.f ? {b} : {c})", lambda a, b, c: np.where(a != 0, b, c))}
 
 
 def c_float(value: float) -> str:
@@ -72,8 +91,10 @@ def emit(expr: list, load_input, acc: str = "acc", prefix: str = "v") -> tuple[l
             rhs = c_float(ins[1])
         elif op in UNARY:
             rhs = UNARY[op][0].format(a=f"{prefix}{ins[1]}")
-        else:
+        elif op in BINARY:
             rhs = BINARY[op][0].format(a=f"{prefix}{ins[1]}", b=f"{prefix}{ins[2]}")
+        else:
+            rhs = TERNARY[op][0].format(a=f"{prefix}{ins[1]}", b=f"{prefix}{ins[2]}", c=f"{prefix}{ins[3]}")
         lines.append(f"const float {prefix}{i} = {rhs};")
     return lines, f"{prefix}{len(expr) - 1}"
 
@@ -92,7 +113,7 @@ def validate(expr, n_inputs: int, allow_acc: bool) -> None:
             elif op == "const":
                 ok = len(operands) == 1 and isinstance(operands[0], (int, float))
             else:
-                arity = 1 if op in UNARY else 2 if op in BINARY else -1
+                arity = 1 if op in UNARY else 2 if op in BINARY else 3 if op in TERNARY else -1
                 ok = len(operands) == arity and all(isinstance(j, int) and 0 <= j < i for j in operands)
         if not ok:
             raise EngineFormatError(f"elementwise expression instruction {i} is invalid: {str(ins)[:80]}")
@@ -111,7 +132,9 @@ def evaluate(expr: list, inputs: list[np.ndarray], acc: np.ndarray | None = None
                 v = np.float32(ins[1])
             elif op in UNARY:
                 v = UNARY[op][1](vals[ins[1]])
-            else:
+            elif op in BINARY:
                 v = BINARY[op][1](vals[ins[1]], vals[ins[2]])
+            else:
+                v = TERNARY[op][1](vals[ins[1]], vals[ins[2]], vals[ins[3]])
             vals.append(np.asarray(v, dtype=np.float32))
     return vals[-1]

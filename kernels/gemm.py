@@ -3,9 +3,10 @@ prologue on A (over K) and an elementwise epilogue expression (bias, activation,
 
 params:
   M, N, K         problem size; batch: the output's leading dims (numpy matmul broadcasting)
-  a: {dtype, batch_strides, sm, sk}   b: {dtype, batch_strides, sk, sn}   element strides
-  ln: null | {eps, has_beta}           LayerNorm of A's rows over K, gamma/beta float32 [K]
-  epi_inputs: [{dtype, strides}]       extra epilogue tensors, strides over batch + [M, N]
+  a: {dtype, batch, m, k}   b: {dtype, batch, k, n}   operand views: for each index, (size, stride) atoms
+                                                      that it is decomposed over (aot/views.py)
+  ln: null | {eps, has_beta, rms}      LayerNorm (or RMSNorm) of A's rows over K, gamma/beta float32 [K]
+  epi_inputs: [{dtype, atoms}]         extra epilogue tensors, atoms over batch + [M, N]
   expr: elementwise expression over ["acc"] and the epilogue inputs
   out_dtype: C's dtype, C contiguous over batch + [M, N]
 args: a, b, [ln_gamma, [ln_beta]], e0..e{n-1}, c"""
@@ -16,8 +17,8 @@ import numpy as np
 
 from flashrt.kernels import expr as ex
 from flashrt.kernels.dtypes import CTYPES
-from flashrt.kernels.memory import load, store
-from flashrt.kernels.source import offset_code
+from flashrt.kernels.memory import load, load_atoms, store
+from flashrt.kernels.source import atoms_code
 
 FAMILY = "gemm"
 
@@ -44,7 +45,7 @@ def launch_config(p: dict) -> tuple[tuple[int, int, int], tuple[int, int, int], 
 
 
 def cuda_source(p: dict, symbol: str) -> str:
-    M, N, K, batch = p["M"], p["N"], p["K"], p["batch"]
+    M, N, K = p["M"], p["N"], p["K"]
     tm, tn = tile(p)
     a, b, ln = p["a"], p["b"], p["ln"]
     fields = [f"const {CTYPES[a['dtype']]}* a;", f"const {CTYPES[b['dtype']]}* b;"]
@@ -67,10 +68,7 @@ def cuda_source(p: dict, symbol: str) -> str:
     params.append(f"{CTYPES[p['out_dtype']]}* __restrict__ c")
     names.append("c")
 
-    out_shape = list(batch) + [M, N]
-    loads = []
-    for i, e in enumerate(p["epi_inputs"]):
-        loads.append(f"to_float(g.e{i}[{offset_code('o', out_shape, e['strides'])}])")
+    loads = [f"to_float(g.e{i}[{atoms_code('o', e['atoms'])}])" for i, e in enumerate(p["epi_inputs"])]
     body, result = ex.emit(p["expr"], lambda k: loads[k], acc="acc")
     body_text = "\n    ".join(body)
     eps = ex.c_float(ln["eps"]) if ln else "0.f"
@@ -81,14 +79,15 @@ struct P {{
   struct Args {{ {" ".join(fields)} }};
   static constexpr int M = {M}, N = {N}, K = {K}, TM = {tm}, TN = {tn};
   static constexpr bool LN = {"true" if ln else "false"};
+  static constexpr bool RMS = {"true" if ln and ln.get("rms") else "false"};
   static constexpr float EPS = {eps};
   __device__ static float load_a(const Args& g, int bat, int m, int k) {{
-    const long bo = {offset_code("(long)bat", list(batch), a["batch_strides"])};
-    return to_float(g.a[bo + (long)m * {a["sm"]}L + (long)k * {a["sk"]}L]);
+    return to_float(g.a[{atoms_code("(long)bat", a["batch"])} + {atoms_code("(long)m", a["m"])}
+                        + {atoms_code("(long)k", a["k"])}]);
   }}
   __device__ static float load_b(const Args& g, int bat, int k, int n) {{
-    const long bo = {offset_code("(long)bat", list(batch), b["batch_strides"])};
-    return to_float(g.b[bo + (long)k * {b["sk"]}L + (long)n * {b["sn"]}L]);
+    return to_float(g.b[{atoms_code("(long)bat", b["batch"])} + {atoms_code("(long)k", b["k"])}
+                        + {atoms_code("(long)n", b["n"])}]);
   }}
   __device__ static float ln_gamma(const Args& g, int k) {{ return {"g.gamma[k]" if ln else "1.f"}; }}
   __device__ static float ln_beta(const Args& g, int k) {{ return {"g.beta[k]" if ln and ln["has_beta"] else "0.f"}; }}
@@ -110,17 +109,17 @@ extern "C" __global__ void __launch_bounds__(256) {symbol}({", ".join(params)}) 
 def reference(p: dict, args: dict) -> None:
     M, N, K, batch = p["M"], p["N"], p["K"], list(p["batch"])
     a, b, ln = p["a"], p["b"], p["ln"]
-    A = load(args["a"], a["dtype"], batch + [M, K], list(a["batch_strides"]) + [a["sm"], a["sk"]])
+    A = load_atoms(args["a"], a["dtype"], list(a["batch"]) + list(a["m"]) + list(a["k"]), batch + [M, K])
     if ln:
-        mean = A.mean(axis=-1, keepdims=True, dtype=np.float32)
+        mean = np.float32(0) if ln.get("rms") else A.mean(axis=-1, keepdims=True, dtype=np.float32)
         var = np.square(A - mean).mean(axis=-1, keepdims=True, dtype=np.float32)
         A = (A - mean) * (np.float32(1) / np.sqrt(var + np.float32(ln["eps"])))
         A = A * load(args["ln_gamma"], "float32", [K])
         if ln["has_beta"]:
             A = A + load(args["ln_beta"], "float32", [K])
-    B = load(args["b"], b["dtype"], batch + [K, N], list(b["batch_strides"]) + [b["sk"], b["sn"]])
+    B = load_atoms(args["b"], b["dtype"], list(b["batch"]) + list(b["k"]) + list(b["n"]), batch + [K, N])
     acc = np.matmul(A.astype(np.float32), B).astype(np.float32)
     out_shape = batch + [M, N]
-    inputs = [load(args[f"e{i}"], e["dtype"], out_shape, e["strides"]) for i, e in enumerate(p["epi_inputs"])]
+    inputs = [load_atoms(args[f"e{i}"], e["dtype"], e["atoms"], out_shape) for i, e in enumerate(p["epi_inputs"])]
     result = np.broadcast_to(ex.evaluate(p["expr"], inputs, acc), out_shape)
     store(args["c"], p["out_dtype"], result)

@@ -4,6 +4,7 @@ A kernel argument of type ptr reaches a reference as a Pointer: a flat byte buff
 weights), a byte offset and the extent the relocation table grants. Every view is checked against
 that extent, so a damaged or hostile engine raises EngineFormatError instead of reading out of bounds."""
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +55,14 @@ def load(ptr: Pointer, dtype: str, shape, strides=None) -> np.ndarray:
     flat = ptr.buffer[ptr.offset:ptr.offset + need].view(STORAGE[dtype])
     view = np.lib.stride_tricks.as_strided(flat, shape=shape, strides=[s * item for s in strides], writeable=False)
     return to_f32(view, dtype)
+
+
+def load_atoms(ptr: Pointer, dtype: str, atoms, shape) -> np.ndarray:
+    """The view described by (size, stride) atoms, reshaped to `shape`, as float32."""
+    sizes = [int(a[0]) for a in atoms]
+    if math.prod(sizes) != math.prod(int(d) for d in shape):
+        raise EngineFormatError(f"kernel argument '{ptr.name}': atoms {atoms} do not cover shape {list(shape)}")
+    return load(ptr, dtype, sizes, [int(a[1]) for a in atoms]).reshape([int(d) for d in shape])
 
 
 def store(ptr: Pointer, dtype: str, values: np.ndarray) -> None:

@@ -4,9 +4,9 @@ taking the same arguments. The runtime's CPU executor uses only arg_spec and ref
 from types import ModuleType
 
 from flashrt.errors import EngineFormatError
-from flashrt.kernels import eltwise, gemm, layernorm, softmax
+from flashrt.kernels import concat, eltwise, gather, gemm, layernorm, reduce, softmax
 
-FAMILIES: dict[str, ModuleType] = {m.FAMILY: m for m in (gemm, eltwise, softmax, layernorm)}
+FAMILIES: dict[str, ModuleType] = {m.FAMILY: m for m in (gemm, eltwise, softmax, layernorm, gather, concat, reduce)}
 
 
 def family(name: str) -> ModuleType:

@@ -28,6 +28,11 @@ def inline_headers(text: str, seen: set | None = None) -> str:
     return _INCLUDE.sub(expand, text)
 
 
+def atoms_code(index: str, atoms: list[list[int]]) -> str:
+    """C expression: the element offset of linear index `index` decomposed row-major over (size, stride) atoms."""
+    return offset_code(index, [a[0] for a in atoms], [a[1] for a in atoms])
+
+
 def offset_code(index: str, shape: list[int], strides: list[int]) -> str:
     """C expression: the element offset of linear (row-major over shape) index `index` under strides."""
     terms, div = [], 1

@@ -45,8 +45,8 @@ def test_unsupported_ops_are_all_named(tmp_path):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
     w = numpy_helper.from_array(np.ones((4, 4, 1, 1), np.float32), "w")
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv_a"),
-             helper.make_node("Conv", ["c", "w"], ["c2"], name="conv_b"),
+    nodes = [helper.make_node("Hardmax", ["x"], ["c"], name="hardmax_a"),
+             helper.make_node("Hardmax", ["c"], ["c2"], name="hardmax_b"),
              helper.make_node("LpNormalization", ["c2"], ["n"], name="lpnorm"),
              helper.make_node("Relu", ["n"], ["y"], name="relu")]
     path = _save(tmp_path, _model(nodes, [x], [y], [w]))
@@ -54,9 +54,9 @@ def test_unsupported_ops_are_all_named(tmp_path):
     with pytest.raises(ModelError) as e:
         build_engine(str(path), ["thor"], str(out))
     msg = str(e.value)
-    assert "Conv (nodes: conv_a, conv_b)" in msg and "LpNormalization (nodes: lpnorm)" in msg
+    assert "Hardmax (nodes: hardmax_a, hardmax_b)" in msg and "LpNormalization (nodes: lpnorm)" in msg
     assert not out.exists()
-    line = _one_line_error(_cli("build", path, "-o", out), "unsupported ops", "conv_a", "lpnorm")
+    line = _one_line_error(_cli("build", path, "-o", out), "unsupported ops", "hardmax_a", "lpnorm")
     assert "Relu" not in line.split("unsupported ops")[1]
     assert not out.exists() and not list(tmp_path.glob(".flashrt-*"))
 
@@ -185,6 +185,7 @@ def test_cpu_executor_rejects_a_lying_manifest(encoder_engine, tmp_path):
     manifest = json.loads(json.dumps(ef.manifest))
     gemm = next(k for k in manifest["kernels"] if k["family"] == "gemm")
     gemm["params"]["K"] *= 64
+    gemm["params"]["a"]["k"] = [[gemm["params"]["K"], 1]]
     cubins = {t: ef.cubin(t) for t in ef.targets}
     data = engine_bytes(manifest, cubins, bytes(ef.weights()), ef.launches, ef.relocations, ef.arguments())
     eng = flashrt.load(_write(tmp_path / "lie.frt", data), device="cpu")

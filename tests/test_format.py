@@ -19,7 +19,7 @@ def tiny_engine(**overrides) -> bytes:
         "outputs": [{"name": "y", "dtype": "float32", "shape": [4], "offset": 256, "nbytes": 16}],
         "memory": {"arena_bytes": 512, "weights_bytes": 256},
         "kernels": [{"symbol": "k0", "family": "eltwise",
-                     "params": {"shape": [4], "inputs": [{"dtype": "float32", "strides": [1]}],
+                     "params": {"shape": [4], "inputs": [{"dtype": "float32", "atoms": [[4, 1]]}],
                                 "expr": [["in", 0], ["relu", 0]], "out_dtype": "float32"},
                      "args": [{"name": "in0", "type": "ptr", "offset": 0},
                               {"name": "out", "type": "ptr", "offset": 8}]}],

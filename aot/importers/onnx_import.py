@@ -7,17 +7,14 @@ import os
 
 import numpy as np
 
+from flashrt.aot.importers.onnx_ops import ONNX_DTYPES, SUPPORTED, constant_value, dtype_of, fold, infer, np_dtype
 from flashrt.aot.ir import Graph, Node, Value
 from flashrt.errors import ModelError
 
-MIN_OPSET = 13
-ELEMENTWISE_UNARY = {"Relu", "Gelu", "Sigmoid", "Tanh", "Erf", "Neg", "Exp", "Sqrt", "Reciprocal", "Abs", "Identity"}
-ELEMENTWISE_BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"}
-SHAPE_OPS = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze"}
-SUPPORTED = ELEMENTWISE_UNARY | ELEMENTWISE_BINARY | SHAPE_OPS | {
-    "MatMul", "Gemm", "Softmax", "LayerNormalization", "Constant"}
+__all__ = ["SUPPORTED", "import_onnx", "parse_shapes"]
 
-_ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 16: "bfloat16"}
+MIN_OPSET = 13
+_ONNX_DTYPES = {k: v for k, v in ONNX_DTYPES.items() if v != "float64"}
 
 
 def _attrs(node) -> dict:
@@ -176,7 +173,7 @@ def import_onnx(path: str, shapes: dict[str, tuple[int, ...]] | None = None) -> 
         values[vi.name] = Value(vi.name, dtype, tuple(shape))
         inputs.append(vi.name)
     for name, arr in constants.items():
-        values[name] = Value(name, str(arr.dtype) if arr.dtype != np.float64 else "float64", tuple(arr.shape))
+        values[name] = Value(name, dtype_of(arr), tuple(arr.shape))
 
     nodes = []
     for i, n in enumerate(_sort_nodes(path, list(g.node), set(values))):
@@ -197,210 +194,28 @@ def import_onnx(path: str, shapes: dict[str, tuple[int, ...]] | None = None) -> 
 
 # ---- shape inference and constant folding -------------------------------------------------------
 
-def _axis(axis: int, rank: int, node: Node) -> int:
-    if not -rank <= axis < max(rank, 1):
-        raise ModelError(f"node '{node.name}' ({node.op}): axis {axis} is out of range for rank {rank}")
-    return axis % rank if rank else 0
-
-
-def _reshape_target(node: Node, in_shape: tuple, target: np.ndarray) -> tuple:
-    allowzero = node.attrs.get("allowzero", 0)
-    dims = [int(d) for d in target.reshape(-1)]
-    out = [in_shape[i] if d == 0 and not allowzero and i < len(in_shape) else d for i, d in enumerate(dims)]
-    if out.count(-1) > 1:
-        raise ModelError(f"node '{node.name}' (Reshape): shape {dims} has more than one -1")
-    total = math.prod(in_shape)
-    if -1 in out:
-        known = math.prod(d for d in out if d != -1)
-        if known == 0 or total % known:
-            raise ModelError(f"node '{node.name}' (Reshape): cannot reshape {list(in_shape)} to {dims}")
-        out[out.index(-1)] = total // known
-    if math.prod(out) != total or any(d < 0 for d in out):
-        raise ModelError(f"node '{node.name}' (Reshape): cannot reshape {list(in_shape)} to {dims}")
-    return tuple(out)
-
-
-def _squeeze_axes(node: Node, graph: Graph, rank: int) -> list[int] | None:
-    if len(node.inputs) > 1 and node.inputs[1]:
-        if node.inputs[1] not in graph.constants:
-            raise ModelError(f"node '{node.name}' ({node.op}): axes must be a constant")
-        return [int(a) for a in graph.constants[node.inputs[1]].reshape(-1)]
-    return node.attrs.get("axes")
-
-
-def _matmul_shape(node: Node, a: tuple, b: tuple) -> tuple:
-    if not a or not b:
-        raise ModelError(f"node '{node.name}' (MatMul): operands must have rank >= 1, got {list(a)} and {list(b)}")
-    a2 = (1,) + a if len(a) == 1 else a
-    b2 = b + (1,) if len(b) == 1 else b
-    if a2[-1] != b2[-2]:
-        raise ModelError(f"node '{node.name}' (MatMul): inner dimensions differ: {list(a)} @ {list(b)}")
-    try:
-        batch = np.broadcast_shapes(a2[:-2], b2[:-2])
-    except ValueError:
-        raise ModelError(f"node '{node.name}' (MatMul): batch dimensions of {list(a)} and {list(b)} "
-                         "do not broadcast") from None
-    out = tuple(batch) + (a2[-2], b2[-1])
-    if len(a) == 1:
-        out = out[:-2] + out[-1:]
-    if len(b) == 1:
-        out = out[:-1]
-    return out
-
-
-def infer_shape(node: Node, graph: Graph) -> list[tuple[str, tuple]]:
-    """(dtype, shape) of each output of node."""
-    ins = [graph.values[i] if i else None for i in node.inputs]
-    op, a = node.op, ins[0] if ins else None
-    if op in ELEMENTWISE_UNARY or op in {"Softmax"}:
-        if op == "Softmax":
-            _axis(node.attrs.get("axis", -1), len(a.shape), node)
-        return [(a.dtype, a.shape)]
-    if op in ELEMENTWISE_BINARY:
-        try:
-            shape = tuple(np.broadcast_shapes(*[v.shape for v in ins if v]))
-        except ValueError:
-            raise ModelError(f"node '{node.name}' ({op}): input shapes "
-                             f"{[list(v.shape) for v in ins if v]} do not broadcast") from None
-        return [(a.dtype, shape)]
-    if op == "MatMul":
-        return [(a.dtype, _matmul_shape(node, a.shape, ins[1].shape))]
-    if op == "Gemm":
-        ta, tb = node.attrs.get("transA", 0), node.attrs.get("transB", 0)
-        if len(a.shape) != 2 or len(ins[1].shape) != 2:
-            raise ModelError(f"node '{node.name}' (Gemm): operands must be 2-D, got {list(a.shape)} and "
-                             f"{list(ins[1].shape)}")
-        m, k = a.shape[::-1] if ta else a.shape
-        k2, n = ins[1].shape[::-1] if tb else ins[1].shape
-        if k != k2:
-            raise ModelError(f"node '{node.name}' (Gemm): inner dimensions differ ({k} vs {k2})")
-        return [(a.dtype, (m, n))]
-    if op == "LayerNormalization":
-        axis = _axis(node.attrs.get("axis", -1), len(a.shape), node)
-        stat = a.shape[:axis] + (1,) * (len(a.shape) - axis)
-        return [(a.dtype, a.shape), ("float32", stat), ("float32", stat)][:len(node.outputs)]
-    if op == "Reshape":
-        if node.inputs[1] not in graph.constants:
-            raise ModelError(f"node '{node.name}' (Reshape): the target shape must be a constant")
-        return [(a.dtype, _reshape_target(node, a.shape, graph.constants[node.inputs[1]]))]
-    if op == "Transpose":
-        perm = node.attrs.get("perm", list(range(len(a.shape)))[::-1])
-        if sorted(perm) != list(range(len(a.shape))):
-            raise ModelError(f"node '{node.name}' (Transpose): perm {perm} does not fit rank {len(a.shape)}")
-        return [(a.dtype, tuple(a.shape[p] for p in perm))]
-    if op == "Flatten":
-        r = len(a.shape)
-        axis = node.attrs.get("axis", 1)
-        if not -r <= axis <= r:
-            raise ModelError(f"node '{node.name}' (Flatten): axis {axis} is out of range for rank {r}")
-        axis = axis + r if axis < 0 else axis
-        return [(a.dtype, (math.prod(a.shape[:axis]), math.prod(a.shape[axis:])))]
-    if op == "Squeeze":
-        axes = _squeeze_axes(node, graph, len(a.shape))
-        if axes is None:
-            return [(a.dtype, tuple(d for d in a.shape if d != 1))]
-        axes = {_axis(x, len(a.shape), node) for x in axes}
-        if any(a.shape[x] != 1 for x in axes):
-            raise ModelError(f"node '{node.name}' (Squeeze): axes {sorted(axes)} of {list(a.shape)} are not all 1")
-        return [(a.dtype, tuple(d for i, d in enumerate(a.shape) if i not in axes))]
-    if op == "Unsqueeze":
-        axes = _squeeze_axes(node, graph, len(a.shape))
-        if axes is None:
-            raise ModelError(f"node '{node.name}' (Unsqueeze): missing axes")
-        r = len(a.shape) + len(axes)
-        axes = sorted(_axis(x, r, node) for x in axes)
-        out, it = [], iter(a.shape)
-        for i in range(r):
-            out.append(1 if i in axes else next(it))
-        return [(a.dtype, tuple(out))]
-    raise ModelError(f"node '{node.name}': no shape rule for {op}")  # unreachable for SUPPORTED ops
-
-
-def _constant_value(node: Node) -> np.ndarray:
-    from onnx import numpy_helper
-
-    at = node.attrs
-    if "value" in at:
-        return numpy_helper.to_array(at["value"])
-    for key, dtype in (("value_float", np.float32), ("value_floats", np.float32), ("value_int", np.int64),
-                       ("value_ints", np.int64)):
-        if key in at:
-            return np.array(at[key], dtype=dtype)
-    raise ModelError(f"node '{node.name}' (Constant): no supported value attribute (found {sorted(at)})")
-
-
-def fold(node: Node, args: list[np.ndarray | None]) -> list[np.ndarray]:
-    """Evaluate a node whose inputs are all constants."""
-    op, at = node.op, node.attrs
-    a = args[0] if args else None
-    with np.errstate(all="ignore"):
-        if op == "Constant":
-            return [_constant_value(node)]
-        unary = {"Relu": lambda x: np.where(x < 0, 0, x).astype(x.dtype), "Sigmoid": lambda x: 1 / (1 + np.exp(-x)),
-                 "Tanh": np.tanh, "Neg": np.negative, "Exp": np.exp, "Sqrt": np.sqrt, "Abs": np.abs,
-                 "Reciprocal": lambda x: 1 / x, "Identity": lambda x: x.copy()}
-        if op in unary:
-            return [np.asarray(unary[op](a)).astype(a.dtype)]
-        if op in ("Erf", "Gelu"):
-            from flashrt.kernels.expr import _erf, _gelu
-
-            return [(_erf if op == "Erf" else _gelu)(a.astype(np.float32)).astype(a.dtype)]
-        binary = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Pow": np.power, "Max": np.maximum,
-                  "Min": np.minimum,
-                  "Div": lambda x, y: (np.trunc(x / y).astype(x.dtype) if x.dtype.kind in "iu" else x / y)}
-        if op in binary:
-            out = args[0]
-            for b in args[1:]:
-                out = binary[op](out, b)
-            return [np.asarray(out).astype(a.dtype)]
-        if op == "MatMul":
-            return [np.matmul(a, args[1])]
-        if op == "Gemm":
-            x = a.T if at.get("transA", 0) else a
-            w = args[1].T if at.get("transB", 0) else args[1]
-            y = at.get("alpha", 1.0) * (x @ w)
-            if len(args) > 2 and args[2] is not None:
-                y = y + at.get("beta", 1.0) * args[2]
-            return [y.astype(a.dtype)]
-        if op == "Softmax":
-            axis = at.get("axis", -1)
-            e = np.exp(a - a.max(axis=axis, keepdims=True))
-            return [(e / e.sum(axis=axis, keepdims=True)).astype(a.dtype)]
-        if op == "LayerNormalization":
-            axis = at.get("axis", -1) % a.ndim
-            axes = tuple(range(axis, a.ndim))
-            mean = a.mean(axis=axes, keepdims=True)
-            inv = 1 / np.sqrt(((a - mean) ** 2).mean(axis=axes, keepdims=True) + at.get("epsilon", 1e-5))
-            y = (a - mean) * inv * args[1]
-            if len(args) > 2 and args[2] is not None:
-                y = y + args[2]
-            return [y.astype(a.dtype), mean.astype(np.float32), inv.astype(np.float32)][:len(node.outputs)]
-        if op == "Reshape":
-            return [a.reshape(_reshape_target(node, a.shape, args[1]))]
-        if op == "Transpose":
-            return [np.transpose(a, at.get("perm"))]
-        if op in ("Flatten", "Squeeze", "Unsqueeze"):
-            return [a.reshape(node.attrs["_shape"])]
-    raise ModelError(f"node '{node.name}': cannot fold {op}")
+SHAPE_ONLY = {"Shape", "Size"}  # their value depends on static shapes only: always constants
 
 
 def infer_and_fold(graph: Graph) -> None:
     kept = []
     for node in graph.nodes:
         if node.op == "Constant":
-            (value,) = fold(node, [])
+            value = constant_value(node)
             graph.constants[node.outputs[0]] = value
-            graph.values[node.outputs[0]] = Value(node.outputs[0], str(value.dtype), tuple(value.shape))
+            graph.values[node.outputs[0]] = Value(node.outputs[0], dtype_of(value), tuple(value.shape))
             continue
-        outs = infer_shape(node, graph)
+        outs = infer(node, graph)
         for name, (dtype, shape) in zip(node.outputs, outs):
             if name:
                 graph.values[name] = Value(name, dtype, tuple(int(d) for d in shape))
-        if node.op in ("Flatten", "Squeeze", "Unsqueeze"):
-            node.attrs["_shape"] = outs[0][1]
-        if all(i == "" or i in graph.constants for i in node.inputs) and node.inputs:
-            results = fold(node, [graph.constants.get(i) if i else None for i in node.inputs])
-            for name, arr in zip(node.outputs, results):
+        constant_inputs = all(i == "" or i in graph.constants for i in node.inputs) and node.inputs
+        if constant_inputs or node.op in SHAPE_ONLY:
+            args = [graph.constants.get(i) if i else None for i in node.inputs]
+            if node.op in SHAPE_ONLY:
+                v = graph.values[node.inputs[0]]
+                args = [np.zeros(v.shape, np_dtype(v.dtype))]
+            for name, arr in zip(node.outputs, fold(node, args)):
                 if name:
                     graph.constants[name] = arr
             continue

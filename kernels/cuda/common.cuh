@@ -5,6 +5,7 @@
 
 struct bf16_t { unsigned short x; };
 struct f16_t { unsigned short x; };
+struct bool_t { unsigned char x; };
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(bf16_t v) { return __uint_as_float(((unsigned)v.x) << 16); }
@@ -13,6 +14,12 @@ __device__ __forceinline__ float to_float(f16_t v) {
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.x));
   return f;
 }
+
+__device__ __forceinline__ float to_float(bool_t v) { return v.x ? 1.f : 0.f; }
+__device__ __forceinline__ float to_float(long long v) { return (float)v; }
+__device__ __forceinline__ float to_float(int v) { return (float)v; }
+__device__ __forceinline__ float to_float(signed char v) { return (float)v; }
+__device__ __forceinline__ float to_float(unsigned char v) { return (float)v; }
 
 template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
@@ -27,9 +34,26 @@ template <> __device__ __forceinline__ f16_t from_float<f16_t>(float v) {
   return r;
 }
 
+template <> __device__ __forceinline__ bool_t from_float<bool_t>(float v) { return bool_t{(unsigned char)(v != 0.f)}; }
+// float -> integer: truncation toward zero, saturating, NaN -> 0 (cvt.rzi.sat), as kernels/dtypes.py does
+template <> __device__ __forceinline__ long long from_float<long long>(float v) { return v != v ? 0 : (long long)v; }
+template <> __device__ __forceinline__ int from_float<int>(float v) { return v != v ? 0 : (int)v; }
+template <> __device__ __forceinline__ signed char from_float<signed char>(float v) {
+  return v != v ? 0 : (signed char)fminf(fmaxf(truncf(v), -128.f), 127.f);
+}
+template <> __device__ __forceinline__ unsigned char from_float<unsigned char>(float v) {
+  return v != v ? 0 : (unsigned char)fminf(fmaxf(truncf(v), 0.f), 255.f);
+}
+
+// an integer index read from any integer storage type
+__device__ __forceinline__ long long to_index(long long v) { return v; }
+__device__ __forceinline__ long long to_index(int v) { return v; }
+__device__ __forceinline__ long long to_index(float v) { return (long long)v; }
+
 __device__ __forceinline__ float frt_relu(float x) { return x < 0.f ? 0.f : x; }
 __device__ __forceinline__ float frt_sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
 __device__ __forceinline__ float frt_gelu(float x) { return 0.5f * x * (1.f + erff(x * 0.70710678118654752f)); }
+__device__ __forceinline__ float frt_softplus(float x) { return x > 20.f ? x : log1pf(expf(x)); }
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -1,4 +1,4 @@
-// Tiled SIMT GEMM with fused prologue (LayerNorm over K) and a generated elementwise epilogue.
+// Tiled SIMT GEMM with fused prologue (LayerNorm or RMSNorm over K) and a generated elementwise epilogue.
 //   C[b, m, n] = P::epilogue(b, m, n, sum_k A'(b, m, k) * B(b, k, n))
 // 256 threads as 16 x 16, each computing TM x TN outputs: a (16*TM) x (16*TN) tile per block.
 // P is a generated struct: compile-time shapes and the strided, dtype-converting loads and stores.
@@ -20,9 +20,11 @@ __device__ __forceinline__ void gemm_tile(const typename P::Args& g) {
       const int m = m0 + r;
       float mean = 0.f, rstd = 0.f;
       if (m < P::M) {
-        float s = 0.f;
-        for (int k = lane; k < P::K; k += 32) s += P::load_a(g, bat, m, k);
-        mean = warp_sum(s) / P::K;
+        if constexpr (!P::RMS) {
+          float s = 0.f;
+          for (int k = lane; k < P::K; k += 32) s += P::load_a(g, bat, m, k);
+          mean = warp_sum(s) / P::K;
+        }
         float q = 0.f;
         for (int k = lane; k < P::K; k += 32) { float d = P::load_a(g, bat, m, k) - mean; q += d * d; }
         rstd = 1.f / sqrtf(warp_sum(q) / P::K + P::EPS);

@@ -19,16 +19,19 @@ __device__ __forceinline__ void softmax_rows(const TI* __restrict__ x, TO* __res
   for (int j = lane; j < L; j += 32) y[base + (long)j * INNER] = from_float<TO>(expf(to_float(x[base + (long)j * INNER]) - mx) * inv);
 }
 
-template <typename TI, typename TO, long ROWS, int K, bool HAS_BETA>
+template <typename TI, typename TO, long ROWS, int K, bool HAS_BETA, bool RMS>
 __device__ __forceinline__ void layernorm_rows(const TI* __restrict__ x, const float* __restrict__ gamma,
                                                const float* __restrict__ beta, TO* __restrict__ y, float eps) {
   const long row = (long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= ROWS) return;
   const TI* xr = x + row * K;
-  float s = 0.f;
-  for (int k = lane; k < K; k += 32) s += to_float(xr[k]);
-  const float mean = warp_sum(s) / K;
+  float mean = 0.f;
+  if constexpr (!RMS) {
+    float s = 0.f;
+    for (int k = lane; k < K; k += 32) s += to_float(xr[k]);
+    mean = warp_sum(s) / K;
+  }
   float q = 0.f;
   for (int k = lane; k < K; k += 32) { float d = to_float(xr[k]) - mean; q += d * d; }
   const float rstd = 1.f / sqrtf(warp_sum(q) / K + eps);
