@@ -450,20 +450,27 @@ class Partitioner:
         x = self.contiguous(self.ref(n.inputs[0], self.act), n.name, n.source)
         axis = n.attrs.get("axis", -1) % len(x.shape)
         rows, K = math.prod(x.shape[:axis]), math.prod(x.shape[axis:])
-        for i in n.inputs[1:]:
-            if i and i not in self.g.constants:
-                raise ModelError(f"node '{n.name}' ({n.op}): scale and bias must be constants")
         trailing = x.shape[axis:]
-        args = [x, self.weight(n.inputs[1], "float32",
-                               np.broadcast_to(self.g.constants[n.inputs[1]], trailing).reshape(K))]
         has_beta = n.op == "LayerNormalization" and len(n.inputs) > 2 and bool(n.inputs[2])
-        if has_beta:
-            args.append(self.weight(n.inputs[2], "float32",
-                                    np.broadcast_to(self.g.constants[n.inputs[2]], trailing).reshape(K)))
+        runtime = any(i and i not in self.g.constants for i in n.inputs[1:3])
+        gamma_dtype = self.act if runtime else "float32"
+
+        def affine(name: str) -> TensorRef:
+            if name in self.g.constants:
+                arr = np.broadcast_to(self.g.constants[name], trailing).reshape(K)
+                return self.weight(name, gamma_dtype, arr)
+            ref = self.ref(name).expand(trailing)
+            flat = ref.reshape((K,))
+            flat = flat if flat is not None and flat.contiguous() else None
+            return flat or self.contiguous(ref, f"{n.name}/{name}", n.source).reshape((K,))
+
+        args = [x, affine(n.inputs[1])] + ([affine(n.inputs[2])] if has_beta else [])
+        if runtime and any(a.dtype != gamma_dtype for a in args[1:]):
+            raise ModelError(f"node '{n.name}' ({n.op}): scale and bias must have the same type")
         out = self.new_output_ref(n.outputs[0])
         params = {"rows": rows, "K": K, "eps": float(np.float32(n.attrs.get("epsilon", 1e-5))),
                   "has_beta": has_beta, "rms": n.op == "RMSNormalization", "in_dtype": x.dtype,
-                  "out_dtype": out.dtype}
+                  "out_dtype": out.dtype, "gamma_dtype": gamma_dtype}
         self.calls.append(KernelCall(n.name, "layernorm", params, args + [out], [n.op], n.source))
         self.refs[n.outputs[0]] = out
 
@@ -474,7 +481,8 @@ class Partitioner:
         L, inner = x.shape[axis], math.prod(x.shape[axis + 1:])
         out = self.new_output_ref(n.outputs[0])
         params = {"rows": math.prod(x.shape) // max(L, 1), "L": L, "inner": inner,
-                  "in_dtype": x.dtype, "out_dtype": out.dtype}
+                  "in_dtype": x.dtype, "out_dtype": out.dtype,
+                  "masked_rows_zero": bool(n.attrs.get("_masked_rows_zero", 0))}
         self.calls.append(KernelCall(n.name, "softmax", params, [x, out], [n.op], n.source))
         self.refs[n.outputs[0]] = out
 

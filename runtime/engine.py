@@ -57,6 +57,11 @@ class Engine:
             if not isinstance(arr, np.ndarray):
                 raise InputError(f"input '{t.name}' is a {type(arr).__name__}, expected a numpy array")
             expect = host_dtype(t.dtype)
+            if t.dtype == "bfloat16" and arr.dtype.name == "bfloat16":  # an ml_dtypes array: already bf16 bits
+                out[t.name] = np.ascontiguousarray(arr).view(np.uint16)
+                if tuple(arr.shape) != tuple(t.shape):
+                    raise InputError(f"input '{t.name}' has shape {list(arr.shape)}, expected {list(t.shape)}")
+                continue
             if arr.dtype != expect:
                 raise InputError(f"input '{t.name}' has dtype {arr.dtype}, expected {expect}")
             if tuple(arr.shape) != tuple(t.shape):

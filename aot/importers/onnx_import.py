@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 
+from flashrt.aot.importers.onnx_decompose import COMPOSITE, decompose
 from flashrt.aot.importers.onnx_ops import ONNX_DTYPES, SUPPORTED, constant_value, dtype_of, fold, infer, np_dtype
 from flashrt.aot.ir import Graph, Node, Value
 from flashrt.errors import ModelError
@@ -199,7 +200,12 @@ SHAPE_ONLY = {"Shape", "Size"}  # their value depends on static shapes only: alw
 
 def infer_and_fold(graph: Graph) -> None:
     kept = []
-    for node in graph.nodes:
+    work = list(reversed(graph.nodes))
+    while work:
+        node = work.pop()
+        if node.op in COMPOSITE:
+            work.extend(reversed(decompose(graph, node)))
+            continue
         if node.op == "Constant":
             value = constant_value(node)
             graph.constants[node.outputs[0]] = value

@@ -20,7 +20,8 @@ SHAPE_OPS = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice",
              "Gather", "Shape", "Size", "Range", "ConstantOfShape", "Trilu"}
 REDUCE_OPS = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"}
 SUPPORTED = (ELEMENTWISE_UNARY | ELEMENTWISE_BINARY | ELEMENTWISE_OTHER | SHAPE_OPS | REDUCE_OPS
-             | {"MatMul", "Gemm", "Softmax", "LayerNormalization", "RMSNormalization", "Constant", "Conv"})
+             | {"MatMul", "Gemm", "Softmax", "LayerNormalization", "RMSNormalization", "Constant", "Conv",
+                "Attention", "RotaryEmbedding"})
 
 ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 16: "bfloat16",
                11: "float64"}
@@ -197,8 +198,14 @@ def fold(node: Node, args: list[np.ndarray | None]) -> list[np.ndarray]:
             return [y.astype(a.dtype)]
         if op == "Softmax":
             axis = at.get("axis", -1)
-            e = np.exp(a - a.max(axis=axis, keepdims=True))
-            return [(e / e.sum(axis=axis, keepdims=True)).astype(a.dtype)]
+            mx = a.max(axis=axis, keepdims=True)
+            if at.get("_masked_rows_zero"):
+                mx = np.where(np.isneginf(mx), 0, mx)
+            e = np.exp(a - mx)
+            s = e.sum(axis=axis, keepdims=True)
+            if at.get("_masked_rows_zero"):
+                s = np.where(s == 0, 1, s)
+            return [(e / s).astype(a.dtype)]
         if op in ("LayerNormalization", "RMSNormalization"):
             axis = at.get("axis", -1) % a.ndim
             axes = tuple(range(axis, a.ndim))

@@ -3,7 +3,7 @@
 #pragma once
 #include "common.cuh"
 
-template <typename TI, typename TO, long ROWS, int L, int INNER>
+template <typename TI, typename TO, long ROWS, int L, int INNER, bool MASKED_ROWS_ZERO>
 __device__ __forceinline__ void softmax_rows(const TI* __restrict__ x, TO* __restrict__ y) {
   const long row = (long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -12,16 +12,18 @@ __device__ __forceinline__ void softmax_rows(const TI* __restrict__ x, TO* __res
   float mx = -INFINITY;
   for (int j = lane; j < L; j += 32) mx = fmaxf(mx, to_float(x[base + (long)j * INNER]));
   mx = warp_max(mx);
+  if (MASKED_ROWS_ZERO && mx == -INFINITY) mx = 0.f;
   float s = 0.f;
   for (int j = lane; j < L; j += 32) s += expf(to_float(x[base + (long)j * INNER]) - mx);
   s = warp_sum(s);
+  if (MASKED_ROWS_ZERO && s == 0.f) s = 1.f;
   const float inv = 1.f / s;
   for (int j = lane; j < L; j += 32) y[base + (long)j * INNER] = from_float<TO>(expf(to_float(x[base + (long)j * INNER]) - mx) * inv);
 }
 
-template <typename TI, typename TO, long ROWS, int K, bool HAS_BETA, bool RMS>
-__device__ __forceinline__ void layernorm_rows(const TI* __restrict__ x, const float* __restrict__ gamma,
-                                               const float* __restrict__ beta, TO* __restrict__ y, float eps) {
+template <typename TI, typename TO, long ROWS, int K, bool HAS_BETA, bool RMS, typename TG>
+__device__ __forceinline__ void layernorm_rows(const TI* __restrict__ x, const TG* __restrict__ gamma,
+                                               const TG* __restrict__ beta, TO* __restrict__ y, float eps) {
   const long row = (long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= ROWS) return;
@@ -36,8 +38,8 @@ __device__ __forceinline__ void layernorm_rows(const TI* __restrict__ x, const f
   for (int k = lane; k < K; k += 32) { float d = to_float(xr[k]) - mean; q += d * d; }
   const float rstd = 1.f / sqrtf(warp_sum(q) / K + eps);
   for (int k = lane; k < K; k += 32) {
-    float v = (to_float(xr[k]) - mean) * rstd * gamma[k];
-    if (HAS_BETA) v += beta[k];
+    float v = (to_float(xr[k]) - mean) * rstd * to_float(gamma[k]);
+    if (HAS_BETA) v += to_float(beta[k]);
     y[row * K + k] = from_float<TO>(v);
   }
 }
