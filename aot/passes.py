@@ -140,6 +140,98 @@ def raise_gelu(graph: Graph) -> None:
     graph.remove_dead()
 
 
+def remove_noops(graph: Graph) -> None:
+    """Identity, and Cast to the type a value already has, disappear: their users read the input."""
+    outputs = set(graph.outputs)
+    rename: dict[str, str] = {}
+    kept = []
+    for n in graph.nodes:
+        n.inputs = [rename.get(i, i) for i in n.inputs]
+        src, dst = (n.inputs[0], n.outputs[0]) if n.inputs and n.outputs else ("", "")
+        same = n.op in ("Cast", "CastLike") and graph.values[src].dtype == graph.values[dst].dtype
+        noop = n.op == "Identity" or same
+        if noop and dst not in outputs:
+            rename[dst] = src
+            continue
+        kept.append(n)
+    graph.nodes = kept
+
+
+def raise_rmsnorm(graph: Graph) -> None:
+    """x * 1/sqrt(mean(x^2, -1) + eps) [* w], as exporters write RMSNorm, -> RMSNormalization(x, w)."""
+    users = graph.consumers()
+    prod = graph.producers()
+    outputs = set(graph.outputs)
+
+    def sole(value: str, *ops: str) -> Node | None:
+        us = users.get(value, [])
+        return us[0] if len(us) == 1 and us[0].op in ops and value not in outputs else None
+
+    def other(node: Node, value: str) -> str:
+        return node.inputs[1] if node.inputs[0] == value else node.inputs[0]
+
+    replaced: dict[int, Node] = {}
+    dead: set[int] = set()
+    for r in [n for n in graph.nodes if n.op == "ReduceMean"]:
+        sq = prod.get(r.inputs[0])
+        if sq is None or id(sq) in dead or len(users.get(sq.outputs[0], [])) != 1:
+            continue
+        if sq.op == "Pow" and _scalar(graph, sq.inputs[1]) == 2.0:
+            x = sq.inputs[0]
+        elif sq.op == "Mul" and sq.inputs[0] == sq.inputs[1]:
+            x = sq.inputs[0]
+        else:
+            continue
+        rank = len(graph.values[x].shape)
+        axes = r.attrs.get("axes")
+        if len(r.inputs) > 1 and r.inputs[1] in graph.constants:
+            axes = [int(a) for a in graph.constants[r.inputs[1]].reshape(-1)]
+        if axes is None or [a % rank for a in axes] != [rank - 1] or not r.attrs.get("keepdims", 1):
+            continue
+        add = sole(r.outputs[0], "Add")
+        eps = _scalar(graph, other(add, r.outputs[0])) if add else None
+        sqrt = sole(add.outputs[0], "Sqrt") if eps is not None else None
+        if sqrt is None:
+            continue
+        nxt = sole(sqrt.outputs[0], "Reciprocal", "Div")
+        chain = [sq, r, add, sqrt]
+        if nxt is None:
+            continue
+        if nxt.op == "Div" and nxt.inputs[1] == sqrt.outputs[0] and nxt.inputs[0] == x:
+            norm = nxt
+        else:
+            if nxt.op == "Div" and not (nxt.inputs[1] == sqrt.outputs[0] and _scalar(graph, nxt.inputs[0]) == 1.0):
+                continue
+            norm = sole(nxt.outputs[0], "Mul")
+            if norm is None or other(norm, nxt.outputs[0]) != x:
+                continue
+            chain.append(nxt)
+        chain.append(norm)
+        final, scale = norm, None
+        k = graph.values[x].shape[-1]
+        wmul = sole(norm.outputs[0], "Mul")
+        if wmul is not None:
+            w = other(wmul, norm.outputs[0])
+            wv = graph.constants.get(w)
+            if wv is not None and (wv.size == 1 or (wv.size == k and wv.shape[-1] == k)):
+                scale, final = np.broadcast_to(wv.reshape(-1), (k,)).astype(np.float32), wmul
+                chain.append(wmul)
+        if scale is None:
+            scale = np.ones(k, np.float32)
+        if graph.values[final.outputs[0]].shape != graph.values[x].shape:
+            continue
+        scale_name = _const(graph, f"{r.name}/rms_scale", np.ascontiguousarray(scale))
+        rms = Node("RMSNormalization", f"{r.name}/rmsnorm", [x, scale_name], [final.outputs[0]],
+                   {"axis": -1, "epsilon": float(eps)}, [s for n in chain for s in n.source])
+        for n in chain:
+            dead.add(id(n))
+        replaced[id(final)] = rms
+    graph.nodes = [replaced.get(id(n), n) for n in graph.nodes if id(n) not in dead or id(n) in replaced]
+    graph.remove_dead()
+
+
 def run_passes(graph: Graph) -> None:
+    remove_noops(graph)
     lower_gemm(graph)
     raise_gelu(graph)
+    raise_rmsnorm(graph)
