@@ -188,6 +188,7 @@ class CUDAEngine(Engine):
         if self._bound:
             raise InputError("this engine has bound device pointers; use launch(stream) or unbind() first")
         stored = self.check_inputs(feeds)
+        _check(cu.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")  # callers may run engines from any thread
         pos = 0
         for t in self.inputs:
             self._pinned_in[pos:pos + t.nbytes] = stored[t.name].view(np.uint8).reshape(-1)
@@ -223,6 +224,7 @@ class CUDAEngine(Engine):
 
     def launch(self, stream=None) -> None:
         """Run the kernels on `stream` (a CUstream or its handle) without host copies or synchronization."""
+        _check(cu.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
         if self._device_graph is None:
             self._device_graph = self._capture(with_copies=False)
         _check(cu.cuGraphLaunch(self._device_graph, self._stream if stream is None else stream), "cuGraphLaunch")
