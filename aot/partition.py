@@ -21,7 +21,9 @@ from flashrt.aot.importers.onnx_ops import REDUCE_OPS
 from flashrt.aot.ir import Graph, Node
 from flashrt.aot.views import Buffer, TensorRef
 from flashrt.errors import ModelError
-from flashrt.kernels.dtypes import STORAGE, from_f32
+from flashrt.kernels import attention as attention_kernel
+from flashrt.kernels import gemv
+from flashrt.kernels.dtypes import ITEMSIZE, STORAGE, from_f32
 
 ACT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 FLOAT_DTYPES = {"float32", "float16", "bfloat16", "float64"}
@@ -66,6 +68,7 @@ class Group:
     kind: str  # "gemm" | "eltwise" | "norm" | "softmax" | "view" | "gather" | "concat" | "reduce" | "conv"
     nodes: list[Node]
     prologue: Node | None = None  # a fused LayerNorm/RMSNorm for gemm
+    halves: tuple[str, str] | None = None  # gated: the gate and up values
 
 
 class Partitioner:
@@ -122,6 +125,85 @@ class Partitioner:
                 and all(u.op == "MatMul" and u.inputs[0] == y and u.inputs[1] != y for u in users)
                 and all(i in self.g.constants for i in norm.inputs[1:] if i))
 
+    def _gated_tail(self, mm: Node, assigned: set) -> tuple[list[Node], str, str] | None:
+        """For y = x @ [Wg | Wu] split into halves g, u that only an elementwise DAG combines (SwiGLU, GeGLU):
+        (the split nodes + the DAG, g, u), computed by one gated GEMV."""
+        w = self.g.constants.get(mm.inputs[1])
+        y = mm.outputs[0]
+        if w is None or w.ndim != 2 or w.shape[1] % 2 or y in self.outputs:
+            return None
+        x = self.g.values[mm.inputs[0]]
+        half = w.shape[1] // 2
+        if math.prod(x.shape[:-1]) > gemv.MAX_M or not gemv.eligible(1, w.shape[0], ITEMSIZE[self.act]):
+            return None
+        users = self.users.get(y, [])
+        rank = len(self.g.values[y].shape)
+        halves: dict[int, str] = {}
+        for u in users:
+            if u.op == "Split" and u.attrs.get("axis", 0) % rank == rank - 1 and len(u.outputs) == 2 \
+                    and all(o and self.g.values[o].shape[-1] == half for o in u.outputs):
+                halves[0], halves[half] = u.outputs
+            elif u.op == "Slice" and len(u.inputs) >= 3:
+                c = self.g.constants
+                try:
+                    start, end = int(c[u.inputs[1]].reshape(-1)[0]), int(c[u.inputs[2]].reshape(-1)[0])
+                    axes = c[u.inputs[3]].reshape(-1) if len(u.inputs) > 3 and u.inputs[3] else [rank - 1]
+                    steps = c[u.inputs[4]].reshape(-1) if len(u.inputs) > 4 and u.inputs[4] else [1]
+                except (KeyError, IndexError):
+                    return None
+                if len(axes) != 1 or int(axes[0]) % rank != rank - 1 or int(steps[0]) != 1:
+                    return None
+                if (start, min(end, 2 * half)) in ((0, half), (half, 2 * half)):
+                    halves[start] = u.outputs[0]
+                else:
+                    return None
+            else:
+                return None
+        if set(halves) != {0, half} or len(users) > 2:
+            return None
+        g, up = halves[0], halves[half]
+        shape = self.g.values[g].shape
+        members: list[Node] = []
+        produced, best = {g, up}, None
+        while len(members) < MAX_EXPR:
+            cands = [n for v in produced for n in self.users.get(v, [])
+                     if id(n) not in assigned and n not in members and self._fusable(n, shape)]
+            if not cands:
+                break
+            nxt = min(cands, key=lambda n: self.index[id(n)])
+            members.append(nxt)
+            produced.add(nxt.outputs[0])
+            last = max(members, key=lambda n: self.index[id(n)])
+            escaping = {v for v in produced if v in self.outputs
+                        or any(n not in members for n in self.users.get(v, []))}
+            if escaping == {last.outputs[0]}:
+                best = sorted(members, key=lambda n: self.index[id(n)])
+        if best is None:
+            return None
+        splits = list({id(n): n for n in users}.values())
+        return splits + best, g, up
+
+    def _attention_tail(self, scores: list[Node]) -> list[Node] | None:
+        """[Softmax, MatMul] when the score DAG feeds softmax(.) @ V and nothing else: one attention kernel."""
+        out = scores[-1].outputs[0]
+        shape = self.g.values[out].shape
+        users = self.users.get(out, [])
+        if len(shape) < 2 or out in self.outputs or len(users) != 1 or users[0].op != "Softmax":
+            return None
+        sm = users[0]
+        if sm.attrs.get("axis", -1) % len(shape) != len(shape) - 1:
+            return None
+        p_users = self.users.get(sm.outputs[0], [])
+        if sm.outputs[0] in self.outputs or len(p_users) != 1 or p_users[0].op != "MatMul":
+            return None
+        mm2 = p_users[0]
+        v = self.g.values[mm2.inputs[1]]
+        hd = self.g.values[scores[0].inputs[0]].shape[-1]
+        if mm2.inputs[0] != sm.outputs[0] or mm2.inputs[1] == sm.outputs[0] or len(v.shape) < 2 \
+                or hd > 512 or v.shape[-1] > 512 or len(self.g.values[scores[0].inputs[0]].shape) < 2:
+            return None
+        return [sm, mm2]
+
     def plan(self) -> list[Group]:
         assigned: set[int] = set()
         groups: list[Group] = []
@@ -148,9 +230,18 @@ class Partitioner:
                 group = Group("norm", [node])
             elif op == "Softmax":
                 group = Group("softmax", [node])
+            elif op == "MatMul" and (gated := self._gated_tail(node, assigned)):
+                tail, gate, up = gated
+                group = Group("gated", [node] + tail, fused_norm.get(node.inputs[0]))
+                group.halves = (gate, up)
             elif op == "MatMul":
                 shape = self.g.values[node.outputs[0]].shape
-                group = Group("gemm", self._grow(node, assigned, shape), fused_norm.get(node.inputs[0]))
+                members = self._grow(node, assigned, shape)
+                attention = None if node.inputs[0] in fused_norm else self._attention_tail(members)
+                if attention:
+                    group = Group("attention", members + attention)
+                else:
+                    group = Group("gemm", members, fused_norm.get(node.inputs[0]))
             elif op in ELEMENTWISE:
                 group = Group("eltwise", self._grow(node, assigned, self.g.values[node.outputs[0]].shape))
             elif op in ("Gather", "Concat", "Conv"):
@@ -233,12 +324,14 @@ class Partitioner:
                   "inputs": [{"dtype": r.dtype, "atoms": r.atoms_over(shape)} for r in inputs]}
         self.calls.append(KernelCall(name, "eltwise", params, list(inputs) + [out], ops, _unique(source)))
 
-    def _expression(self, nodes: list[Node], acc_value: str | None):
-        """Expression instructions for an elementwise DAG, and the tensor inputs it reads."""
+    def _expression(self, nodes: list[Node], acc_value: str | dict | None):
+        """Expression instructions for an elementwise DAG, and the tensor inputs it reads. acc_value names the
+        value the GEMM accumulator stands for ({gate: 0, up: 1} for a gated GEMM)."""
         expr, slot, inputs, input_slot = [], {}, [], {}
-        if acc_value is not None:
-            expr.append(["acc"])
-            slot[acc_value] = 0
+        accs = {acc_value: 0} if isinstance(acc_value, str) else dict(acc_value or {})
+        for value, i in accs.items():
+            expr.append(["acc"] if i == 0 else ["acc", i])
+            slot[value] = len(expr) - 1
 
         def emit(*ins) -> int:
             expr.append(list(ins))
@@ -369,7 +462,7 @@ class Partitioner:
 
     def _gemm_call(self, name: str, a: TensorRef, a_atoms: dict, b: TensorRef, b_atoms: dict, mnk: tuple,
                    batch: tuple, norm: Node | None, expr: list, epi_inputs: list[TensorRef], out: TensorRef,
-                   ops: list[str], source: list[str]) -> None:
+                   ops: list[str], source: list[str], gated: bool = False) -> None:
         M, N, K = mnk
         kshape = tuple(batch) + (M, N)
         args = [a, b]
@@ -386,13 +479,30 @@ class Partitioner:
         params = {"M": M, "N": N, "K": K, "batch": list(batch), "out_dtype": out.dtype, "expr": expr,
                   "a": a_atoms, "b": b_atoms, "ln": norm_params,
                   "epi_inputs": [{"dtype": r.dtype, "atoms": r.atoms_over(kshape)} for r in epi_inputs]}
-        self.calls.append(KernelCall(name, "gemm", params, args + list(epi_inputs) + [out], ops, _unique(source)))
+        family = "gemm"
+        rows = math.prod(batch) * M
+        itemsize = ITEMSIZE[b.dtype]
+        if gated:
+            params.update(gated=True, R=2, S=gemv.choose_config(rows, 2 * N, K, itemsize)[1])
+            family = "gemv"
+        elif (b.buffer.kind == "weight" and b_atoms["batch"] == [[1, 0]] and b_atoms["k"] == [[K, 1]]
+                and b_atoms["n"] == [[N, K]] and b.offset == 0 and gemv.eligible(rows, K, itemsize)):
+            # batch-1 decode shapes: stream the weights once (kernels/gemv.py); batch rows fold into M
+            family = "gemv"
+            params["R"], params["S"] = gemv.choose_config(rows, N, K, itemsize)
+            params["M"], params["batch"] = rows, []
+            params["a"] = {**a_atoms, "batch": [[1, 0]], "m": _atoms(a_atoms["batch"] + a_atoms["m"])}
+        self.calls.append(KernelCall(name, family, params, args + list(epi_inputs) + [out], ops, _unique(source)))
 
     def emit_gemm(self, group: Group) -> None:
         mm, epi = group.nodes[0], group.nodes[1:]
         norm = group.prologue
         a = self.ref(norm.inputs[0] if norm else mm.inputs[0], self.act)
-        b = self.ref(mm.inputs[1], self.act)
+        w = self.g.constants.get(mm.inputs[1])
+        if w is not None and w.ndim == 2:  # weights are stored [N, K]: K contiguous, as GEMV streams them
+            b = self.weight(mm.inputs[1], self.act, np.ascontiguousarray(w.T)).transpose((1, 0))
+        else:
+            b = self.ref(mm.inputs[1], self.act)
         if len(a.shape) == 1:
             a = a.reshape((1,) + a.shape)
         if len(b.shape) == 1:
@@ -413,6 +523,32 @@ class Partitioner:
         b_atoms = {"dtype": b.dtype, "batch": b.batch_atoms(batch), "k": b.dim_atoms(-2), "n": b.dim_atoms(-1)}
         self._gemm_call(mm.name, a, a_atoms, b, b_atoms, (M, N, K), batch, norm, expr, epi_refs, out,
                         [n.op for n in nodes], [s for n in nodes for s in n.source])
+        self.refs[last] = TensorRef.contiguous_view(out_buf, onnx_shape)
+
+    def emit_gated(self, group: Group) -> None:
+        """x @ [Wg | Wu] -> act(g) * u (any elementwise DAG of the halves) as one gated GEMV."""
+        mm, norm = group.nodes[0], group.prologue
+        dag = [n for n in group.nodes[1:] if n.op not in ("Split", "Slice")]
+        gate, up = group.halves
+        a = self.ref(norm.inputs[0] if norm else mm.inputs[0], self.act)
+        w = self.g.constants[mm.inputs[1]]
+        K, F = w.shape[0], w.shape[1] // 2
+        b = self.weight(mm.inputs[1], self.act, np.ascontiguousarray(w.T)).transpose((1, 0))
+        rows = math.prod(a.shape[:-1])
+        a2 = a.reshape((rows, K))
+        if a2 is None:
+            a2 = self.contiguous(a, mm.name, mm.source).reshape((rows, K))
+        expr, inputs = self._expression(dag, {gate: 0, up: 1})
+        last = dag[-1].outputs[0]
+        out_buf = self.new_output(last)
+        out = TensorRef.contiguous_view(out_buf, (rows, F))
+        onnx_shape = self.g.values[last].shape
+        epi_refs = [r.expand(onnx_shape).reshape((rows, F)) for r in inputs]
+        a_atoms = {"dtype": a2.dtype, "batch": [[1, 0]], "m": a2.dim_atoms(0), "k": a2.dim_atoms(1)}
+        b_atoms = {"dtype": b.dtype, "batch": [[1, 0]], "k": [[K, 1]], "n": [[2 * F, K]]}
+        nodes = ([norm] if norm else []) + group.nodes
+        self._gemm_call(mm.name, a2, a_atoms, b, b_atoms, (rows, F, K), (), norm, expr, epi_refs, out,
+                        [n.op for n in nodes], [s for n in nodes for s in n.source], gated=True)
         self.refs[last] = TensorRef.contiguous_view(out_buf, onnx_shape)
 
     def emit_conv(self, group: Group) -> None:
@@ -444,6 +580,28 @@ class Partitioner:
         # the ONNX value [1, n_out, Hp, Wp] is a view of the [Hp*Wp, n_out] result
         self.refs[n.outputs[0]] = TensorRef(out_buf, (1, n_out, hp, wp),
                                             (((1, 0),), ((n_out, 1),), ((hp, wp * n_out),), ((wp, n_out),)))
+
+    def emit_attention(self, group: Group) -> None:
+        """softmax(score(Q K^T)) V as one kernel (kernels/attention.py); K and V are read through their views,
+        so head splits, K^T and GQA's broadcast heads cost nothing."""
+        m1, epi, m2 = group.nodes[0], group.nodes[1:-2], group.nodes[-1]
+        q, kt, v = self.ref(m1.inputs[0], self.act), self.ref(m1.inputs[1], self.act), self.ref(m2.inputs[1], self.act)
+        batch = tuple(np.broadcast_shapes(q.shape[:-2], kt.shape[:-2], v.shape[:-2]))
+        T, hd, S, vd = q.shape[-2], q.shape[-1], kt.shape[-1], v.shape[-1]
+        expr, inputs = self._expression(epi, m1.outputs[0]) if epi else ([["acc"]], [])
+        score_shape = batch + (T, S)
+        out = self.new_output_ref(m2.outputs[0])
+        tq, kw = attention_kernel.choose_config(T, S)
+        params = {"BH": math.prod(batch), "T": T, "S": S, "HD": hd, "VD": vd, "TQ": tq, "KW": kw,
+                  "q": {"dtype": q.dtype, "bh": q.batch_atoms(batch), "t": q.dim_atoms(-2), "d": q.dim_atoms(-1)},
+                  "k": {"dtype": kt.dtype, "bh": kt.batch_atoms(batch), "d": kt.dim_atoms(-2), "s": kt.dim_atoms(-1)},
+                  "v": {"dtype": v.dtype, "bh": v.batch_atoms(batch), "s": v.dim_atoms(-2), "d": v.dim_atoms(-1)},
+                  "epi_inputs": [{"dtype": r.dtype, "atoms": r.atoms_over(score_shape)} for r in inputs],
+                  "expr": expr, "out_dtype": out.dtype}
+        ops = [n.op for n in group.nodes]
+        self.calls.append(KernelCall(m2.name, "attention", params, [q, kt, v] + inputs + [out], ops,
+                                     _unique(s for n in group.nodes for s in n.source)))
+        self.refs[m2.outputs[0]] = out
 
     def emit_norm(self, group: Group) -> None:
         (n,) = group.nodes
@@ -546,7 +704,8 @@ class Partitioner:
             inputs.append((name, buf, v.shape))
         emit = {"view": lambda g: self.emit_view(g.nodes[0]), "gemm": self.emit_gemm, "eltwise": self.emit_eltwise,
                 "norm": self.emit_norm, "softmax": self.emit_softmax, "gather": self.emit_gather,
-                "concat": self.emit_concat, "reduce": self.emit_reduce, "conv": self.emit_conv}
+                "concat": self.emit_concat, "reduce": self.emit_reduce, "conv": self.emit_conv,
+                "attention": self.emit_attention, "gated": self.emit_gated}
         for group in self.plan():
             emit[group.kind](group)
         outputs = []

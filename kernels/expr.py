@@ -2,7 +2,7 @@
 
 An expression is a list of instructions; each refers to earlier ones by index, the last is the result:
   ["in", k]       the k-th tensor input, broadcast to the iteration space
-  ["acc"]         the GEMM accumulator (epilogues only)
+  ["acc"]         the GEMM accumulator (epilogues only); ["acc", 1] the second one of a gated GEMM
   ["const", c]    a float32 constant
   [op, i] / [op, i, j]   a unary / binary op below; ["where", c, i, j] picks i where c != 0
 Comparisons and logic ops give 1.0 or 0.0.
@@ -86,7 +86,7 @@ def emit(expr: list, load_input, acc: str = "acc", prefix: str = "v") -> tuple[l
         if op == "in":
             rhs = load_input(ins[1])
         elif op == "acc":
-            rhs = acc
+            rhs = acc if len(ins) == 1 or ins[1] == 0 else f"{acc}{ins[1]}"
         elif op == "const":
             rhs = c_float(ins[1])
         elif op in UNARY:
@@ -99,27 +99,41 @@ def emit(expr: list, load_input, acc: str = "acc", prefix: str = "v") -> tuple[l
     return lines, f"{prefix}{len(expr) - 1}"
 
 
+MAX_EXPR_LEN = 4096  # instructions; real fused expressions have a few dozen
+
+
+def _index(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def validate(expr, n_inputs: int, allow_acc: bool) -> None:
-    if not isinstance(expr, list) or not expr:
-        raise EngineFormatError("elementwise expression is empty or not a list")
+    """Reject an expression a file could carry that evaluate() or emit() would fail on: unknown ops, wrong
+    operand counts or types, references to later (or out-of-range) instructions and inputs."""
+    if not isinstance(expr, list) or not expr or len(expr) > MAX_EXPR_LEN:
+        raise EngineFormatError(f"elementwise expression is empty, not a list or longer than {MAX_EXPR_LEN} "
+                                f"instructions: {str(expr)[:80]}")
     for i, ins in enumerate(expr):
         ok = isinstance(ins, list) and ins and isinstance(ins[0], str)
         if ok:
             op, operands = ins[0], ins[1:]
             if op == "in":
-                ok = len(operands) == 1 and isinstance(operands[0], int) and 0 <= operands[0] < n_inputs
+                ok = len(operands) == 1 and _index(operands[0]) and 0 <= operands[0] < n_inputs
             elif op == "acc":
-                ok = allow_acc and not operands
+                ok = allow_acc and (not operands or (len(operands) == 1 and _index(operands[0])
+                                                     and operands[0] in (0, 1)))
             elif op == "const":
-                ok = len(operands) == 1 and isinstance(operands[0], (int, float))
+                c = operands[0] if len(operands) == 1 else None
+                ok = (isinstance(c, float) or _index(c)) and not (_index(c) and abs(c) > 2**128)
             else:
                 arity = 1 if op in UNARY else 2 if op in BINARY else 3 if op in TERNARY else -1
-                ok = len(operands) == arity and all(isinstance(j, int) and 0 <= j < i for j in operands)
+                ok = len(operands) == arity and all(_index(j) and 0 <= j < i for j in operands)
         if not ok:
             raise EngineFormatError(f"elementwise expression instruction {i} is invalid: {str(ins)[:80]}")
 
 
-def evaluate(expr: list, inputs: list[np.ndarray], acc: np.ndarray | None = None) -> np.ndarray:
+def evaluate(expr: list, inputs: list[np.ndarray], acc=None) -> np.ndarray:
+    """acc: the accumulator array, or a tuple of them for ["acc", i]."""
+    validate(expr, len(inputs), acc is not None)
     vals: list[np.ndarray] = []
     with np.errstate(all="ignore"):
         for ins in expr:
@@ -127,7 +141,7 @@ def evaluate(expr: list, inputs: list[np.ndarray], acc: np.ndarray | None = None
             if op == "in":
                 v = inputs[ins[1]]
             elif op == "acc":
-                v = acc
+                v = acc[ins[1] if len(ins) > 1 else 0] if isinstance(acc, tuple) else acc
             elif op == "const":
                 v = np.float32(ins[1])
             elif op in UNARY:

@@ -44,9 +44,11 @@ def launch_config(p: dict) -> tuple[tuple[int, int, int], tuple[int, int, int], 
     return grid, (256, 1, 1), 0
 
 
-def cuda_source(p: dict, symbol: str) -> str:
+def problem_struct(p: dict, kind: str) -> tuple[str, list[str], list[str]]:
+    """The generated `struct P` a GEMM template (gemm.cuh's gemm_tile, gemv.cuh's gemv) instantiates: shapes,
+    strided dtype-converting loads, the norm prologue's parameters and the epilogue; plus the kernel's
+    parameter declarations and the names that initialize P::Args from them."""
     M, N, K = p["M"], p["N"], p["K"]
-    tm, tn = tile(p)
     a, b, ln = p["a"], p["b"], p["ln"]
     fields = [f"const {CTYPES[a['dtype']]}* a;", f"const {CTYPES[b['dtype']]}* b;"]
     params = [f"const {CTYPES[a['dtype']]}* __restrict__ a", f"const {CTYPES[b['dtype']]}* __restrict__ b"]
@@ -72,33 +74,53 @@ def cuda_source(p: dict, symbol: str) -> str:
     body, result = ex.emit(p["expr"], lambda k: loads[k], acc="acc")
     body_text = "\n    ".join(body)
     eps = ex.c_float(ln["eps"]) if ln else "0.f"
-    return f'''#include "gemm.cuh"
-
-namespace {{
-struct P {{
-  struct Args {{ {" ".join(fields)} }};
-  static constexpr int M = {M}, N = {N}, K = {K}, TM = {tm}, TN = {tn};
-  static constexpr bool LN = {"true" if ln else "false"};
-  static constexpr bool RMS = {"true" if ln and ln.get("rms") else "false"};
-  static constexpr float EPS = {eps};
-  __device__ static float load_a(const Args& g, int bat, int m, int k) {{
+    if kind == "tile":
+        tm, tn = tile(p)
+        k_contig = "true" if b["k"] == [[K, 1]] else "false"
+        shape = (f"static constexpr int M = {M}, N = {N}, K = {K}, TM = {tm}, TN = {tn};\n"
+                 f"  static constexpr bool B_K_CONTIG = {k_contig};")
+        operand_loads = f"""__device__ static float load_a(const Args& g, int bat, int m, int k) {{
     return to_float(g.a[{atoms_code("(long)bat", a["batch"])} + {atoms_code("(long)m", a["m"])}
                         + {atoms_code("(long)k", a["k"])}]);
   }}
   __device__ static float load_b(const Args& g, int bat, int k, int n) {{
     return to_float(g.b[{atoms_code("(long)bat", b["batch"])} + {atoms_code("(long)k", b["k"])}
                         + {atoms_code("(long)n", b["n"])}]);
+  }}"""
+    else:
+        shape = (f"static constexpr int M = {M}, N = {N}, K = {K}, R = {p['R']}, S = {p['S']};\n"
+                 f"  static constexpr bool GATED = {'true' if p.get('gated') else 'false'};\n"
+                 f"  using TW = {CTYPES[b['dtype']]};")
+        operand_loads = f"""__device__ static float load_a(const Args& g, int m, int k) {{
+    return to_float(g.a[{atoms_code("(long)m", a["m"])} + {atoms_code("(long)k", a["k"])}]);
   }}
+  __device__ static const TW* weights(const Args& g) {{ return g.b; }}"""
+    struct = f'''namespace {{
+struct P {{
+  struct Args {{ {" ".join(fields)} }};
+  {shape}
+  static constexpr bool LN = {"true" if ln else "false"};
+  static constexpr bool RMS = {"true" if ln and ln.get("rms") else "false"};
+  static constexpr float EPS = {eps};
+  {operand_loads}
   __device__ static float ln_gamma(const Args& g, int k) {{ return {"g.gamma[k]" if ln else "1.f"}; }}
   __device__ static float ln_beta(const Args& g, int k) {{ return {"g.beta[k]" if ln and ln["has_beta"] else "0.f"}; }}
-  __device__ static void epilogue(const Args& g, int bat, int m, int n, float acc) {{
+  __device__ static void epilogue(const Args& g, int bat, int m, int n, float acc, float acc1 = 0.f) {{
     const long o = ((long)bat * M + m) * N + n;
     {body_text}
     g.c[o] = from_float<{CTYPES[p["out_dtype"]]}>({result});
   }}
 }};
 }}  // namespace
+'''
+    return struct, params, names
 
+
+def cuda_source(p: dict, symbol: str) -> str:
+    struct, params, names = problem_struct(p, "tile")
+    return f'''#include "gemm.cuh"
+
+{struct}
 extern "C" __global__ void __launch_bounds__(256) {symbol}({", ".join(params)}) {{
   const P::Args g{{{", ".join(names)}}};
   gemm_tile<P>(g);
@@ -117,8 +139,11 @@ def reference(p: dict, args: dict) -> None:
         A = A * load(args["ln_gamma"], "float32", [K])
         if ln["has_beta"]:
             A = A + load(args["ln_beta"], "float32", [K])
-    B = load_atoms(args["b"], b["dtype"], list(b["batch"]) + list(b["k"]) + list(b["n"]), batch + [K, N])
+    width = 2 * N if p.get("gated") else N  # a gated GEMM computes [gate | up] and combines the halves
+    B = load_atoms(args["b"], b["dtype"], list(b["batch"]) + list(b["k"]) + list(b["n"]), batch + [K, width])
     acc = np.matmul(A.astype(np.float32), B).astype(np.float32)
+    if p.get("gated"):
+        acc = (np.ascontiguousarray(acc[..., :N]), np.ascontiguousarray(acc[..., N:]))
     out_shape = batch + [M, N]
     inputs = [load_atoms(args[f"e{i}"], e["dtype"], e["atoms"], out_shape) for i, e in enumerate(p["epi_inputs"])]
     result = np.broadcast_to(ex.evaluate(p["expr"], inputs, acc), out_shape)

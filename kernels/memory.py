@@ -21,18 +21,45 @@ class Pointer:
     name: str = "?"
 
 
+MAX_VIEW_ELEMENTS = 1 << 28  # elements of one view a reference materializes (1 GiB as float32)
+MAX_VIEW_RANK = 16
+
+
+def _ints(ptr: Pointer, what: str, values) -> list[int]:
+    """Sizes or strides from a file: a list of non-negative ints (bool, float, str or nested lists are damage)."""
+    if not isinstance(values, (list, tuple)) or len(values) > MAX_VIEW_RANK or not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) and v >= 0 for v in values):
+        raise EngineFormatError(f"kernel argument '{ptr.name}': {what} {str(values)[:80]} is not a list of at most "
+                                f"{MAX_VIEW_RANK} non-negative integers")
+    return [int(v) for v in values]
+
+
 def _span(ptr: Pointer, dtype: str, shape, strides) -> int:
-    if dtype not in ITEMSIZE:
-        raise EngineFormatError(f"kernel argument '{ptr.name}': unknown dtype {dtype!r}")
-    if len(shape) != len(strides) or any(int(d) < 0 for d in shape) or any(int(s) < 0 for s in strides):
-        raise EngineFormatError(f"kernel argument '{ptr.name}': bad shape {shape} / strides {strides}")
-    if any(int(d) == 0 for d in shape):
+    """The bytes a view of `shape` (element `strides`) at ptr reaches, checked against the relocation's extent
+    and the buffer; 0 for an empty view."""
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
+        raise EngineFormatError(f"kernel argument '{ptr.name}': unknown dtype {str(dtype)[:40]!r}")
+    shape, strides = _ints(ptr, "shape", shape), _ints(ptr, "strides", strides)
+    if len(shape) != len(strides):
+        raise EngineFormatError(f"kernel argument '{ptr.name}': shape {shape} and strides {strides} differ in rank")
+    count = math.prod(max(d, 1) for d in shape)  # an empty view's other sizes must be sane too (numpy sizes them)
+    if count > MAX_VIEW_ELEMENTS:
+        raise EngineFormatError(f"kernel argument '{ptr.name}': a {dtype}{shape} view has {count} elements, more "
+                                f"than the CPU reference executor's limit of {MAX_VIEW_ELEMENTS}")
+    if 0 in shape:
         return 0
-    last = sum((int(d) - 1) * int(s) for d, s in zip(shape, strides))
-    need = (last + 1) * ITEMSIZE[dtype]
-    if need > ptr.extent or ptr.offset + ptr.extent > ptr.buffer.size:
-        raise EngineFormatError(f"kernel argument '{ptr.name}': a {dtype}{list(shape)} view needs {need} bytes "
-                                f"but the relocation grants {ptr.extent}")
+    item = ITEMSIZE[dtype]
+    last = sum((d - 1) * s for d, s in zip(shape, strides))
+    need = (last + 1) * item
+    if need > ptr.extent:
+        raise EngineFormatError(f"kernel argument '{ptr.name}': a {dtype}{shape} view with strides {strides} needs "
+                                f"{need} bytes but the relocation grants {ptr.extent}")
+    if ptr.offset < 0 or ptr.offset + ptr.extent > ptr.buffer.size:
+        raise EngineFormatError(f"kernel argument '{ptr.name}': bytes {ptr.offset}..{ptr.offset + ptr.extent} lie "
+                                f"outside its buffer ({ptr.buffer.size} bytes)")
+    if ptr.offset % item:
+        raise EngineFormatError(f"kernel argument '{ptr.name}': offset {ptr.offset} is not aligned to the "
+                                f"{item}-byte {dtype} elements it points to")
     return need
 
 
@@ -46,8 +73,8 @@ def contiguous_strides(shape) -> list[int]:
 
 def load(ptr: Pointer, dtype: str, shape, strides=None) -> np.ndarray:
     """The (possibly strided, broadcast) tensor at ptr, as float32."""
-    shape = [int(d) for d in shape]
-    strides = contiguous_strides(shape) if strides is None else [int(s) for s in strides]
+    shape = _ints(ptr, "shape", shape)
+    strides = contiguous_strides(shape) if strides is None else _ints(ptr, "strides", strides)
     need = _span(ptr, dtype, shape, strides)
     if need == 0:
         return np.zeros(shape, np.float32)
@@ -59,15 +86,21 @@ def load(ptr: Pointer, dtype: str, shape, strides=None) -> np.ndarray:
 
 def load_atoms(ptr: Pointer, dtype: str, atoms, shape) -> np.ndarray:
     """The view described by (size, stride) atoms, reshaped to `shape`, as float32."""
-    sizes = [int(a[0]) for a in atoms]
-    if math.prod(sizes) != math.prod(int(d) for d in shape):
-        raise EngineFormatError(f"kernel argument '{ptr.name}': atoms {atoms} do not cover shape {list(shape)}")
-    return load(ptr, dtype, sizes, [int(a[1]) for a in atoms]).reshape([int(d) for d in shape])
+    if not isinstance(atoms, (list, tuple)) or not all(isinstance(a, (list, tuple)) and len(a) == 2 for a in atoms):
+        raise EngineFormatError(f"kernel argument '{ptr.name}': atoms {str(atoms)[:80]} are not (size, stride) pairs")
+    sizes = _ints(ptr, "atom sizes", [a[0] for a in atoms])
+    strides = _ints(ptr, "atom strides", [a[1] for a in atoms])
+    shape = _ints(ptr, "shape", shape)
+    if math.prod(sizes) != math.prod(shape):
+        raise EngineFormatError(f"kernel argument '{ptr.name}': atoms {str(atoms)[:80]} do not cover shape {shape}")
+    return load(ptr, dtype, sizes, strides).reshape(shape)
 
 
 def store(ptr: Pointer, dtype: str, values: np.ndarray) -> None:
     """Write float32 values, rounded to dtype, contiguously at ptr."""
-    shape = values.shape
+    shape = list(values.shape)
     need = _span(ptr, dtype, shape, contiguous_strides(shape))
+    if need and not ptr.buffer.flags.writeable:
+        raise EngineFormatError(f"kernel argument '{ptr.name}' is an output but points into the read-only weights")
     if need:
         ptr.buffer[ptr.offset:ptr.offset + need] = np.ascontiguousarray(from_f32(values, dtype)).view(np.uint8).ravel()

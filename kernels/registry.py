@@ -4,9 +4,10 @@ taking the same arguments. The runtime's CPU executor uses only arg_spec and ref
 from types import ModuleType
 
 from flashrt.errors import EngineFormatError
-from flashrt.kernels import concat, eltwise, gather, gemm, layernorm, reduce, softmax
+from flashrt.kernels import attention, concat, eltwise, gather, gemm, gemv, layernorm, reduce, softmax
 
-FAMILIES: dict[str, ModuleType] = {m.FAMILY: m for m in (gemm, eltwise, softmax, layernorm, gather, concat, reduce)}
+FAMILIES: dict[str, ModuleType] = {
+    m.FAMILY: m for m in (gemm, gemv, attention, eltwise, softmax, layernorm, gather, concat, reduce)}
 
 
 def family(name: str) -> ModuleType:

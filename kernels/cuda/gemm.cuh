@@ -51,7 +51,9 @@ __device__ __forceinline__ void gemm_tile(const typename P::Args& g) {
       As[kk][mm] = v;
     }
     for (int i = threadIdx.x; i < BK * BN; i += 256) {
-      const int kk = i / BN, nn = i % BN, k = k0 + kk, n = n0 + nn;
+      // walk the tile in the order B is laid out in memory, so the loads coalesce either way
+      const int kk = P::B_K_CONTIG ? i % BK : i / BN, nn = P::B_K_CONTIG ? i / BK : i % BN;
+      const int k = k0 + kk, n = n0 + nn;
       Bs[kk][nn] = (k < P::K && n < P::N) ? P::load_b(g, bat, k, n) : 0.f;
     }
     __syncthreads();

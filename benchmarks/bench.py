@@ -1,0 +1,163 @@
+"""Batch-1 benchmark on the lent GPU: PyTorch eager, torch.compile(max-autotune) and flashrt engines for the three
+workloads of benchmarks/workloads.py, in one process, with CUDA events, warm-up and medians.
+
+  python3 benchmarks/bench.py [--workloads decode expert vit] [--precisions bf16] [--no-torch] [--out DIR]
+
+Prints one table and writes it (with the GPU's name and the date) to DIR/RESULTS.md (default: $OUT or .)."""
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+import workloads as W  # noqa: E402
+
+import flashrt  # noqa: E402
+from flashrt.aot.build import build_engine  # noqa: E402
+
+
+def bench(fn, iters=100, warm=20, reps=5) -> float:
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(True), torch.cuda.Event(True)
+        s.record()
+        for _ in range(iters):
+            fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / iters)
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth() -> float:
+    buffers = [torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda") for _ in range(2)]
+    t = bench(lambda: buffers[1].copy_(buffers[0]), iters=20, warm=3)
+    buffers.clear()
+    return 2 * 2 * 1024**3 / (t / 1e3) / 1e12
+
+
+def accuracy(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    a, b = out.double().flatten(), ref.double().flatten()
+    return float((a - b).norm() / b.norm()), float(torch.dot(a, b) / (a.norm() * b.norm()))
+
+
+def run_workload(name: str, precisions: list[str], with_torch: bool, tmp: str, bw: float) -> list[dict]:
+    stack, inputs = W.make(name)
+    nparam = sum(p.numel() for p in stack.parameters())
+    onnx_path = os.path.join(tmp, f"{name}.onnx")
+    t0 = time.time()
+    names = W.export_onnx(stack, inputs, onnx_path)
+    export_s = time.time() - t0
+    x, kcs, vcs = inputs
+    gx = [t.cuda() for t in (x, *kcs, *vcs)]
+    stack = stack.cuda()
+    with torch.no_grad():
+        ref = stack(gx[0], gx[1:1 + len(kcs)], gx[1 + len(kcs):]).float()
+    rows = []
+    floor = {"bf16": nparam * 2 / (bw * 1e12) * 1e3, "fp8": nparam / (bw * 1e12) * 1e3,
+             "nvfp4": nparam * 0.5625 / (bw * 1e12) * 1e3}
+    base = {"workload": name, "params_M": nparam / 1e6, "floor_ms_bf16": floor["bf16"], "floor_ms_fp8": floor["fp8"]}
+    compile_ms = None
+    if with_torch:
+        m = stack.to(torch.bfloat16)
+        bx = [t.to(torch.bfloat16) for t in gx]
+        args = (bx[0], bx[1:1 + len(kcs)], bx[1 + len(kcs):])
+        with torch.inference_mode():
+            ms = bench(lambda: m(*args), iters=50)
+            rows.append({**base, "impl": "torch eager", "precision": "bf16", "ms": ms,
+                         **dict(zip(("rel_l2", "cosine"), accuracy(m(*args).float(), ref)))})
+            torch._dynamo.reset()
+            cm = torch.compile(m, mode="max-autotune")
+            t0 = time.time()
+            for _ in range(3):
+                cm(*args)
+            torch.cuda.synchronize()
+            compile_ms = bench(lambda: cm(*args), iters=100)
+            rows.append({**base, "impl": "torch.compile max-autotune", "precision": "bf16", "ms": compile_ms,
+                         "compile_s": time.time() - t0,
+                         **dict(zip(("rel_l2", "cosine"), accuracy(cm(*args).float(), ref)))})
+        stack = stack.float()
+        del m, cm
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"sm_{major}{minor}{'a' if major >= 9 else ''}"
+    for precision in precisions:
+        engine_path = os.path.join(tmp, f"{name}_{precision}.frt")
+        t0 = time.time()
+        try:
+            build_engine(onnx_path, [arch], engine_path, None, precision)
+        except flashrt.FlashRTError as e:
+            rows.append({**base, "impl": "flashrt", "precision": precision, "error": str(e)})
+            continue
+        build_s = time.time() - t0
+        eng = flashrt.load(engine_path, device="cuda")
+        out = torch.empty(ref.shape, dtype=torch.float32, device="cuda")
+        eng.bind({**{n: t.data_ptr() for n, t in zip(names, gx)}, "y": out.data_ptr()})
+        stream = torch.cuda.current_stream().cuda_stream
+        ms = bench(lambda e=eng, s=stream: e.launch(s), iters=200)
+        torch.cuda.synchronize()
+        rel, cos = accuracy(out, ref)
+        row = {**base, "impl": "flashrt", "precision": precision, "ms": ms, "rel_l2": rel, "cosine": cos,
+               "kernels": len(eng.file.launches), "build_s": build_s, "export_s": export_s,
+               "pct_floor": 100 * floor.get(precision, floor["bf16"]) / ms}
+        if compile_ms:
+            row["speedup_vs_compile"] = compile_ms / ms
+        rows.append(row)
+        eng.close()
+        os.unlink(engine_path)
+    return rows
+
+
+def table(rows: list[dict], gpu: str, bw: float) -> str:
+    lines = [f"## {gpu}, {datetime.date.today().isoformat()}", "",
+             f"Copy bandwidth {bw:.2f} TB/s (bytes read + written). Floors: weight bytes / bandwidth.", "",
+             "| workload | impl | precision | ms | vs torch.compile | % of floor | kernels | rel-L2 vs fp32 | cosine |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['workload']} | {r['impl']} | {r['precision']} | error: {r['error'][:80]} |||||| ")
+            continue
+        lines.append(
+            f"| {r['workload']} | {r['impl']} | {r['precision']} | {r['ms']:.3f} | "
+            f"{r.get('speedup_vs_compile', float('nan')):.2f}x | {r.get('pct_floor', float('nan')):.0f}% | "
+            f"{r.get('kernels', '')} | {r['rel_l2']:.2e} | {r['cosine']:.6f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workloads", nargs="+", default=list(W.WORKLOADS))
+    ap.add_argument("--precisions", nargs="+", default=["bf16"])
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    a = ap.parse_args()
+    gpu = torch.cuda.get_device_name()
+    bw = copy_bandwidth()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in a.workloads:
+            rows += run_workload(name, a.precisions, not a.no_torch, tmp, bw)
+            print(json.dumps(rows[-1]), flush=True)
+    text = table(rows, gpu, bw)
+    print(text)
+    with open(os.path.join(a.out, "RESULTS.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(a.out, "results.json"), "w") as f:
+        json.dump({"gpu": gpu, "date": datetime.date.today().isoformat(), "copy_TBps": bw, "rows": rows,
+                   "torch": torch.__version__}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

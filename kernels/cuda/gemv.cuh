@@ -1,0 +1,129 @@
+// Batch-1 GEMV / small-M GEMM (M <= 8) that streams the weights once at memory bandwidth.
+//   C[m, n] = P::epilogue(m, n, sum_k A'(m, k) * W[n, k])       W stored [N, K], K contiguous
+// 256 threads = 8 warps = (8 / S) row groups x S K-splits. A warp owns R consecutive weight rows and one K
+// range; each lane loads 16 bytes of every row per step (VEC elements), all steps unrolled so the loads are
+// in flight together. Partial sums: warp shuffle, then across the S K-splits through shared memory.
+// GATED: the weight holds [gate | up] (2N rows); a warp's R = 2 rows are n and N + n, and the epilogue gets
+// both sums (SwiGLU / GeGLU in one kernel).
+#pragma once
+#include "common.cuh"
+
+template <typename T> struct Vec;
+template <> struct Vec<float> { static constexpr int N = 4; };
+template <> struct Vec<bf16_t> { static constexpr int N = 8; };
+template <> struct Vec<f16_t> { static constexpr int N = 8; };
+
+__device__ __forceinline__ void unpack(const uint4& v, float (&out)[4], const float*) {
+  out[0] = __uint_as_float(v.x); out[1] = __uint_as_float(v.y);
+  out[2] = __uint_as_float(v.z); out[3] = __uint_as_float(v.w);
+}
+__device__ __forceinline__ void unpack(const uint4& v, float (&out)[8], const bf16_t*) {
+  const unsigned w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) { out[2 * i] = __uint_as_float(w[i] << 16); out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u); }
+}
+__device__ __forceinline__ void unpack(const uint4& v, float (&out)[8], const f16_t*) {
+  const unsigned w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = to_float(f16_t{(unsigned short)(w[i] & 0xffffu)});
+    out[2 * i + 1] = to_float(f16_t{(unsigned short)(w[i] >> 16)});
+  }
+}
+
+template <class P>
+__device__ __forceinline__ void gemv(const typename P::Args& g) {
+  using TW = typename P::TW;
+  constexpr int M = P::M, N = P::N, K = P::K, R = P::R, S = P::S;
+  constexpr int VEC = Vec<TW>::N, GROUPS = 8 / S, KS = K / S, STEPS = (KS + 32 * VEC - 1) / (32 * VEC);
+  __shared__ float red[S][GROUPS][M][R];
+  __shared__ float row_mean[M], row_rstd[M];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int group = warp / S, ks = warp % S;
+  const int n0 = P::GATED ? blockIdx.x * GROUPS + group : (blockIdx.x * GROUPS + group) * R;
+  constexpr int ROW_STEP = P::GATED ? N : 1, ROWS = P::GATED ? 2 * N : N;
+  static_assert(!P::GATED || R == 2, "a gated GEMV computes two rows per warp");
+
+  if constexpr (P::LN) {  // norm statistics of the M rows, one warp per row
+    for (int m = warp; m < M; m += 8) {
+      float mean = 0.f;
+      if constexpr (!P::RMS) {
+        float s = 0.f;
+        for (int k = lane; k < K; k += 32) s += P::load_a(g, m, k);
+        mean = warp_sum(s) / K;
+      }
+      float q = 0.f;
+      for (int k = lane; k < K; k += 32) { const float d = P::load_a(g, m, k) - mean; q += d * d; }
+      q = warp_sum(q);
+      if (lane == 0) { row_mean[m] = mean; row_rstd[m] = 1.f / sqrtf(q / K + P::EPS); }
+    }
+    __syncthreads();
+  }
+
+  float acc[M][R];
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
+
+  const TW* __restrict__ w = P::weights(g);
+#pragma unroll
+  for (int step = 0; step < STEPS; ++step) {
+    const int k = ks * KS + (step * 32 + lane) * VEC;
+    if (k < (ks + 1) * KS) {
+      uint4 wv[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        wv[r] = (n0 + r * ROW_STEP < ROWS && n0 < N)
+                    ? __ldg(reinterpret_cast<const uint4*>(w + (long)(n0 + r * ROW_STEP) * K + k))
+                    : make_uint4(0, 0, 0, 0);
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        float a[VEC];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          float v = P::load_a(g, m, k + j);
+          if constexpr (P::LN) v = (v - row_mean[m]) * row_rstd[m] * P::ln_gamma(g, k + j) + P::ln_beta(g, k + j);
+          a[j] = v;
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          float wf[VEC];
+          unpack(wv[r], wf, w);
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) acc[m][r] = fmaf(a[j], wf[j], acc[m][r]);
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float s = warp_sum(acc[m][r]);
+      if (lane == 0) red[ks][group][m][r] = s;
+    }
+  __syncthreads();
+  if constexpr (P::GATED) {
+    for (int i = threadIdx.x; i < GROUPS * M; i += blockDim.x) {
+      const int gi = i / M, m = i % M, n = blockIdx.x * GROUPS + gi;
+      if (n < N) {
+        float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+        for (int j = 0; j < S; ++j) { s0 += red[j][gi][m][0]; s1 += red[j][gi][m][1]; }
+        P::epilogue(g, 0, m, n, s0, s1);
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < GROUPS * M * R; i += blockDim.x) {
+      const int gi = i / (M * R), m = (i / R) % M, r = i % R, n = (blockIdx.x * GROUPS + gi) * R + r;
+      if (n < N) {
+        float s = 0.f;
+#pragma unroll
+        for (int j = 0; j < S; ++j) s += red[j][gi][m][r];
+        P::epilogue(g, 0, m, n, s);
+      }
+    }
+  }
+}

@@ -1,0 +1,260 @@
+"""Validation of the kernel `params` an engine file carries, before a numpy reference sees them.
+
+The params come from the file, so they may be damaged or hostile: of the wrong JSON type (a list or a float
+where an integer belongs, a bool for an int), negative, huge, or individually plausible but together asking
+for tens of GB of host memory or hours of compute (huge dimensions with zero strides pass every extent check).
+`check(family, params)` checks every param the family's reference reads, and caps the elements of every array
+the reference materializes and the arithmetic it does; any fault is an EngineFormatError naming the param
+and its value. Params the reference does not read (launch tiling and the like) are not checked here.
+
+The caps are far above what a batch-1 engine needs (a 150k x 1024 embedding is 1.5e8 elements; the largest
+GEMM of a 7B model at a 2k-token prompt is ~1e11 multiply-adds), and far below what would take a host down."""
+
+import math
+
+from flashrt.errors import EngineFormatError
+from flashrt.kernels.dtypes import ITEMSIZE
+from flashrt.kernels.memory import MAX_VIEW_ELEMENTS, MAX_VIEW_RANK
+
+MAX_DIM = 2**31 - 1  # the kernels hold sizes in 32-bit ints
+MAX_STRIDE = 2**44  # elements; no engine region is larger than 16 TiB
+MAX_GEMM_WORK = 2**38  # multiply-adds of one GEMM / attention launch (~ a minute of numpy at worst)
+MAX_ELEMENTWISE_WORK = 2**30  # elements x (expression instructions + inputs) of one launch
+MAX_EXPR_LEN = 4096  # instructions of one fused elementwise expression
+MAX_LIST = 4096  # inputs of a concat / elementwise kernel, epilogue inputs, ...
+DTYPES = tuple(ITEMSIZE)
+INDEX_DTYPES = ("int64", "int32", "int16", "int8", "uint8")
+
+
+class _Bad(Exception):
+    def __init__(self, path: str, msg: str):
+        super().__init__(f"params{path} {msg}")
+
+
+def _show(v) -> str:
+    s = repr(v)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def _type(v) -> str:
+    return "bool" if isinstance(v, bool) else type(v).__name__
+
+
+# ----------------------------------------------------------------------------------------------- validators
+# Each is a function (value, path) -> value that raises _Bad.
+
+def Int(lo: int, hi: int):
+    def check(v, path):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise _Bad(path, f"= {_show(v)} is a {_type(v)}, expected an integer {lo}..{hi}")
+        if not lo <= v <= hi:
+            raise _Bad(path, f"= {v} is out of range {lo}..{hi}")
+        return v
+    return check
+
+
+def Num(lo: float, hi: float):
+    def check(v, path):
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise _Bad(path, f"= {_show(v)} is a {_type(v)}, expected a number")
+        if not lo <= v <= hi:  # also rejects NaN
+            raise _Bad(path, f"= {v!r} is out of range {lo:g}..{hi:g}")
+        return float(v)
+    return check
+
+
+def Bool(v, path):
+    if not isinstance(v, bool):
+        raise _Bad(path, f"= {_show(v)} is a {_type(v)}, expected true or false")
+    return v
+
+
+def Enum(*values):
+    def check(v, path):
+        if not isinstance(v, str) or v not in values:
+            raise _Bad(path, f"= {_show(v)} is not one of {list(values)}")
+        return v
+    return check
+
+
+Dtype = Enum(*DTYPES)
+IndexDtype = Enum(*INDEX_DTYPES)
+
+
+def List(item, min_len: int = 0, max_len: int = MAX_LIST):
+    def check(v, path):
+        if not isinstance(v, list):
+            raise _Bad(path, f"= {_show(v)} is a {_type(v)}, expected a list")
+        if not min_len <= len(v) <= max_len:
+            raise _Bad(path, f"has {len(v)} entries, expected {min_len}..{max_len}")
+        return [item(x, f"{path}[{i}]") for i, x in enumerate(v)]
+    return check
+
+
+def Pair(first, second):
+    def check(v, path):
+        if not isinstance(v, list) or len(v) != 2:
+            raise _Bad(path, f"= {_show(v)} is not a [size, stride] pair")
+        return [first(v[0], f"{path}[0]"), second(v[1], f"{path}[1]")]
+    return check
+
+
+def Dict(required: dict, optional: dict | None = None):
+    optional = optional or {}
+
+    def check(v, path):
+        if not isinstance(v, dict):
+            raise _Bad(path, f"= {_show(v)} is a {_type(v)}, expected an object")
+        out = {}
+        for key, item in required.items():
+            if key not in v:
+                raise _Bad(f"{path}.{key}", "is missing")
+            out[key] = item(v[key], f"{path}.{key}")
+        for key, item in optional.items():
+            if key in v:
+                out[key] = item(v[key], f"{path}.{key}")
+        return out
+    return check
+
+
+def Nullable(item):
+    def check(v, path):
+        return None if v is None else item(v, path)
+    return check
+
+
+DIM = Int(1, MAX_DIM)
+DIM0 = Int(0, MAX_DIM)
+# A view's (size, stride) atoms; the memory module checks the view against its relocation's extent.
+ATOMS = List(Pair(DIM0, Int(0, MAX_STRIDE)), max_len=MAX_VIEW_RANK)
+SHAPE = List(DIM0, max_len=MAX_VIEW_RANK)
+EXPR = List(lambda v, path: v, min_len=1, max_len=MAX_EXPR_LEN)  # instructions: expr.validate checks them
+OPERAND = {"dtype": Dtype, "atoms": ATOMS}
+
+_GEMM = Dict(
+    {"M": DIM, "N": DIM, "K": DIM, "batch": List(DIM, max_len=MAX_VIEW_RANK - 2),
+     "a": Dict({"dtype": Dtype, "batch": ATOMS, "m": ATOMS, "k": ATOMS}),
+     "b": Dict({"dtype": Dtype, "batch": ATOMS, "k": ATOMS, "n": ATOMS}),
+     "ln": Nullable(Dict({"eps": Num(0.0, 1e30), "has_beta": Bool}, {"rms": Bool})),
+     "epi_inputs": List(Dict(OPERAND)), "expr": EXPR, "out_dtype": Dtype},
+    {"gated": Bool})
+
+
+# ------------------------------------------------------------------------------------------ relations / caps
+
+def _elements(path: str, what: str, *dims: int) -> int:
+    n = math.prod(dims)
+    if math.prod(max(d, 1) for d in dims) > MAX_VIEW_ELEMENTS:  # numpy sizes empty arrays' other dims too
+        raise _Bad(path, f"ask for a {what} of {n} elements ({' x '.join(map(str, dims))}), more than the CPU "
+                         f"reference executor's limit of {MAX_VIEW_ELEMENTS} per array")
+    return n
+
+
+def _work(path: str, what: str, n: int, limit: int) -> None:
+    if n > limit:
+        raise _Bad(path, f"ask for {n} {what}, more than the CPU reference executor's limit of {limit} per launch")
+
+
+def _expr(p: dict, n_inputs: int, allow_acc: bool, elements: int) -> None:
+    from flashrt.kernels import expr as ex
+
+    try:
+        ex.validate(p["expr"], n_inputs, allow_acc)
+    except EngineFormatError as e:
+        raise _Bad(".expr", f"is invalid: {e}") from None
+    _work(".expr", "element operations (elements x (instructions + inputs))",
+          elements * (len(p["expr"]) + n_inputs + 1), MAX_ELEMENTWISE_WORK)
+
+
+def _gemm(p: dict) -> None:
+    p = _GEMM(p, "")
+    M, N, K, batch = p["M"], p["N"], p["K"], p["batch"]
+    nb = math.prod(batch)
+    width = 2 * N if p.get("gated") else N
+    _elements("", "GEMM A operand", nb, M, K)
+    _elements("", "GEMM B operand", nb, K, width)
+    out = _elements("", "GEMM output", nb, M, width)
+    _work("", "GEMM multiply-adds (batch x M x N x K)", nb * M * width * K, MAX_GEMM_WORK)
+    _expr(p, len(p["epi_inputs"]), True, out)
+
+
+def _attention(p: dict) -> None:
+    op = {"dtype": Dtype}
+    p = Dict({"BH": DIM, "T": DIM, "S": DIM, "HD": DIM, "VD": DIM,
+              "q": Dict({**op, "bh": ATOMS, "t": ATOMS, "d": ATOMS}),
+              "k": Dict({**op, "bh": ATOMS, "d": ATOMS, "s": ATOMS}),
+              "v": Dict({**op, "bh": ATOMS, "s": ATOMS, "d": ATOMS}),
+              "epi_inputs": List(Dict(OPERAND)), "expr": EXPR, "out_dtype": Dtype})(p, "")
+    BH, T, S, HD, VD = p["BH"], p["T"], p["S"], p["HD"], p["VD"]
+    _elements("", "Q", BH, T, HD)
+    _elements("", "K", BH, HD, S)
+    _elements("", "V", BH, S, VD)
+    _elements("", "output", BH, T, VD)
+    scores = _elements("", "score matrix", BH, T, S)
+    _work("", "multiply-adds (BH x T x S x (HD + VD))", BH * T * S * (HD + VD), MAX_GEMM_WORK)
+    _expr(p, len(p["epi_inputs"]), True, scores)
+
+
+def _eltwise(p: dict) -> None:
+    p = Dict({"shape": SHAPE, "inputs": List(Dict(OPERAND)), "expr": EXPR, "out_dtype": Dtype})(p, "")
+    out = _elements(".shape", "output", *p["shape"])
+    _expr(p, len(p["inputs"]), False, out)
+
+
+def _softmax(p: dict) -> None:
+    p = Dict({"rows": DIM, "L": DIM, "inner": DIM, "in_dtype": Dtype, "out_dtype": Dtype},
+             {"masked_rows_zero": Bool})(p, "")
+    if p["rows"] % p["inner"]:
+        raise _Bad(".rows", f"= {p['rows']} is not a multiple of inner = {p['inner']}")
+    _elements("", "row block", p["rows"], p["L"])
+
+
+def _layernorm(p: dict) -> None:
+    p = Dict({"rows": DIM, "K": DIM, "eps": Num(0.0, 1e30), "has_beta": Bool, "in_dtype": Dtype,
+              "out_dtype": Dtype}, {"rms": Bool, "gamma_dtype": Dtype})(p, "")
+    _elements("", "input", p["rows"], p["K"])
+
+
+def _gather(p: dict) -> None:
+    p = Dict({"outer": DIM0, "D": DIM, "inner": DIM0, "J": DIM0, "data_dtype": Dtype, "index_dtype": IndexDtype,
+              "out_dtype": Dtype})(p, "")
+    _elements("", "data view", p["outer"], p["D"], p["inner"])
+    _elements("", "output", p["outer"], p["J"], p["inner"])
+
+
+def _concat(p: dict) -> None:
+    p = Dict({"shape": List(DIM0, min_len=1, max_len=MAX_VIEW_RANK), "axis": Int(0, MAX_VIEW_RANK),
+              "inputs": List(Dict({**OPERAND, "size": DIM0}), min_len=1), "out_dtype": Dtype})(p, "")
+    shape, axis = p["shape"], p["axis"]
+    if axis >= len(shape):
+        raise _Bad(".axis", f"= {axis} is not an axis of shape {shape}")
+    sizes = [x["size"] for x in p["inputs"]]
+    if sum(sizes) != shape[axis]:
+        raise _Bad(".inputs", f"sizes {sizes} add up to {sum(sizes)}, not shape[{axis}] = {shape[axis]}")
+    _elements(".shape", "output", *shape)
+
+
+def _reduce(p: dict) -> None:
+    p = Dict({"outer": DIM0, "R": DIM, "op": Enum("sum", "mean", "max", "min"), "atoms": ATOMS,
+              "in_dtype": Dtype, "out_dtype": Dtype})(p, "")
+    _elements("", "input", p["outer"], p["R"])
+    # sum and mean accumulate sequentially over R in Python: count a step as 64 elements of work
+    _work(".R", "element operations (R x (outer + 64))", p["R"] * (p["outer"] + 64), MAX_ELEMENTWISE_WORK)
+
+
+CHECKS = {"gemm": _gemm, "gemv": _gemm, "attention": _attention, "eltwise": _eltwise, "softmax": _softmax,
+          "layernorm": _layernorm, "gather": _gather, "concat": _concat, "reduce": _reduce}
+
+
+def check(family: str, params) -> None:
+    """Raise EngineFormatError ("params.<field> ...") unless `params` are safe to hand to the family's
+    reference. A family without a check here gets only the memory module's view checks."""
+    fn = CHECKS.get(family)
+    if fn is None:
+        return
+    try:
+        if not isinstance(params, dict):
+            raise _Bad("", f"is a {_type(params)}, expected an object")
+        fn(params)
+    except _Bad as e:
+        raise EngineFormatError(str(e)) from None
