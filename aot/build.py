@@ -7,6 +7,7 @@ from collections.abc import Callable
 import flashrt
 from flashrt.aot.codegen import build_cubins, kernel_source, min_driver
 from flashrt.aot.importers.onnx_import import import_onnx
+from flashrt.aot.importers.safetensors_import import import_safetensors
 from flashrt.aot.memory import plan_memory
 from flashrt.aot.partition import Program, partition
 from flashrt.aot.passes import run_passes
@@ -118,25 +119,33 @@ def make_selftest(engine: bytes, precision: str, feeds: dict | None) -> bytes:
 
 def build_engine(model: str, targets: list[str], output: str | None = None, shapes: dict | None = None,
                  precision: str = "fp32", progress: Progress | None = None, bundle_test: bool = False,
-                 test_inputs: dict | None = None) -> BuildResult:
+                 test_inputs: dict | None = None, config: str | None = None) -> BuildResult:
     """Compile `model` into an engine at `output`. With bundle_test, the engine carries sample inputs
-    (test_inputs, or seeded random ones) and the outputs the CPU reference executor gives for them."""
+    (test_inputs, or seeded random ones) and the outputs the CPU reference executor gives for them.
+    `model` is an .onnx file, or a safetensors checkpoint (a folder with config.json, a .safetensors file or a
+    .safetensors.index.json) whose graph is built from its config (`config`: a config.json elsewhere)."""
     def stage(name: str) -> None:
         if progress:
             progress(name, 0, 0, 0)
 
     archs = sorted({resolve_target(t) for t in (targets or ["thor"])})
-    if not os.path.isfile(model):
+    lower = model.lower()
+    safetensors = os.path.isdir(model) or lower.endswith((".safetensors", ".safetensors.index.json"))
+    if not os.path.exists(model):
         raise BuildError(f"{model}: no such model file")
-    if not model.lower().endswith(".onnx"):
-        raise BuildError(f"{model}: unrecognized model format; flashrt builds .onnx files")
-    output = output or os.path.splitext(model)[0] + ".frt"
+    if not safetensors and not (os.path.isfile(model) and lower.endswith(".onnx")):
+        raise BuildError(f"{model}: unrecognized model format; flashrt builds .onnx files, .safetensors files and "
+                         "checkpoint folders (config.json + *.safetensors)")
+    if config is not None and not safetensors:
+        raise BuildError(f"--config {config}: applies to safetensors checkpoints, not to {model}")
+    model = os.path.normpath(model) if os.path.isdir(model) else model
+    output = output or (model if os.path.isdir(model) else os.path.splitext(model)[0]) + ".frt"
     out_dir = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(out_dir):
         raise BuildError(f"-o {output}: directory {out_dir} does not exist")
 
     stage("import")
-    graph, sha = import_onnx(model, shapes)
+    graph, sha = import_safetensors(model, config, shapes) if safetensors else import_onnx(model, shapes)
     stage("passes")
     run_passes(graph)
     stage("partition")

@@ -57,16 +57,18 @@ def targets() -> None:
 
 
 @cli.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.option("--target", "-t", "target_list", multiple=True, help="thor, rtx5090, h100, ... or sm_XX[a]; repeats.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Engine file (default: MODEL with .frt).")
 @click.option("--shapes", help="Static sizes for dynamic inputs: name:1x3x224x224,other:1x16")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option("--bundle-test", is_flag=True, help="Store sample inputs and expected outputs for `flashrt verify`.")
 @click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False), help=".npz of inputs for --bundle-test.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="config.json of a .safetensors MODEL (default: the one beside it).")
 def build(model: str, target_list: tuple, output: str | None, shapes: str | None, precision: str,
-          bundle_test: bool, inputs_path: str | None) -> None:
-    """Compile MODEL (.onnx) into an engine."""
+          bundle_test: bool, inputs_path: str | None, config_path: str | None) -> None:
+    """Compile MODEL (.onnx, .safetensors, or a checkpoint folder with config.json) into an engine."""
     from flashrt.aot.build import build_engine
     from flashrt.aot.importers.onnx_import import parse_shapes
 
@@ -76,7 +78,7 @@ def build(model: str, target_list: tuple, output: str | None, shapes: str | None
     progress = _Progress(sys.stderr.isatty())
     try:
         result = build_engine(model, list(target_list) or ["thor"], output, parse_shapes(shapes), precision, progress,
-                              bundle_test, test_inputs)
+                              bundle_test, test_inputs, config=config_path)
     finally:
         progress.finish()
     click.echo(f"built {result.path}: {result.launches} launches for {result.compute_nodes} compute nodes, "
