@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from flashrt.aot.importers.onnx_ops import REDUCE_OPS
+from flashrt.aot.importers.onnx_ops import REDUCE_OPS, gathernd_index
 from flashrt.aot.ir import Graph, Node
 from flashrt.aot.views import Buffer, TensorRef
 from flashrt.errors import ModelError
@@ -244,6 +244,10 @@ class Partitioner:
                     group = Group("gemm", members, fused_norm.get(node.inputs[0]))
             elif op in ELEMENTWISE:
                 group = Group("eltwise", self._grow(node, assigned, self.g.values[node.outputs[0]].shape))
+            elif op == "GatherND":
+                if node.inputs[1] not in self.g.constants:
+                    raise ModelError(f"node '{node.name}' (GatherND): flashrt needs constant indices")
+                group = Group("gather", [node])
             elif op in ("Gather", "Concat", "Conv"):
                 group = Group(op.lower(), [node])
             elif op in REDUCE_OPS:
@@ -646,6 +650,21 @@ class Partitioner:
 
     def emit_gather(self, group: Group) -> None:
         (n,) = group.nodes
+        if n.op == "GatherND":  # constant indices: a row gather over the addressed dims flattened
+            data = self.ref(n.inputs[0], self.act if self.g.values[n.inputs[0]].dtype in FLOAT_DTYPES else None)
+            idx = np.asarray(self.g.constants[n.inputs[1]])
+            r = idx.shape[-1]
+            flat = np.ravel_multi_index(gathernd_index(n, data.shape, idx), data.shape[:r]) if r else \
+                np.zeros(idx.shape[:-1], np.int64)
+            rows, inner = math.prod(data.shape[:r]), math.prod(data.shape[r:])
+            data = self.contiguous(data, n.name, n.source).reshape((rows, inner))
+            index = self.weight(f"{n.name}/flat_indices", "int64", np.asarray(flat, np.int64).reshape(-1))
+            out = self.new_output_ref(n.outputs[0])
+            params = {"outer": 1, "D": rows, "inner": inner, "J": int(np.asarray(flat).size),
+                      "data_dtype": data.dtype, "index_dtype": "int64", "out_dtype": out.dtype}
+            self.calls.append(KernelCall(n.name, "gather", params, [data, index, out], [n.op], n.source))
+            self.refs[n.outputs[0]] = out
+            return
         data_dtype = self.act if self.g.values[n.inputs[0]].dtype in FLOAT_DTYPES else None
         data = self.contiguous(self.ref(n.inputs[0], data_dtype), n.name, n.source)
         idx = self.contiguous(self.ref(n.inputs[1]), n.name, n.source)

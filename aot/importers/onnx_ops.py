@@ -17,7 +17,7 @@ ELEMENTWISE_BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Equal", 
                       "GreaterOrEqual", "And", "Or", "Mod"}
 ELEMENTWISE_OTHER = {"Where", "CastLike"}
 SHAPE_OPS = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Split", "Expand", "Concat",
-             "Gather", "Shape", "Size", "Range", "ConstantOfShape", "Trilu"}
+             "Gather", "GatherND", "Shape", "Size", "Range", "ConstantOfShape", "Trilu"}
 REDUCE_OPS = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"}
 SUPPORTED = (ELEMENTWISE_UNARY | ELEMENTWISE_BINARY | ELEMENTWISE_OTHER | SHAPE_OPS | REDUCE_OPS
              | {"MatMul", "Gemm", "Softmax", "LayerNormalization", "RMSNormalization", "Constant", "Conv",
@@ -270,6 +270,10 @@ def fold(node: Node, args: list[np.ndarray | None]) -> list[np.ndarray]:
             if idx.size and (idx.min() < -a.shape[axis] or idx.max() >= a.shape[axis]):
                 raise ModelError(f"node '{node.name}' (Gather): index out of range for dimension {a.shape[axis]}")
             return [np.take(a, idx, axis=axis)]
+        if op == "GatherND":
+            if at.get("batch_dims", 0):
+                raise ModelError(f"node '{node.name}' (GatherND): batch_dims > 0 is not supported")
+            return [np.asarray(a[gathernd_index(node, a.shape, args[1])])]
         if op == "Shape":
             start, end = at.get("start", 0), at.get("end", None)
             return [np.array(a.shape[start:end], np.int64)]
@@ -299,6 +303,19 @@ def fold(node: Node, args: list[np.ndarray | None]) -> list[np.ndarray]:
                 y = y + args[2]
             return [y.transpose(0, 3, 1, 2).astype(a.dtype)]
     raise ModelError(f"node '{node.name}': cannot evaluate {op}")
+
+
+def gathernd_index(node: Node, shape: tuple, indices: np.ndarray) -> tuple:
+    """The numpy index that GatherND(data, indices) with batch_dims 0 takes from data of this shape."""
+    idx = np.asarray(indices).astype(np.int64)
+    r = idx.shape[-1]
+    if r > len(shape):
+        raise ModelError(f"node '{node.name}' (GatherND): indices address {r} dims of a rank-{len(shape)} tensor")
+    lim = np.array(shape[:r], np.int64)
+    if idx.size and ((idx < -lim).any() or (idx >= lim).any()):
+        raise ModelError(f"node '{node.name}' (GatherND): an index is out of range for {list(shape[:r])}")
+    idx = np.where(idx < 0, idx + lim, idx)
+    return tuple(idx[..., i] for i in range(r))
 
 
 def _tensor_attr(value) -> np.ndarray:
