@@ -202,6 +202,39 @@ def verify(engine: str, device: str) -> None:
     click.echo(f"verify: PASS on {device}")
 
 
+@cli.command()
+@click.argument("engine", type=click.Path(dir_okay=False))
+@click.option("--iters", default=1000, show_default=True, help="CUDA graph replays to time.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--profile", is_flag=True, help="Also time each region alone, mapped to its source nodes.")
+def bench(engine: str, iters: int, as_json: bool, profile: bool) -> None:
+    """Latency of ENGINE on the GPU: p50/p90/p99 over CUDA graph replays (inputs as they are in the arena)."""
+    import flashrt
+
+    eng = flashrt.load(engine, device="cuda")
+    eng.run(eng.example_inputs())
+    lat = sorted(eng.latencies(iters))
+    pct = {p: lat[min(len(lat) - 1, int(len(lat) * p / 100))] for p in (50, 90, 99)}
+    result = {"gpu_arch": eng.arch, "iters": iters, "launches": len(eng.file.launches),
+              "p50_ms": pct[50], "p90_ms": pct[90], "p99_ms": pct[99]}
+    if profile:
+        times = eng.profile()
+        regions = eng.manifest["regions"]
+        result["regions"] = sorted(({"name": r["name"], "kind": r["kind"], "ms": sum(times[i] for i in r["launches"]),
+                                     "source_nodes": r["source_nodes"]} for r in regions), key=lambda r: -r["ms"])
+    eng.close()
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+        return
+    click.echo(f"{engine} on {result['gpu_arch']}: {result['launches']} launches, p50 {pct[50] * 1e3:.1f} us, "
+               f"p90 {pct[90] * 1e3:.1f} us, p99 {pct[99] * 1e3:.1f} us over {iters} graph replays")
+    if profile:
+        total = sum(r["ms"] for r in result["regions"])
+        click.echo(f"regions launched one by one: {total * 1e3:.1f} us in all")
+        for r in result["regions"][:25]:
+            click.echo(f"  {r['ms'] * 1e3:8.2f} us  {r['kind']:9s} {r['name']}  <- {', '.join(r['source_nodes'][:4])}")
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)

@@ -229,6 +229,45 @@ class CUDAEngine(Engine):
             self._device_graph = self._capture(with_copies=False)
         _check(cu.cuGraphLaunch(self._device_graph, self._stream if stream is None else stream), "cuGraphLaunch")
 
+    def latencies(self, iters: int = 1000, warmup: int = 50) -> list[float]:
+        """Milliseconds of each of `iters` replays of the kernel graph, timed with CUDA events."""
+        _check(cu.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
+        if self._device_graph is None:
+            self._device_graph = self._capture(with_copies=False)
+        for _ in range(warmup):
+            _check(cu.cuGraphLaunch(self._device_graph, self._stream), "cuGraphLaunch")
+        events = [_check(cu.cuEventCreate(0), "cuEventCreate") for _ in range(iters + 1)]
+        _check(cu.cuEventRecord(events[0], self._stream), "cuEventRecord")
+        for i in range(iters):
+            _check(cu.cuGraphLaunch(self._device_graph, self._stream), "cuGraphLaunch")
+            _check(cu.cuEventRecord(events[i + 1], self._stream), "cuEventRecord")
+        _check(cu.cuStreamSynchronize(self._stream), "cuStreamSynchronize")
+        out = [_check(cu.cuEventElapsedTime(events[i], events[i + 1]), "cuEventElapsedTime") for i in range(iters)]
+        for e in events:
+            cu.cuEventDestroy(e)
+        return out
+
+    def profile(self, iters: int = 20) -> list[float]:
+        """Median milliseconds of each launch of the list, launched one by one between events (no graph, so
+        the sum exceeds a replay by the launch gaps)."""
+        _check(cu.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
+        _, _, params = self._patched_params()
+        launches = self.file.launches
+        events = [_check(cu.cuEventCreate(0), "cuEventCreate") for _ in range(len(launches) + 1)]
+        samples: list[list[float]] = [[] for _ in launches]
+        for _ in range(iters + 1):
+            _check(cu.cuEventRecord(events[0], self._stream), "cuEventRecord")
+            for i, (launch, p) in enumerate(zip(launches, params)):
+                _check(cu.cuLaunchKernel(self._functions[launch.kernel], *launch.grid, *launch.block, launch.smem,
+                                         self._stream, ctypes.addressof(p), 0), f"launching kernel {launch.kernel}")
+                _check(cu.cuEventRecord(events[i + 1], self._stream), "cuEventRecord")
+            _check(cu.cuStreamSynchronize(self._stream), "cuStreamSynchronize")
+            for i in range(len(launches)):
+                samples[i].append(_check(cu.cuEventElapsedTime(events[i], events[i + 1]), "cuEventElapsedTime"))
+        for e in events:
+            cu.cuEventDestroy(e)
+        return [sorted(s[1:])[len(s[1:]) // 2] for s in samples]
+
     def synchronize(self) -> None:
         _check(cu.cuStreamSynchronize(self._stream), "cuStreamSynchronize")
 

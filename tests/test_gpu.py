@@ -113,3 +113,17 @@ def test_replay_latency_is_reported(engines, capsys):
         with capsys.disabled():
             print(f"\n{key}: {len(eng.file.launches)} launches, {dt * 1e6:.1f} us per graph replay")
         eng.close()
+
+
+def test_bench_cli_reports_percentiles_and_regions(engines):
+    import json
+    import subprocess
+
+    from conftest import flashrt_cli
+
+    proc = subprocess.run(flashrt_cli() + ["bench", str(engines[("tiny_encoder", "bf16")]), "--iters", "200",
+                                           "--json", "--profile"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
+    assert len(r["regions"]) == r["launches"] and all(x["ms"] > 0 and x["source_nodes"] for x in r["regions"])
