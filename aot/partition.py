@@ -220,7 +220,8 @@ class Partitioner:
                                   and self.g.constants[node.inputs[1]].ndim == 0):
                 group = Group("view", [node])
             elif op in NORMS:
-                if len(node.outputs) > 1 and any(o and self.users.get(o) for o in node.outputs[1:]):
+                if len(node.outputs) > 1 and any(o and (self.users.get(o) or o in self.outputs)
+                                                 for o in node.outputs[1:]):
                     raise ModelError(f"node '{node.name}' ({op}): its Mean/InvStdDev outputs are used; "
                                      "flashrt supports only the normalized output")
                 if self._norm_prologue_ok(node):

@@ -251,7 +251,8 @@ class CUDAEngine(Engine):
         """Median milliseconds of each launch of the list, launched one by one between events (no graph, so
         the sum exceeds a replay by the launch gaps)."""
         _check(cu.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
-        _, _, params = self._patched_params()
+        keep = self._patched_params()  # the argument bytes must outlive the launches that point into them
+        params = keep[2]
         launches = self.file.launches
         events = [_check(cu.cuEventCreate(0), "cuEventCreate") for _ in range(len(launches) + 1)]
         samples: list[list[float]] = [[] for _ in launches]
