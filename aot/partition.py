@@ -602,7 +602,7 @@ class Partitioner:
                   "k": {"dtype": kt.dtype, "bh": kt.batch_atoms(batch), "d": kt.dim_atoms(-2), "s": kt.dim_atoms(-1)},
                   "v": {"dtype": v.dtype, "bh": v.batch_atoms(batch), "s": v.dim_atoms(-2), "d": v.dim_atoms(-1)},
                   "epi_inputs": [{"dtype": r.dtype, "atoms": r.atoms_over(score_shape)} for r in inputs],
-                  "expr": expr, "out_dtype": out.dtype}
+                  "expr": expr, "out_dtype": out.dtype, "k_aligned": kt.offset % 8 == 0}
         ops = [n.op for n in group.nodes]
         self.calls.append(KernelCall(m2.name, "attention", params, [q, kt, v] + inputs + [out], ops,
                                      _unique(s for n in group.nodes for s in n.source)))

@@ -25,6 +25,25 @@ def choose_config(T: int, S: int) -> tuple[int, int]:
     return (2, 4) if S >= 128 else (8, 1)
 
 
+def _dot_body(p: dict, tk: str) -> str:
+    """Q.K over the head dim: 16-byte loads when a key row is contiguous and aligned, else element loads."""
+    k, hd = p["k"], p["HD"]
+    vec = {"float32": 4, "bfloat16": 8, "float16": 8}.get(k["dtype"], 0)
+    strides = [s for _, s in k["bh"]] + [s for _, s in k["s"]]
+    if vec and k["d"] == [[hd, 1]] and hd % vec == 0 and all(s % vec == 0 for s in strides) \
+            and p.get("k_aligned", False):
+        return f"""#pragma unroll
+    for (int d = 0; d < HD; d += {vec}) {{
+      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(kr + d));
+      float kv[{vec}];
+      unpack(raw, kv, kr);
+#pragma unroll
+      for (int i = 0; i < {vec}; ++i) dot = fmaf(qv[d + i], kv[i], dot);
+    }}"""
+    return f"""#pragma unroll 16
+    for (int d = 0; d < HD; ++d) dot = fmaf(qv[d], to_float(kr[{atoms_code("(long)d", k["d"])}]), dot);"""
+
+
 def arg_spec(p: dict) -> list[tuple[str, str]]:
     return [("q", "ptr"), ("k", "ptr"), ("v", "ptr")] + [(f"e{i}", "ptr") for i in range(len(p["epi_inputs"]))] \
         + [("out", "ptr")]
@@ -64,8 +83,7 @@ struct P {{
   }}
   __device__ static void dot_qk(const Args& g, int bh, int j, const float* qv, float& dot) {{
     const {tk}* kr = g.k + {atoms_code("(long)bh", k["bh"])} + {atoms_code("(long)j", k["s"])};
-#pragma unroll 8
-    for (int d = 0; d < HD; ++d) dot = fmaf(qv[d], to_float(kr[{atoms_code("(long)d", k["d"])}]), dot);
+{_dot_body(p, tk)}
   }}
   __device__ static float score(const Args& g, int bh, int t, int j, float acc) {{
     const long o = ((long)bh * T + t) * S + j;

@@ -34,8 +34,15 @@ def arg_spec(p: dict) -> list[tuple[str, str]]:
 
 
 def tile(p: dict) -> tuple[int, int]:
-    tm = 1 if p["M"] <= 16 else 2 if p["M"] <= 32 else 4
-    return tm, 4
+    """(TM, TN): the largest per-thread tile that still gives about one block per multiprocessor (132)."""
+    M, N, batch = p["M"], p["N"], math.prod(p["batch"])
+    tm = 1 if M <= 16 else 2 if M <= 32 else 4
+    tn = 4
+    while tn > 1 and math.ceil(N / (16 * tn)) * math.ceil(M / (16 * tm)) * batch < 132:
+        tn //= 2
+    while tm > 1 and math.ceil(N / (16 * tn)) * math.ceil(M / (16 * tm)) * batch < 132:
+        tm //= 2
+    return tm, tn
 
 
 def launch_config(p: dict) -> tuple[tuple[int, int, int], tuple[int, int, int], int]:

@@ -142,17 +142,20 @@ _GEMM = Dict(
 
 # ------------------------------------------------------------------------------------------ relations / caps
 
-def _elements(path: str, what: str, *dims: int) -> int:
-    n = math.prod(dims)
-    if math.prod(max(d, 1) for d in dims) > MAX_VIEW_ELEMENTS:  # numpy sizes empty arrays' other dims too
-        raise _Bad(path, f"ask for a {what} of {n} elements ({' x '.join(map(str, dims))}), more than the CPU "
-                         f"reference executor's limit of {MAX_VIEW_ELEMENTS} per array")
+def _elements(fields: str, what: str, *dims: int) -> int:
+    """Cap an array the reference materializes; `fields` names the params that size it."""
+    n, sized = math.prod(dims), math.prod(max(d, 1) for d in dims)  # numpy sizes empty arrays' other dims too
+    if sized > MAX_VIEW_ELEMENTS:
+        count = f"{n} elements" if n == sized else f"{sized} elements counting each 0 as 1"
+        raise _Bad(f" {fields}", f"make the {what} {' x '.join(map(str, dims))} = {count}, more than the CPU "
+                                 f"reference executor's limit of {MAX_VIEW_ELEMENTS} per array")
     return n
 
 
-def _work(path: str, what: str, n: int, limit: int) -> None:
+def _work(fields: str, what: str, n: int, limit: int) -> None:
     if n > limit:
-        raise _Bad(path, f"ask for {n} {what}, more than the CPU reference executor's limit of {limit} per launch")
+        raise _Bad(f" {fields}", f"ask for {n} {what}, more than the CPU reference executor's limit of {limit} "
+                                 f"per launch")
 
 
 def _expr(p: dict, n_inputs: int, allow_acc: bool, elements: int) -> None:
@@ -162,7 +165,7 @@ def _expr(p: dict, n_inputs: int, allow_acc: bool, elements: int) -> None:
         ex.validate(p["expr"], n_inputs, allow_acc)
     except EngineFormatError as e:
         raise _Bad(".expr", f"is invalid: {e}") from None
-    _work(".expr", "element operations (elements x (instructions + inputs))",
+    _work("expr", "element operations (elements x (instructions + inputs))",
           elements * (len(p["expr"]) + n_inputs + 1), MAX_ELEMENTWISE_WORK)
 
 
@@ -171,10 +174,10 @@ def _gemm(p: dict) -> None:
     M, N, K, batch = p["M"], p["N"], p["K"], p["batch"]
     nb = math.prod(batch)
     width = 2 * N if p.get("gated") else N
-    _elements("", "GEMM A operand", nb, M, K)
-    _elements("", "GEMM B operand", nb, K, width)
-    out = _elements("", "GEMM output", nb, M, width)
-    _work("", "GEMM multiply-adds (batch x M x N x K)", nb * M * width * K, MAX_GEMM_WORK)
+    _elements("batch, M, K", "A operand", nb, M, K)
+    _elements("batch, K, N", "B operand", nb, K, width)
+    out = _elements("batch, M, N", "output", nb, M, width)
+    _work("batch, M, N, K", "multiply-adds (batch x M x N x K)", nb * M * width * K, MAX_GEMM_WORK)
     _expr(p, len(p["epi_inputs"]), True, out)
 
 
@@ -186,18 +189,18 @@ def _attention(p: dict) -> None:
               "v": Dict({**op, "bh": ATOMS, "s": ATOMS, "d": ATOMS}),
               "epi_inputs": List(Dict(OPERAND)), "expr": EXPR, "out_dtype": Dtype})(p, "")
     BH, T, S, HD, VD = p["BH"], p["T"], p["S"], p["HD"], p["VD"]
-    _elements("", "Q", BH, T, HD)
-    _elements("", "K", BH, HD, S)
-    _elements("", "V", BH, S, VD)
-    _elements("", "output", BH, T, VD)
-    scores = _elements("", "score matrix", BH, T, S)
-    _work("", "multiply-adds (BH x T x S x (HD + VD))", BH * T * S * (HD + VD), MAX_GEMM_WORK)
+    _elements("BH, T, HD", "Q operand", BH, T, HD)
+    _elements("BH, HD, S", "K operand", BH, HD, S)
+    _elements("BH, S, VD", "V operand", BH, S, VD)
+    _elements("BH, T, VD", "output", BH, T, VD)
+    scores = _elements("BH, T, S", "score matrix", BH, T, S)
+    _work("BH, T, S, HD, VD", "multiply-adds (BH x T x S x (HD + VD))", BH * T * S * (HD + VD), MAX_GEMM_WORK)
     _expr(p, len(p["epi_inputs"]), True, scores)
 
 
 def _eltwise(p: dict) -> None:
     p = Dict({"shape": SHAPE, "inputs": List(Dict(OPERAND)), "expr": EXPR, "out_dtype": Dtype})(p, "")
-    out = _elements(".shape", "output", *p["shape"])
+    out = _elements("shape", "output", *p["shape"])
     _expr(p, len(p["inputs"]), False, out)
 
 
@@ -206,20 +209,20 @@ def _softmax(p: dict) -> None:
              {"masked_rows_zero": Bool})(p, "")
     if p["rows"] % p["inner"]:
         raise _Bad(".rows", f"= {p['rows']} is not a multiple of inner = {p['inner']}")
-    _elements("", "row block", p["rows"], p["L"])
+    _elements("rows, L", "input", p["rows"], p["L"])
 
 
 def _layernorm(p: dict) -> None:
     p = Dict({"rows": DIM, "K": DIM, "eps": Num(0.0, 1e30), "has_beta": Bool, "in_dtype": Dtype,
               "out_dtype": Dtype}, {"rms": Bool, "gamma_dtype": Dtype})(p, "")
-    _elements("", "input", p["rows"], p["K"])
+    _elements("rows, K", "input", p["rows"], p["K"])
 
 
 def _gather(p: dict) -> None:
     p = Dict({"outer": DIM0, "D": DIM, "inner": DIM0, "J": DIM0, "data_dtype": Dtype, "index_dtype": IndexDtype,
               "out_dtype": Dtype})(p, "")
-    _elements("", "data view", p["outer"], p["D"], p["inner"])
-    _elements("", "output", p["outer"], p["J"], p["inner"])
+    _elements("outer, D, inner", "data view", p["outer"], p["D"], p["inner"])
+    _elements("outer, J, inner", "output", p["outer"], p["J"], p["inner"])
 
 
 def _concat(p: dict) -> None:
@@ -230,16 +233,16 @@ def _concat(p: dict) -> None:
         raise _Bad(".axis", f"= {axis} is not an axis of shape {shape}")
     sizes = [x["size"] for x in p["inputs"]]
     if sum(sizes) != shape[axis]:
-        raise _Bad(".inputs", f"sizes {sizes} add up to {sum(sizes)}, not shape[{axis}] = {shape[axis]}")
-    _elements(".shape", "output", *shape)
+        raise _Bad(".inputs", f"sizes {str(sizes)[:80]} add up to {sum(sizes)}, not shape[{axis}] = {shape[axis]}")
+    _elements("shape", "output", *shape)
 
 
 def _reduce(p: dict) -> None:
     p = Dict({"outer": DIM0, "R": DIM, "op": Enum("sum", "mean", "max", "min"), "atoms": ATOMS,
               "in_dtype": Dtype, "out_dtype": Dtype})(p, "")
-    _elements("", "input", p["outer"], p["R"])
+    _elements("outer, R", "input", p["outer"], p["R"])
     # sum and mean accumulate sequentially over R in Python: count a step as 64 elements of work
-    _work(".R", "element operations (R x (outer + 64))", p["R"] * (p["outer"] + 64), MAX_ELEMENTWISE_WORK)
+    _work("outer, R", "element operations (R x (outer + 64))", p["R"] * (p["outer"] + 64), MAX_ELEMENTWISE_WORK)
 
 
 CHECKS = {"gemm": _gemm, "gemv": _gemm, "attention": _attention, "eltwise": _eltwise, "softmax": _softmax,

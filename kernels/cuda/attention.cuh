@@ -45,13 +45,15 @@ __device__ __forceinline__ void attention(const typename P::Args& g) {
       l = l * alpha + warp_sum(p);
 #pragma unroll
       for (int i = 0; i < VPL; ++i) o[i] *= alpha;
-      const int n = min(32, j1 - jb);
-      for (int jj = 0; jj < n; ++jj) {
-        const float pj = __shfl_sync(0xffffffffu, p, jj);
 #pragma unroll
-        for (int i = 0; i < VPL; ++i) {
-          const int d = i * 32 + lane;
-          if (d < VD) o[i] = fmaf(pj, P::load_v(g, bh, jb + jj, d), o[i]);
+      for (int jj = 0; jj < 32; ++jj) {  // unrolled, so the value loads of all 32 keys are in flight together
+        const float pj = __shfl_sync(0xffffffffu, p, jj);
+        if (jb + jj < j1) {
+#pragma unroll
+          for (int i = 0; i < VPL; ++i) {
+            const int d = i * 32 + lane;
+            if (d < VD) o[i] = fmaf(pj, P::load_v(g, bh, jb + jj, d), o[i]);
+          }
         }
       }
       m = m_new;

@@ -55,6 +55,30 @@ __device__ __forceinline__ float frt_sigmoid(float x) { return 1.f / (1.f + expf
 __device__ __forceinline__ float frt_gelu(float x) { return 0.5f * x * (1.f + erff(x * 0.70710678118654752f)); }
 __device__ __forceinline__ float frt_softplus(float x) { return x > 20.f ? x : log1pf(expf(x)); }
 
+// 16-byte vectors of a storage type: how many elements, and their float values
+template <typename T> struct Vec;
+template <> struct Vec<float> { static constexpr int N = 4; };
+template <> struct Vec<bf16_t> { static constexpr int N = 8; };
+template <> struct Vec<f16_t> { static constexpr int N = 8; };
+
+__device__ __forceinline__ void unpack(const uint4& v, float (&out)[4], const float*) {
+  out[0] = __uint_as_float(v.x); out[1] = __uint_as_float(v.y);
+  out[2] = __uint_as_float(v.z); out[3] = __uint_as_float(v.w);
+}
+__device__ __forceinline__ void unpack(const uint4& v, float (&out)[8], const bf16_t*) {
+  const unsigned w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) { out[2 * i] = __uint_as_float(w[i] << 16); out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u); }
+}
+__device__ __forceinline__ void unpack(const uint4& v, float (&out)[8], const f16_t*) {
+  const unsigned w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = to_float(f16_t{(unsigned short)(w[i] & 0xffffu)});
+    out[2 * i + 1] = to_float(f16_t{(unsigned short)(w[i] >> 16)});
+  }
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;

@@ -8,29 +8,6 @@
 #pragma once
 #include "common.cuh"
 
-template <typename T> struct Vec;
-template <> struct Vec<float> { static constexpr int N = 4; };
-template <> struct Vec<bf16_t> { static constexpr int N = 8; };
-template <> struct Vec<f16_t> { static constexpr int N = 8; };
-
-__device__ __forceinline__ void unpack(const uint4& v, float (&out)[4], const float*) {
-  out[0] = __uint_as_float(v.x); out[1] = __uint_as_float(v.y);
-  out[2] = __uint_as_float(v.z); out[3] = __uint_as_float(v.w);
-}
-__device__ __forceinline__ void unpack(const uint4& v, float (&out)[8], const bf16_t*) {
-  const unsigned w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) { out[2 * i] = __uint_as_float(w[i] << 16); out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u); }
-}
-__device__ __forceinline__ void unpack(const uint4& v, float (&out)[8], const f16_t*) {
-  const unsigned w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    out[2 * i] = to_float(f16_t{(unsigned short)(w[i] & 0xffffu)});
-    out[2 * i + 1] = to_float(f16_t{(unsigned short)(w[i] >> 16)});
-  }
-}
-
 template <class P>
 __device__ __forceinline__ void gemv(const typename P::Args& g) {
   using TW = typename P::TW;
