@@ -53,7 +53,8 @@ def accuracy(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return float((a - b).norm() / b.norm()), float(torch.dot(a, b) / (a.norm() * b.norm()))
 
 
-def run_workload(name: str, precisions: list[str], with_torch: bool, tmp: str, bw: float) -> list[dict]:
+def run_workload(name: str, precisions: list[str], with_torch: bool, tmp: str, bw: float,
+                 profile: bool = False) -> list[dict]:
     stack, inputs = W.make(name)
     nparam = sum(p.numel() for p in stack.parameters())
     onnx_path = os.path.join(tmp, f"{name}.onnx")
@@ -113,6 +114,13 @@ def run_workload(name: str, precisions: list[str], with_torch: bool, tmp: str, b
                "pct_floor": 100 * floor.get(precision, floor["bf16"]) / ms}
         if compile_ms:
             row["speedup_vs_compile"] = compile_ms / ms
+        if profile:  # time per kernel family, each launch alone (events around it; no graph)
+            times, by_kind = eng.profile(), {}
+            for r in eng.manifest["regions"]:
+                k = r["kind"] + " " + ("+".join(r["ops"]))[:48]
+                by_kind[k] = by_kind.get(k, 0.0) + sum(times[i] for i in r["launches"])
+            row["profile_ms"] = dict(sorted(by_kind.items(), key=lambda kv: -kv[1]))
+            row["profile_total_ms"] = sum(times)
         rows.append(row)
         eng.close()
         os.unlink(engine_path)
@@ -140,6 +148,7 @@ def main() -> int:
     ap.add_argument("--workloads", nargs="+", default=list(W.WORKLOADS))
     ap.add_argument("--precisions", nargs="+", default=["bf16"])
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="time each flashrt kernel alone, summed per kind")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
     gpu = torch.cuda.get_device_name()
@@ -147,7 +156,7 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.workloads:
-            rows += run_workload(name, a.precisions, not a.no_torch, tmp, bw)
+            rows += run_workload(name, a.precisions, not a.no_torch, tmp, bw, a.profile)
             print(json.dumps(rows[-1]), flush=True)
     text = table(rows, gpu, bw)
     print(text)
