@@ -37,6 +37,20 @@ __device__ __forceinline__ void gemv(const typename P::Args& g) {
     __syncthreads();
   }
 
+  // The (normalized) activations are staged once in shared memory as float, so the inner loop reads them
+  // with two 16-byte shared loads per weight vector instead of VEC global loads (and VEC gamma loads).
+  constexpr bool STAGE = M * K * 4 <= 32768;
+  __shared__ __align__(16) float a_s[STAGE ? M * K : 4];
+  if constexpr (STAGE) {
+    for (int i = threadIdx.x; i < M * K; i += blockDim.x) {
+      const int m = i / K, k = i % K;
+      float v = P::load_a(g, m, k);
+      if constexpr (P::LN) v = (v - row_mean[m]) * row_rstd[m] * P::ln_gamma(g, k) + P::ln_beta(g, k);
+      a_s[i] = v;
+    }
+    __syncthreads();
+  }
+
   float acc[M][R];
 #pragma unroll
   for (int m = 0; m < M; ++m)
@@ -57,11 +71,19 @@ __device__ __forceinline__ void gemv(const typename P::Args& g) {
 #pragma unroll
       for (int m = 0; m < M; ++m) {
         float a[VEC];
+        if constexpr (STAGE) {
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          float v = P::load_a(g, m, k + j);
-          if constexpr (P::LN) v = (v - row_mean[m]) * row_rstd[m] * P::ln_gamma(g, k + j) + P::ln_beta(g, k + j);
-          a[j] = v;
+          for (int j = 0; j < VEC; j += 4) {
+            const float4 f = *reinterpret_cast<const float4*>(&a_s[m * K + k + j]);
+            a[j] = f.x; a[j + 1] = f.y; a[j + 2] = f.z; a[j + 3] = f.w;
+          }
+        } else {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            float v = P::load_a(g, m, k + j);
+            if constexpr (P::LN) v = (v - row_mean[m]) * row_rstd[m] * P::ln_gamma(g, k + j) + P::ln_beta(g, k + j);
+            a[j] = v;
+          }
         }
 #pragma unroll
         for (int r = 0; r < R; ++r) {
