@@ -37,9 +37,10 @@ __device__ __forceinline__ void gemv(const typename P::Args& g) {
     __syncthreads();
   }
 
-  // The (normalized) activations are staged once in shared memory as float, so the inner loop reads them
-  // with two 16-byte shared loads per weight vector instead of VEC global loads (and VEC gamma loads).
-  constexpr bool STAGE = M * K * 4 <= 32768;
+  // With a norm prologue the normalized activations are staged once in shared memory, so the inner loop
+  // reads them with 16-byte shared loads instead of recomputing the norm per weight vector. (Measured on an
+  // H200: faster with a prologue, slower without one, where staging only adds K loads per block.)
+  constexpr bool STAGE = P::LN && M * K * 4 <= 32768;
   __shared__ __align__(16) float a_s[STAGE ? M * K : 4];
   if constexpr (STAGE) {
     for (int i = threadIdx.x; i < M * K; i += blockDim.x) {
