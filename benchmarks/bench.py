@@ -3,7 +3,7 @@ workloads of benchmarks/workloads.py, in one process, with CUDA events, warm-up 
 
   python3 benchmarks/bench.py [--workloads decode expert vit] [--precisions bf16] [--no-torch] [--out DIR]
 
-Prints one table and writes it (with the GPU's name and the date) to DIR/RESULTS.md (default: $OUT or .)."""
+Prints one table and writes it (GPU name, date) to DIR/RESULTS.md (default: $OUT, else benchmarks/)."""
 
 import argparse
 import datetime
@@ -127,8 +127,10 @@ def run_workload(name: str, precisions: list[str], with_torch: bool, tmp: str, b
     return rows
 
 
-def table(rows: list[dict], gpu: str, bw: float) -> str:
-    lines = [f"## {gpu}, {datetime.date.today().isoformat()}", "",
+def table(rows: list[dict], gpu: str, bw: float, date: str | None = None) -> str:
+    compile_ms = {r["workload"]: r["ms"] for r in rows if r["impl"].startswith("torch.compile") and "ms" in r}
+    floors = {"bf16": "floor_ms_bf16", "fp8": "floor_ms_fp8"}
+    lines = [f"## {gpu}, {date or datetime.date.today().isoformat()}", "",
              f"Copy bandwidth {bw:.2f} TB/s (bytes read + written). Floors: weight bytes / bandwidth.", "",
              "| workload | impl | precision | ms | vs torch.compile | % of floor | kernels | rel-L2 vs fp32 | cosine |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -136,10 +138,12 @@ def table(rows: list[dict], gpu: str, bw: float) -> str:
         if "error" in r:
             lines.append(f"| {r['workload']} | {r['impl']} | {r['precision']} | error: {r['error'][:80]} |||||| ")
             continue
+        speedup = f"{compile_ms[r['workload']] / r['ms']:.2f}x" if r["workload"] in compile_ms else "-"
+        floor = r.get(floors.get(r["precision"], ""), None)
+        pct = f"{100 * floor / r['ms']:.0f}%" if floor else "-"
         lines.append(
-            f"| {r['workload']} | {r['impl']} | {r['precision']} | {r['ms']:.3f} | "
-            f"{r.get('speedup_vs_compile', float('nan')):.2f}x | {r.get('pct_floor', float('nan')):.0f}% | "
-            f"{r.get('kernels', '')} | {r['rel_l2']:.2e} | {r['cosine']:.6f} |")
+            f"| {r['workload']} | {r['impl']} | {r['precision']} | {r['ms']:.3f} | {speedup} | {pct} | "
+            f"{r.get('kernels', '-')} | {r['rel_l2']:.2e} | {r['cosine']:.6f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -149,7 +153,7 @@ def main() -> int:
     ap.add_argument("--precisions", nargs="+", default=["bf16"])
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--profile", action="store_true", help="time each flashrt kernel alone, summed per kind")
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--out", default=os.environ.get("OUT", HERE))
     a = ap.parse_args()
     gpu = torch.cuda.get_device_name()
     bw = copy_bandwidth()
