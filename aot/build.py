@@ -16,6 +16,7 @@ from flashrt.engine_format.format import BASE_ARENA, BASE_WEIGHTS, FORMAT_MAJOR,
     arg_layout
 from flashrt.engine_format.writer import engine_bytes, selftest_bytes, write_engine
 from flashrt.errors import BuildError
+from flashrt.kernels.dtypes import ITEMSIZE
 from flashrt.kernels.registry import family
 
 Progress = Callable[[str, int, int, int], None]
@@ -35,7 +36,6 @@ class BuildResult:
 def assemble(program: Program, arena_bytes: int, weights: bytes, cubins: dict[str, bytes], resources: dict,
              provenance: dict) -> dict:
     """The engine's parts, as engine_format.writer.engine_bytes takes them."""
-    from flashrt.kernels.dtypes import ITEMSIZE
 
     kernel_index: dict[tuple[str, str], int] = {}
     kernels, launches, relocs, args_blob, regions = [], [], [], bytearray(), []
@@ -62,9 +62,12 @@ def assemble(program: Program, arena_bytes: int, weights: bytes, cubins: dict[st
             packed[slot:slot + 8] = byte_offset.to_bytes(8, "little")
             relocs.append(Relocation(slot, base, ref.span_bytes()))
         launches.append(Launch(kernel_index[key], grid, block, smem, len(args_blob), size, first, len(ptr_args)))
+        out = call.args[-1]
         regions.append({"name": call.name, "kind": call.family, "kernel": kernel_index[key],
                         "launches": [len(launches) - 1], "ops": call.ops, "source_nodes": call.source_nodes,
-                        "precision": call.args[-1].dtype})
+                        "precision": call.args[-1].dtype, "reason": call.reason,
+                        "output": {"value": out.buffer.name, "dtype": out.dtype, "shape": list(out.shape),
+                                   "offset": out.buffer.offset + out.offset * ITEMSIZE[out.dtype]}})
         args_blob += packed
         args_blob += bytes(-len(args_blob) % 8)
 

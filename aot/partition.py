@@ -52,6 +52,7 @@ class KernelCall:
     args: list[TensorRef]  # the kernel's pointer arguments, in arg_spec order
     ops: list[str]
     source_nodes: list[str]
+    reason: str = ""  # why this region has its precision (the planner's word, shown by inspect)
 
 
 @dataclass
