@@ -31,6 +31,7 @@ class BuildResult:
     kernels: int
     compute_nodes: int
     targets: list[str]
+    warnings: list[str]
 
 
 def assemble(program: Program, arena_bytes: int, weights: bytes, cubins: dict[str, bytes], resources: dict,
@@ -182,4 +183,4 @@ def build_engine(model: str, targets: list[str], output: str | None = None, shap
         data = engine_bytes(**parts, selftest=make_selftest(data, precision, test_inputs))
     write_engine(output, data)
     return BuildResult(output, len(data), len(program.calls), len(program.calls), len(sources),
-                       program.compute_nodes, archs)
+                       program.compute_nodes, archs, program.warnings)

@@ -19,13 +19,16 @@ import numpy as np
 
 from flashrt.aot.importers.onnx_ops import REDUCE_OPS, gathernd_index
 from flashrt.aot.ir import Graph, Node
+from flashrt.aot.quantize import quantize_fp8, quantize_nvfp4
 from flashrt.aot.views import Buffer, TensorRef
 from flashrt.errors import ModelError
 from flashrt.kernels import attention as attention_kernel
 from flashrt.kernels import gemv
 from flashrt.kernels.dtypes import ITEMSIZE, STORAGE, from_f32
 
-ACT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+ACT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp8": "bfloat16", "nvfp4": "bfloat16",
+              "auto": "bfloat16"}
+QUANT_FORMATS = ("fp8", "nvfp4")
 FLOAT_DTYPES = {"float32", "float16", "bfloat16", "float64"}
 VIEW_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Transpose", "Expand", "Slice", "Split"}
 RESHAPE_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
@@ -62,6 +65,7 @@ class Program:
     outputs: list[tuple[str, Buffer, tuple]]
     buffers: list[Buffer] = field(default_factory=list)
     compute_nodes: int = 0
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -77,7 +81,9 @@ class Partitioner:
         if precision not in ACT_DTYPES:
             raise ModelError(f"precision {precision!r} is not one of {sorted(ACT_DTYPES)}")
         self.g = graph
+        self.precision = precision
         self.act = ACT_DTYPES[precision]
+        self.warnings: list[str] = []
         self.users = graph.consumers()
         self.outputs = set(graph.outputs)
         self.index = {id(n): i for i, n in enumerate(graph.nodes)}
@@ -468,10 +474,11 @@ class Partitioner:
 
     def _gemm_call(self, name: str, a: TensorRef, a_atoms: dict, b: TensorRef, b_atoms: dict, mnk: tuple,
                    batch: tuple, norm: Node | None, expr: list, epi_inputs: list[TensorRef], out: TensorRef,
-                   ops: list[str], source: list[str], gated: bool = False) -> None:
+                   ops: list[str], source: list[str], gated: bool = False, quant: tuple = ((), "")) -> None:
         M, N, K = mnk
         kshape = tuple(batch) + (M, N)
-        args = [a, b]
+        quant_refs, reason = quant
+        args = [a, b] + list(quant_refs)
         norm_params = None
         if norm is not None:
             gamma = np.broadcast_to(self.g.constants[norm.inputs[1]], (K,))
@@ -487,34 +494,44 @@ class Partitioner:
                   "epi_inputs": [{"dtype": r.dtype, "atoms": r.atoms_over(kshape)} for r in epi_inputs]}
         family = "gemm"
         rows = math.prod(batch) * M
-        itemsize = ITEMSIZE[b.dtype]
+        vec = gemv.VALUES_PER_16B.get(b_atoms["dtype"], 1)
         if gated:
-            params.update(gated=True, R=2, S=gemv.choose_config(rows, 2 * N, K, itemsize)[1])
+            params.update(gated=True, R=2, S=gemv.choose_config(rows, 2 * N, K, vec)[1])
             family = "gemv"
         elif (b.buffer.kind == "weight" and b_atoms["batch"] == [[1, 0]] and b_atoms["k"] == [[K, 1]]
-                and b_atoms["n"] == [[N, K]] and b.offset == 0 and gemv.eligible(rows, K, itemsize)):
+                and b_atoms["n"] == [[N, K]] and b.offset == 0 and gemv.eligible(rows, K, vec)):
             # batch-1 decode shapes: stream the weights once (kernels/gemv.py); batch rows fold into M
             family = "gemv"
-            params["R"], params["S"] = gemv.choose_config(rows, N, K, itemsize)
+            params["R"], params["S"] = gemv.choose_config(rows, N, K, vec)
             params["M"], params["batch"] = rows, []
             params["a"] = {**a_atoms, "batch": [[1, 0]], "m": _atoms(a_atoms["batch"] + a_atoms["m"])}
-        self.calls.append(KernelCall(name, family, params, args + list(epi_inputs) + [out], ops, _unique(source)))
+        self.calls.append(KernelCall(name, family, params, args + list(epi_inputs) + [out], ops, _unique(source),
+                                     reason))
 
     def emit_gemm(self, group: Group) -> None:
         mm, epi = group.nodes[0], group.nodes[1:]
         norm = group.prologue
         a = self.ref(norm.inputs[0] if norm else mm.inputs[0], self.act)
-        w = self.g.constants.get(mm.inputs[1])
-        if w is not None and w.ndim == 2:  # weights are stored [N, K]: K contiguous, as GEMV streams them
-            b = self.weight(mm.inputs[1], self.act, np.ascontiguousarray(w.T)).transpose((1, 0))
-        else:
-            b = self.ref(mm.inputs[1], self.act)
         if len(a.shape) == 1:
             a = a.reshape((1,) + a.shape)
-        if len(b.shape) == 1:
-            b = b.reshape(b.shape + (1,))
-        batch = tuple(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
-        M, K, N = a.shape[-2], a.shape[-1], b.shape[-1]
+        w = self.g.constants.get(mm.inputs[1])
+        quant, b_atoms = ((), ""), None
+        if w is not None and w.ndim == 2:  # weights are stored [N, K]: K contiguous, as GEMV streams them
+            fmt, reason = self.plan_weight(mm, w.shape[0], w.shape[1], math.prod(a.shape[:-1]))
+            if fmt in QUANT_FORMATS:
+                b, quant_refs, b_atoms = self.quant_weight(mm.inputs[1], np.ascontiguousarray(w.T), fmt)
+                quant = (quant_refs, reason)
+            else:
+                b = self.weight(mm.inputs[1], self.act, np.ascontiguousarray(w.T)).transpose((1, 0))
+                quant = ((), reason)
+            b_shape = tuple(w.shape)
+        else:
+            b = self.ref(mm.inputs[1], self.act)
+            if len(b.shape) == 1:
+                b = b.reshape(b.shape + (1,))
+            b_shape = b.shape
+        batch = tuple(np.broadcast_shapes(a.shape[:-2], b_shape[:-2]))
+        M, K, N = a.shape[-2], a.shape[-1], b_shape[-1]
         kshape = batch + (M, N)
         last = (epi[-1] if epi else mm).outputs[0]
         expr, inputs = self._expression(epi, mm.outputs[0]) if epi else ([["acc"]], [])
@@ -526,10 +543,67 @@ class Partitioner:
         out = TensorRef.contiguous_view(out_buf, kshape)
         nodes = ([norm] if norm else []) + group.nodes
         a_atoms = {"dtype": a.dtype, "batch": a.batch_atoms(batch), "m": a.dim_atoms(-2), "k": a.dim_atoms(-1)}
-        b_atoms = {"dtype": b.dtype, "batch": b.batch_atoms(batch), "k": b.dim_atoms(-2), "n": b.dim_atoms(-1)}
+        if b_atoms is None:
+            b_atoms = {"dtype": b.dtype, "batch": b.batch_atoms(batch), "k": b.dim_atoms(-2), "n": b.dim_atoms(-1)}
         self._gemm_call(mm.name, a, a_atoms, b, b_atoms, (M, N, K), batch, norm, expr, epi_refs, out,
-                        [n.op for n in nodes], [s for n in nodes for s in n.source])
+                        [n.op for n in nodes], [s for n in nodes for s in n.source], quant=quant)
         self.refs[last] = TensorRef.contiguous_view(out_buf, onnx_shape)
+
+    def plan_weight(self, mm: Node, K: int, N: int, rows: int) -> tuple[str, str]:
+        """The storage format of a GEMM's constant weight [K, N] and the reason (the precision planner).
+        Weight-only quantization: activations stay in the engine's activation type."""
+        mb = K * N * 2 / 1e6
+        if self.precision not in QUANT_FORMATS and self.precision != "auto":
+            return self.act, ""
+        fp8_ok, nvfp4_ok = K % 16 == 0, K % 32 == 0
+        if self.precision == "auto":
+            if rows > gemv.MAX_M:
+                return self.act, (f"bf16: compute-bound GEMM (M={rows}); weight-only dequantization on CUDA cores "
+                                  "costs more than the bytes it saves")
+            if nvfp4_ok and mb >= 4:
+                return "nvfp4", (f"nvfp4: weight-streaming GEMV (M={rows}), {mb:.1f} MB of bf16 weights -> "
+                                 f"{mb * 0.5625 / 2:.1f} MB; large enough to pay for the block-scale dequantization")
+            if fp8_ok:
+                return "fp8", f"fp8: weight-streaming GEMV (M={rows}), {mb:.1f} MB of bf16 weights -> {mb / 2:.1f} MB"
+            return self.act, f"bf16: K={K} is not a multiple of 16"
+        if self.precision == "nvfp4" and nvfp4_ok:
+            return "nvfp4", f"nvfp4 (requested): {mb:.1f} MB of bf16 weights -> {mb * 0.5625 / 2:.1f} MB"
+        if self.precision == "nvfp4":
+            why = f"NVFP4 needs K to be a multiple of 32 (16-value blocks, 32 per 16-byte load); K={K}"
+            if fp8_ok:
+                self.warnings.append(f"node '{mm.name}': {why}; using fp8")
+                return "fp8", f"fp8 (fallback): {why}"
+            self.warnings.append(f"node '{mm.name}': {why}; keeping {self.act}")
+            return self.act, f"{self.act} (fallback): {why}"
+        if fp8_ok:
+            return "fp8", f"fp8 (requested): {mb:.1f} MB of bf16 weights -> {mb / 2:.1f} MB"
+        why = f"FP8 weights need K to be a multiple of 16; K={K}"
+        self.warnings.append(f"node '{mm.name}': {why}; keeping {self.act}")
+        return self.act, f"{self.act} (fallback): {why}"
+
+    def quant_weight(self, name: str, w_nk: np.ndarray, fmt: str) -> tuple[TensorRef, list[TensorRef], dict]:
+        """A constant weight [rows, K] quantized to fmt: (the data ref, its scale refs, the B operand params)."""
+        rows, K = w_nk.shape
+        key = (name, fmt, w_nk.shape)
+        if key not in self.weights:
+            if fmt == "fp8":
+                q, scale = quantize_fp8(w_nk)
+                data = Buffer(f"{name}/fp8", "weight", "fp8_e4m3", q.size, q)
+                extras = [Buffer(f"{name}/fp8_scale", "weight", "float32", rows, scale)]
+            else:
+                packed, block, global_scale = quantize_nvfp4(w_nk)
+                data = Buffer(f"{name}/nvfp4", "weight", "nvfp4", packed.size, packed)
+                extras = [Buffer(f"{name}/nvfp4_block", "weight", "uint8", block.size, block),
+                          Buffer(f"{name}/nvfp4_global", "weight", "float32", 1,
+                                 np.array([global_scale], np.float32))]
+            self.weights[key] = data
+            self.weights[key + ("extras",)] = extras
+            self.buffers += [data] + extras
+        data, extras = self.weights[key], self.weights[key + ("extras",)]
+        ref = TensorRef.contiguous_view(data, (data.nelems,))
+        extra_refs = [TensorRef.contiguous_view(e, (e.nelems,)) for e in extras]
+        b_atoms = {"dtype": data.dtype, "quant": fmt, "batch": [[1, 0]], "k": [[K, 1]], "n": [[rows, K]]}
+        return ref, extra_refs, b_atoms
 
     def emit_gated(self, group: Group) -> None:
         """x @ [Wg | Wu] -> act(g) * u (any elementwise DAG of the halves) as one gated GEMV."""
@@ -539,8 +613,13 @@ class Partitioner:
         a = self.ref(norm.inputs[0] if norm else mm.inputs[0], self.act)
         w = self.g.constants[mm.inputs[1]]
         K, F = w.shape[0], w.shape[1] // 2
-        b = self.weight(mm.inputs[1], self.act, np.ascontiguousarray(w.T)).transpose((1, 0))
         rows = math.prod(a.shape[:-1])
+        fmt, reason = self.plan_weight(mm, K, 2 * F, rows)
+        if fmt in QUANT_FORMATS:
+            b, quant_refs, b_atoms = self.quant_weight(mm.inputs[1], np.ascontiguousarray(w.T), fmt)
+        else:
+            b = self.weight(mm.inputs[1], self.act, np.ascontiguousarray(w.T)).transpose((1, 0))
+            quant_refs, b_atoms = [], {"dtype": b.dtype, "batch": [[1, 0]], "k": [[K, 1]], "n": [[2 * F, K]]}
         a2 = a.reshape((rows, K))
         if a2 is None:
             a2 = self.contiguous(a, mm.name, mm.source).reshape((rows, K))
@@ -551,10 +630,10 @@ class Partitioner:
         onnx_shape = self.g.values[last].shape
         epi_refs = [r.expand(onnx_shape).reshape((rows, F)) for r in inputs]
         a_atoms = {"dtype": a2.dtype, "batch": [[1, 0]], "m": a2.dim_atoms(0), "k": a2.dim_atoms(1)}
-        b_atoms = {"dtype": b.dtype, "batch": [[1, 0]], "k": [[K, 1]], "n": [[2 * F, K]]}
         nodes = ([norm] if norm else []) + group.nodes
         self._gemm_call(mm.name, a2, a_atoms, b, b_atoms, (rows, F, K), (), norm, expr, epi_refs, out,
-                        [n.op for n in nodes], [s for n in nodes for s in n.source], gated=True)
+                        [n.op for n in nodes], [s for n in nodes for s in n.source], gated=True,
+                        quant=(quant_refs, reason))
         self.refs[last] = TensorRef.contiguous_view(out_buf, onnx_shape)
 
     def emit_conv(self, group: Group) -> None:
@@ -743,7 +822,7 @@ class Partitioner:
                 self._eltwise_call(f"{name}/output", v.shape, [ref], [["in", 0]], out, ["Copy"], [name])
             outputs.append((name, own, v.shape))
         compute = sum(1 for n in self.g.nodes if n.op not in VIEW_OPS)
-        return Program(self.calls, inputs, outputs, self.buffers, compute)
+        return Program(self.calls, inputs, outputs, self.buffers, compute, self.warnings)
 
 
 def _atoms(atoms: list[list[int]]) -> list[list[int]]:

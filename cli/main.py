@@ -61,7 +61,9 @@ def targets() -> None:
 @click.option("--target", "-t", "target_list", multiple=True, help="thor, rtx5090, h100, ... or sm_XX[a]; repeats.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Engine file (default: MODEL with .frt).")
 @click.option("--shapes", help="Static sizes for dynamic inputs: name:1x3x224x224,other:1x16")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "fp8", "nvfp4", "auto"]), default="fp32",
+              show_default=True, help="fp8/nvfp4: weight-only quantized GEMM weights, bf16 activations; auto: "
+                                      "the planner picks per region (flashrt inspect shows why)")
 @click.option("--bundle-test", is_flag=True, help="Store sample inputs and expected outputs for `flashrt verify`.")
 @click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False), help=".npz of inputs for --bundle-test.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
@@ -81,6 +83,8 @@ def build(model: str, target_list: tuple, output: str | None, shapes: str | None
                               bundle_test, test_inputs, config=config_path)
     finally:
         progress.finish()
+    for w in result.warnings:
+        click.echo(f"flashrt: warning: {w}", err=True)
     click.echo(f"built {result.path}: {result.launches} launches for {result.compute_nodes} compute nodes, "
                f"{result.kernels} kernels, targets {', '.join(result.targets)}, {result.size / 1e6:.2f} MB")
 
@@ -131,6 +135,8 @@ def inspect(engine: str, as_json: bool) -> None:
     for r in info["regions"]:
         nodes = ", ".join(r["source_nodes"])
         click.echo(f"    [{r['launches'][0]:3d}] {r['kind']:9s} {r['precision']:8s} {'+'.join(r['ops'])}  <- {nodes}")
+        if r.get("reason"):
+            click.echo(f"          {r['reason']}")
     click.echo(f"  kernels    {len(info['kernels'])}")
     for k in info["kernels"]:
         res = "; ".join(f"{a}: {v.get('registers', '?')} regs, {v.get('shared_bytes', '?')} B smem, "
@@ -233,6 +239,92 @@ def bench(engine: str, iters: int, as_json: bool, profile: bool) -> None:
         click.echo(f"regions launched one by one: {total * 1e3:.1f} us in all")
         for r in result["regions"][:25]:
             click.echo(f"  {r['ms'] * 1e3:8.2f} us  {r['kind']:9s} {r['name']}  <- {', '.join(r['source_nodes'][:4])}")
+
+
+def _num(x: float | None, fmt: str) -> str:
+    if x is None:
+        return "-"
+    return format(x, fmt) if np.isfinite(x) else str(x)
+
+
+def _compare_row(e: dict, width: int) -> str:
+    name = e["name"] or f"({e['region']})"
+    name = name if len(name) <= width else "…" + name[-(width - 1):]
+    launch = "  -" if e.get("launch") is None else f"{e['launch']:3d}"
+    where = f"  [{launch}] {e['kind']} {e['precision']}" if "region" in e else ""
+    if "skipped" in e:
+        return f"{name:{width}s}  skipped: {e['skipped']}{where}"
+    verdict = {True: "pass", False: "FAIL", None: "-"}[e.get("passed")]
+    return (f"{name:{width}s}  {_num(e['max_abs'], '10.3e')}  {_num(e['rel_l2'], '10.3e')}  "
+            f"{_num(e['cosine'], '12.9f')}  {verdict:6s}{where}".rstrip())
+
+
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.argument("engine", type=click.Path(dir_okay=False))
+@click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False),
+              help=".npz of inputs (default: the engine's seeded random inputs).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the engine runs (the source always runs on the CPU, in fp32).")
+@click.option("--per-region", is_flag=True, help="Also compare every region's output (ONNX sources, --device cpu).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--rtol", type=float, help="Pass when max abs error <= atol + rtol * max|reference|.")
+@click.option("--atol", type=float, help="See --rtol (either may be given alone; the other is then 0).")
+@click.option("--min-cosine", type=float, help="Pass when the cosine of engine and reference is at least this.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="config.json of a .safetensors MODEL (default: the one beside it).")
+def compare(model: str, engine: str, inputs_path: str | None, device: str, per_region: bool, as_json: bool,
+            rtol: float | None, atol: float | None, min_cosine: float | None, config_path: str | None) -> None:
+    """Run the source MODEL (onnxruntime or PyTorch, fp32) and ENGINE on the same inputs; show each output's
+    max abs error, rel-L2 and cosine. Exit 0 when every output meets the tolerances given (always, without
+    any), 1 when one does not, 2 on an error. With --per-region, regions are marked for information."""
+    from flashrt.aot.compare import compare as run_compare
+    from flashrt.aot.compare import judge
+
+    try:
+        for flag, v in (("--rtol", rtol), ("--atol", atol)):
+            if v is not None and not (v >= 0 and np.isfinite(v)):
+                raise FlashRTError(f"{flag} {v}: expected a finite number >= 0")
+        if min_cosine is not None and not -1 <= min_cosine <= 1:
+            raise FlashRTError(f"--min-cosine {min_cosine}: expected a number in [-1, 1]")
+        feeds = _load_inputs(inputs_path) if inputs_path else None
+        result = run_compare(model, engine, feeds, device, per_region, config=config_path)
+    except FlashRTError as e:
+        _fail(str(e).replace("\n", " "), 2)
+    passed = judge(result, rtol, atol, min_cosine)
+    if as_json:
+        def clean(x):  # strict JSON: non-finite numbers become null (each entry's "finite" says so)
+            if isinstance(x, float) and not np.isfinite(x):
+                return None
+            if isinstance(x, dict):
+                return {k: clean(v) for k, v in x.items()}
+            if isinstance(x, list):
+                return [clean(v) for v in x]
+            return x
+
+        click.echo(json.dumps(clean(result), indent=1, allow_nan=False))
+    else:
+        click.echo(f"{engine} ({result['precision']}, {device}) vs {model}: {result['source']}")
+        shapes = ", ".join(f"{k} {v['dtype']}{v['shape']}" for k, v in result["input_shapes"].items())
+        click.echo(f"inputs: {result['inputs']}: {shapes}")
+        for note in result["notes"]:
+            click.echo(f"note: {note}")
+        entries = result["outputs"] + result.get("regions", [])
+        width = min(48, max([len("output")] + [len(e["name"] or "") for e in entries]))
+        click.echo(f"{'output':{width}s}  {'max abs':>10s}  {'rel-L2':>10s}  {'cosine':>12s}  result")
+        for e in result["outputs"]:
+            click.echo(_compare_row(e, width))
+        if "regions" in result:
+            click.echo(f"regions ({len(result['regions'])}, in launch order): each region's output against the "
+                       "source value of that name; [launch] kind precision")
+            for e in result["regions"]:
+                click.echo(_compare_row(e, width))
+        tol = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in result["tolerances"].items() if v is not None)
+        if passed is not None:
+            bad = [e["name"] for e in result["outputs"] if not e["passed"]]
+            click.echo(f"PASS: every output within {tol}" if passed else f"FAIL: {', '.join(bad)} outside {tol}")
+    if passed is False:
+        sys.exit(1)
 
 
 def main() -> None:

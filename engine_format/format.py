@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 MAGIC = b"FLASHRT\0"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 1
+FORMAT_MINOR = 2
 
 HEADER = struct.Struct("<8sHHIQQ32s")  # magic, major, minor, section_count, table_offset, file_size, table_sha256
 SECTION = struct.Struct("<IIQQQ32s32s")  # kind, flags, offset, size, alignment, name, sha256
@@ -19,7 +19,8 @@ MAX_SECTIONS = 4096
 BASE_ARENA = 0
 BASE_WEIGHTS = 1
 ARG_SIZES = {"ptr": 8, "i32": 4, "u32": 4, "f32": 4, "i64": 8}
-DTYPE_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "int64": 8, "uint8": 1, "int8": 1, "bool": 1}
+DTYPE_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "int64": 8, "uint8": 1, "int8": 1, "bool": 1,
+               "fp8_e4m3": 1, "nvfp4": 1}  # nvfp4: packed, two values per byte; shapes count bytes
 
 
 class SectionKind(enum.IntEnum):

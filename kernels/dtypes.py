@@ -6,10 +6,13 @@ rounding is to nearest-even, as the GPU's cvt.rn instructions do."""
 import numpy as np
 
 CTYPES = {"float32": "float", "bfloat16": "bf16_t", "float16": "f16_t", "int64": "long long", "int32": "int",
-          "int8": "signed char", "uint8": "unsigned char", "bool": "bool_t"}
-ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "int32": 4, "int64": 8, "uint8": 1, "int8": 1, "bool": 1}
+          "int8": "signed char", "uint8": "unsigned char", "bool": "bool_t", "fp8_e4m3": "fp8_t",
+          "nvfp4": "nvfp4x2_t"}
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "int32": 4, "int64": 8, "uint8": 1, "int8": 1, "bool": 1,
+            "fp8_e4m3": 1, "nvfp4": 1}  # nvfp4: one byte holds two values
 STORAGE = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.float16, "int32": np.int32,
-           "int64": np.int64, "uint8": np.uint8, "int8": np.int8, "bool": np.bool_}
+           "int64": np.int64, "uint8": np.uint8, "int8": np.int8, "bool": np.bool_, "fp8_e4m3": np.uint8,
+           "nvfp4": np.uint8}
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:

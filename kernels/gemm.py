@@ -5,6 +5,8 @@ params:
   M, N, K         problem size; batch: the output's leading dims (numpy matmul broadcasting)
   a: {dtype, batch, m, k}   b: {dtype, batch, k, n}   operand views: for each index, (size, stride) atoms
                                                       that it is decomposed over (aot/views.py)
+     b.quant: "fp8" | "nvfp4" (optional): a quantized weight stored [rows, K] (kernels/quant.py) with its
+     scales as extra arguments after b (fp8: b_scale [rows]; nvfp4: b_block [rows, K/16], b_global [1])
   ln: null | {eps, has_beta, rms}      LayerNorm (or RMSNorm) of A's rows over K, gamma/beta float32 [K]
   epi_inputs: [{dtype, atoms}]         extra epilogue tensors, atoms over batch + [M, N]
   expr: elementwise expression over ["acc"] and the epilogue inputs
@@ -17,14 +19,18 @@ import numpy as np
 
 from flashrt.kernels import expr as ex
 from flashrt.kernels.dtypes import CTYPES
-from flashrt.kernels.memory import load, load_atoms, store
+from flashrt.kernels.memory import load, load_atoms, raw, store
+from flashrt.kernels.quant import dequant_fp8, dequant_nvfp4
 from flashrt.kernels.source import atoms_code
 
 FAMILY = "gemm"
 
 
+QUANT_ARGS = {"fp8": [("b_scale", "ptr")], "nvfp4": [("b_block", "ptr"), ("b_global", "ptr")]}
+
+
 def arg_spec(p: dict) -> list[tuple[str, str]]:
-    args = [("a", "ptr"), ("b", "ptr")]
+    args = [("a", "ptr"), ("b", "ptr")] + QUANT_ARGS.get(p["b"].get("quant"), [])
     if p["ln"]:
         args.append(("ln_gamma", "ptr"))
         if p["ln"]["has_beta"]:
@@ -60,6 +66,12 @@ def problem_struct(p: dict, kind: str) -> tuple[str, list[str], list[str]]:
     fields = [f"const {CTYPES[a['dtype']]}* a;", f"const {CTYPES[b['dtype']]}* b;"]
     params = [f"const {CTYPES[a['dtype']]}* __restrict__ a", f"const {CTYPES[b['dtype']]}* __restrict__ b"]
     names = ["a", "b"]
+    quant = b.get("quant")
+    for name, _ in QUANT_ARGS.get(quant, []):
+        ctype = "unsigned char" if name == "b_block" else "float"
+        fields.append(f"const {ctype}* {name};")
+        params.append(f"const {ctype}* __restrict__ {name}")
+        names.append(name)
     if ln:
         fields += ["const float* gamma;", "const float* beta;"]
         params.append("const float* __restrict__ ln_gamma")
@@ -81,6 +93,9 @@ def problem_struct(p: dict, kind: str) -> tuple[str, list[str], list[str]]:
     body, result = ex.emit(p["expr"], lambda k: loads[k], acc="acc")
     body_text = "\n    ".join(body)
     eps = ex.c_float(ln["eps"]) if ln else "0.f"
+    row_scale = {"fp8": "g.b_scale[row]", "nvfp4": "g.b_global[0]"}.get(quant, "1.f")
+    quant_id = {"fp8": 1, "nvfp4": 2}.get(quant, 0)
+    block_scale = f"e4m3_to_float(g.b_block[(long)row * {K // 16} + kb])" if quant == "nvfp4" else "1.f"
     if kind == "tile":
         tm, tn = tile(p)
         k_contig = "true" if b["k"] == [[K, 1]] else "false"
@@ -91,8 +106,7 @@ def problem_struct(p: dict, kind: str) -> tuple[str, list[str], list[str]]:
                         + {atoms_code("(long)k", a["k"])}]);
   }}
   __device__ static float load_b(const Args& g, int bat, int k, int n) {{
-    return to_float(g.b[{atoms_code("(long)bat", b["batch"])} + {atoms_code("(long)k", b["k"])}
-                        + {atoms_code("(long)n", b["n"])}]);
+    {_tile_load_b(b, K)}
   }}"""
     else:
         shape = (f"static constexpr int M = {M}, N = {N}, K = {K}, R = {p['R']}, S = {p['S']};\n"
@@ -110,6 +124,9 @@ struct P {{
   static constexpr bool RMS = {"true" if ln and ln.get("rms") else "false"};
   static constexpr float EPS = {eps};
   {operand_loads}
+  static constexpr int QUANT = {quant_id};
+  __device__ static float row_scale(const Args& g, int row) {{ return {row_scale}; }}
+  __device__ static float block_scale(const Args& g, int row, int kb) {{ return {block_scale}; }}
   __device__ static float ln_gamma(const Args& g, int k) {{ return {"g.gamma[k]" if ln else "1.f"}; }}
   __device__ static float ln_beta(const Args& g, int k) {{ return {"g.beta[k]" if ln and ln["has_beta"] else "0.f"}; }}
   __device__ static void epilogue(const Args& g, int bat, int m, int n, float acc, float acc1 = 0.f) {{
@@ -121,6 +138,18 @@ struct P {{
 }}  // namespace
 '''
     return struct, params, names
+
+
+def _tile_load_b(b: dict, K: int) -> str:
+    """The tiled kernel's B element (k, n): a view's element, or a quantized weight's dequantized value."""
+    if b.get("quant") == "fp8":
+        return f"return e4m3_to_float(g.b[(long)n * {K} + k].x) * g.b_scale[n];"
+    if b.get("quant") == "nvfp4":
+        return (f"const unsigned byte = g.b[(long)n * {K // 2} + k / 2].x;\n"
+                f"    return e2m1_to_float((k & 1) ? byte >> 4 : byte & 15u) * "
+                f"e4m3_to_float(g.b_block[(long)n * {K // 16} + k / 16]) * g.b_global[0];")
+    return (f'return to_float(g.b[{atoms_code("(long)bat", b["batch"])} + {atoms_code("(long)k", b["k"])}\n'
+            f'                        + {atoms_code("(long)n", b["n"])}]);')
 
 
 def cuda_source(p: dict, symbol: str) -> str:
@@ -147,7 +176,16 @@ def reference(p: dict, args: dict) -> None:
         if ln["has_beta"]:
             A = A + load(args["ln_beta"], "float32", [K])
     width = 2 * N if p.get("gated") else N  # a gated GEMM computes [gate | up] and combines the halves
-    B = load_atoms(args["b"], b["dtype"], list(b["batch"]) + list(b["k"]) + list(b["n"]), batch + [K, width])
+    if b.get("quant") == "fp8":
+        W = dequant_fp8(raw(args["b"], width * K).reshape(width, K), load(args["b_scale"], "float32", [width]))
+        B = np.broadcast_to(W.T, batch + [K, width])
+    elif b.get("quant") == "nvfp4":
+        packed = raw(args["b"], width * K // 2).reshape(width, K // 2)
+        block = raw(args["b_block"], width * K // 16).reshape(width, K // 16)
+        W = dequant_nvfp4(packed, block, float(load(args["b_global"], "float32", [1])[0]))
+        B = np.broadcast_to(W.T, batch + [K, width])
+    else:
+        B = load_atoms(args["b"], b["dtype"], list(b["batch"]) + list(b["k"]) + list(b["n"]), batch + [K, width])
     acc = np.matmul(A.astype(np.float32), B).astype(np.float32)
     if p.get("gated"):
         acc = (np.ascontiguousarray(acc[..., :N]), np.ascontiguousarray(acc[..., N:]))

@@ -14,13 +14,14 @@ from flashrt.kernels import gemm
 
 FAMILY = "gemv"
 MAX_M = 8
-VEC_BYTES = 16
 
 
-def choose_config(M: int, N: int, K: int, itemsize: int) -> tuple[int, int]:
-    """(R, S): split K over as many warps (up to 8) as leave each a full 16-byte-per-lane step, then give a
-    warp 2 rows when that still leaves >= 2 blocks per multiprocessor of a 132-SM GPU."""
-    vec = VEC_BYTES // itemsize
+VALUES_PER_16B = {"float32": 4, "bfloat16": 8, "float16": 8, "fp8_e4m3": 16, "nvfp4": 32}
+
+
+def choose_config(M: int, N: int, K: int, vec: int) -> tuple[int, int]:
+    """(R, S): split K over as many warps (up to 8) as leave each a full 16-byte-per-lane step (vec values),
+    then give a warp 2 rows when that still leaves >= 2 blocks per multiprocessor of a 132-SM GPU."""
     S = 8
     while S > 1 and (K // S < 32 * vec or K % (S * vec)):
         S //= 2
@@ -29,8 +30,8 @@ def choose_config(M: int, N: int, K: int, itemsize: int) -> tuple[int, int]:
     return R, S
 
 
-def eligible(M: int, K: int, itemsize: int) -> bool:
-    return M <= MAX_M and K % (VEC_BYTES // itemsize) == 0
+def eligible(M: int, K: int, vec: int) -> bool:
+    return M <= MAX_M and K % vec == 0
 
 
 def arg_spec(p: dict) -> list[tuple[str, str]]:

@@ -96,6 +96,15 @@ def load_atoms(ptr: Pointer, dtype: str, atoms, shape) -> np.ndarray:
     return load(ptr, dtype, sizes, strides).reshape(shape)
 
 
+def raw(ptr: Pointer, nbytes: int) -> np.ndarray:
+    """The first nbytes bytes at ptr, as uint8 (quantized weights)."""
+    nbytes = int(nbytes)
+    if nbytes < 0 or nbytes > ptr.extent or ptr.offset + nbytes > ptr.buffer.size:
+        raise EngineFormatError(f"kernel argument '{ptr.name}': {nbytes} bytes exceed the {ptr.extent} the "
+                                "relocation grants")
+    return ptr.buffer[ptr.offset:ptr.offset + nbytes]
+
+
 def store(ptr: Pointer, dtype: str, values: np.ndarray) -> None:
     """Write float32 values, rounded to dtype, contiguously at ptr."""
     shape = list(values.shape)

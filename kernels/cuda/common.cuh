@@ -6,6 +6,21 @@
 struct bf16_t { unsigned short x; };
 struct f16_t { unsigned short x; };
 struct bool_t { unsigned char x; };
+struct fp8_t { unsigned char x; };      // FP8 E4M3 ("fn")
+struct nvfp4x2_t { unsigned char x; };  // two E2M1 values, the first in the low nibble
+
+// Exact decodings, matching flashrt/kernels/quant.py
+__device__ __forceinline__ float e4m3_to_float(unsigned v) {
+  const unsigned e = (v >> 3) & 15u, m = v & 7u;
+  float mag = e ? __uint_as_float(((e + 120u) << 23) | (m << 20)) : (float)m * 0.001953125f;
+  if (e == 15u && m == 7u) mag = __int_as_float(0x7fc00000);
+  return (v & 0x80u) ? -mag : mag;
+}
+__device__ __forceinline__ float e2m1_to_float(unsigned v) {
+  const unsigned e = (v >> 1) & 3u, m = v & 1u;
+  const float mag = e ? __uint_as_float(((e + 126u) << 23) | (m << 22)) : (float)m * 0.5f;
+  return (v & 8u) ? -mag : mag;
+}
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(bf16_t v) { return __uint_as_float(((unsigned)v.x) << 16); }
@@ -60,6 +75,8 @@ template <typename T> struct Vec;
 template <> struct Vec<float> { static constexpr int N = 4; };
 template <> struct Vec<bf16_t> { static constexpr int N = 8; };
 template <> struct Vec<f16_t> { static constexpr int N = 8; };
+template <> struct Vec<fp8_t> { static constexpr int N = 16; };
+template <> struct Vec<nvfp4x2_t> { static constexpr int N = 32; };
 
 __device__ __forceinline__ void unpack(const uint4& v, float (&out)[4], const float*) {
   out[0] = __uint_as_float(v.x); out[1] = __uint_as_float(v.y);
@@ -69,6 +86,16 @@ __device__ __forceinline__ void unpack(const uint4& v, float (&out)[8], const bf
   const unsigned w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) { out[2 * i] = __uint_as_float(w[i] << 16); out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u); }
+}
+__device__ __forceinline__ void unpack(const uint4& v, float (&out)[16], const fp8_t*) {
+  const unsigned w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 16; ++i) out[i] = e4m3_to_float((w[i / 4] >> (8 * (i % 4))) & 0xffu);
+}
+__device__ __forceinline__ void unpack(const uint4& v, float (&out)[32], const nvfp4x2_t*) {
+  const unsigned w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 32; ++i) out[i] = e2m1_to_float((w[i / 8] >> (4 * (i % 8))) & 0xfu);
 }
 __device__ __forceinline__ void unpack(const uint4& v, float (&out)[8], const f16_t*) {
   const unsigned w[4] = {v.x, v.y, v.z, v.w};

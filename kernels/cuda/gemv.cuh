@@ -13,6 +13,8 @@ __device__ __forceinline__ void gemv(const typename P::Args& g) {
   using TW = typename P::TW;
   constexpr int M = P::M, N = P::N, K = P::K, R = P::R, S = P::S;
   constexpr int VEC = Vec<TW>::N, GROUPS = 8 / S, KS = K / S, STEPS = (KS + 32 * VEC - 1) / (32 * VEC);
+  constexpr int BITS = 128 / VEC;                       // bits per weight: 32, 16, 8 (fp8), 4 (nvfp4)
+  constexpr long ROW_BYTES = (long)K * BITS / 8;
   __shared__ float red[S][GROUPS][M][R];
   __shared__ float row_mean[M], row_rstd[M];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -67,7 +69,8 @@ __device__ __forceinline__ void gemv(const typename P::Args& g) {
 #pragma unroll
       for (int r = 0; r < R; ++r)
         wv[r] = (n0 + r * ROW_STEP < ROWS && n0 < N)
-                    ? __ldg(reinterpret_cast<const uint4*>(w + (long)(n0 + r * ROW_STEP) * K + k))
+                    ? __ldg(reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned char*>(w) +
+                                                           (long)(n0 + r * ROW_STEP) * ROW_BYTES + (long)k * BITS / 8))
                     : make_uint4(0, 0, 0, 0);
 #pragma unroll
       for (int m = 0; m < M; ++m) {
@@ -90,8 +93,18 @@ __device__ __forceinline__ void gemv(const typename P::Args& g) {
         for (int r = 0; r < R; ++r) {
           float wf[VEC];
           unpack(wv[r], wf, w);
+          if constexpr (P::QUANT == 2) {  // NVFP4: one E4M3 scale per 16 values along K
 #pragma unroll
-          for (int j = 0; j < VEC; ++j) acc[m][r] = fmaf(a[j], wf[j], acc[m][r]);
+            for (int b = 0; b < VEC / 16; ++b) {
+              float part = 0.f;
+#pragma unroll
+              for (int j = 0; j < 16; ++j) part = fmaf(a[16 * b + j], wf[16 * b + j], part);
+              acc[m][r] = fmaf(part, P::block_scale(g, n0 + r * ROW_STEP, k / 16 + b), acc[m][r]);
+            }
+          } else {
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) acc[m][r] = fmaf(a[j], wf[j], acc[m][r]);
+          }
         }
       }
     }
@@ -112,7 +125,7 @@ __device__ __forceinline__ void gemv(const typename P::Args& g) {
         float s0 = 0.f, s1 = 0.f;
 #pragma unroll
         for (int j = 0; j < S; ++j) { s0 += red[j][gi][m][0]; s1 += red[j][gi][m][1]; }
-        P::epilogue(g, 0, m, n, s0, s1);
+        P::epilogue(g, 0, m, n, s0 * P::row_scale(g, n), s1 * P::row_scale(g, N + n));
       }
     }
   } else {
@@ -122,7 +135,7 @@ __device__ __forceinline__ void gemv(const typename P::Args& g) {
         float s = 0.f;
 #pragma unroll
         for (int j = 0; j < S; ++j) s += red[j][gi][m][r];
-        P::epilogue(g, 0, m, n, s);
+        P::epilogue(g, 0, m, n, s * P::row_scale(g, n));
       }
     }
   }

@@ -1,0 +1,45 @@
+"""Low-precision weight formats, decoded exactly in numpy (no ml_dtypes, so the runtime can use them):
+
+  fp8     FP8 E4M3 (OCP "fn": no infinities, 0x7F/0xFF NaN), one float32 scale per output channel:
+          W[n, k] = e4m3(q[n, k]) * scale[n]
+  nvfp4   NVFP4 as TensorRT / ModelOpt define it: E2M1 values packed two per byte (the first value in the
+          low nibble), one E4M3 scale per 16 consecutive values along K, one float32 global scale:
+          W[n, k] = e2m1(q[n, k]) * e4m3(block[n, k // 16]) * global
+Weights are stored [N, K] (K contiguous), as the GEMV streams them."""
+
+import numpy as np
+
+NVFP4_BLOCK = 16
+FP8_MAX = 448.0
+E2M1_MAX = 6.0
+
+
+def _e4m3_table() -> np.ndarray:
+    b = np.arange(256, dtype=np.int64)
+    sign = np.where(b & 0x80, -1.0, 1.0)
+    exp, man = (b >> 3) & 0xF, b & 0x7
+    value = np.where(exp == 0, man / 8.0 * 2.0**-6, (1 + man / 8.0) * 2.0 ** (exp - 7))
+    value = np.where((exp == 15) & (man == 7), np.nan, value)
+    return (sign * value).astype(np.float32)
+
+
+E4M3 = _e4m3_table()
+E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+
+
+def dequant_fp8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """q uint8 [N, K], scale float32 [N] -> float32 [N, K]."""
+    return E4M3[q] * scale.reshape(-1, 1)
+
+
+def unpack_e2m1(packed: np.ndarray) -> np.ndarray:
+    """uint8 [N, K/2] -> E2M1 values as float32 [N, K] (low nibble first)."""
+    lo, hi = E2M1[packed & 0xF], E2M1[packed >> 4]
+    return np.stack([lo, hi], axis=-1).reshape(packed.shape[0], -1)
+
+
+def dequant_nvfp4(packed: np.ndarray, block: np.ndarray, global_scale: float) -> np.ndarray:
+    """packed uint8 [N, K/2], block uint8 (E4M3) [N, K/16], global float -> float32 [N, K]."""
+    values = unpack_e2m1(packed)
+    scales = np.repeat(E4M3[block], NVFP4_BLOCK, axis=1)
+    return (values * scales * np.float32(global_scale)).astype(np.float32)
