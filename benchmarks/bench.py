@@ -140,6 +140,8 @@ def table(rows: list[dict], gpu: str, bw: float, date: str | None = None) -> str
             continue
         speedup = f"{compile_ms[r['workload']] / r['ms']:.2f}x" if r["workload"] in compile_ms else "-"
         floor = r.get(floors.get(r["precision"], ""), None)
+        if r["precision"] == "nvfp4":  # 4.5 bits per weight: E2M1 values plus one E4M3 scale per 16
+            floor = r["floor_ms_bf16"] * 4.5 / 16
         pct = f"{100 * floor / r['ms']:.0f}%" if floor else "-"
         lines.append(
             f"| {r['workload']} | {r['impl']} | {r['precision']} | {r['ms']:.3f} | {speedup} | {pct} | "
