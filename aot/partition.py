@@ -104,8 +104,13 @@ class Partitioner:
 
     def _grow(self, seed: Node, assigned: set, shape: tuple) -> list[Node]:
         """Largest elementwise DAG grown from seed whose only escaping value is its last node's output."""
-        members, produced = [seed], {seed.outputs[0]}
-        best, size = [seed], 1
+        return self._grow_from([seed], {seed.outputs[0]}, assigned, shape) or [seed]
+
+    def _grow_from(self, members: list[Node], produced: set, assigned: set, shape: tuple) -> list[Node] | None:
+        """Grow `members` (which produce `produced`) by elementwise consumers of their values; the largest
+        state whose only escaping value is the last member's output, or None."""
+        members, produced = list(members), set(produced)
+        best, size = None, len(members)
         while size < MAX_EXPR:
             cands = [u for v in produced for u in self.users.get(v, [])
                      if id(u) not in assigned and u not in members and self._fusable(u, shape)]
@@ -169,22 +174,7 @@ class Partitioner:
         if set(halves) != {0, half} or len(users) > 2:
             return None
         g, up = halves[0], halves[half]
-        shape = self.g.values[g].shape
-        members: list[Node] = []
-        produced, best = {g, up}, None
-        while len(members) < MAX_EXPR:
-            cands = [n for v in produced for n in self.users.get(v, [])
-                     if id(n) not in assigned and n not in members and self._fusable(n, shape)]
-            if not cands:
-                break
-            nxt = min(cands, key=lambda n: self.index[id(n)])
-            members.append(nxt)
-            produced.add(nxt.outputs[0])
-            last = max(members, key=lambda n: self.index[id(n)])
-            escaping = {v for v in produced if v in self.outputs
-                        or any(n not in members for n in self.users.get(v, []))}
-            if escaping == {last.outputs[0]}:
-                best = sorted(members, key=lambda n: self.index[id(n)])
+        best = self._grow_from([], {g, up}, assigned, self.g.values[g].shape)
         if best is None:
             return None
         splits = list({id(n): n for n in users}.values())

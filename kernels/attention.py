@@ -11,6 +11,7 @@ args: q, k, v, e0..e{n-1}, out"""
 import numpy as np
 
 from flashrt.kernels import expr as ex
+from flashrt.kernels.gemm import epilogue_decls
 from flashrt.kernels.dtypes import CTYPES
 from flashrt.kernels.memory import load_atoms, store
 from flashrt.kernels.source import atoms_code
@@ -60,16 +61,7 @@ def cuda_source(p: dict, symbol: str) -> str:
     fields = [f"const {tq}* q;", f"const {tk}* k;", f"const {tv}* v;"]
     params = [f"const {tq}* __restrict__ q", f"const {tk}* __restrict__ k", f"const {tv}* __restrict__ v"]
     names = ["q", "k", "v"]
-    for i, e in enumerate(p["epi_inputs"]):
-        fields.append(f"const {CTYPES[e['dtype']]}* e{i};")
-        params.append(f"const {CTYPES[e['dtype']]}* __restrict__ e{i}")
-        names.append(f"e{i}")
-    fields.append(f"{to}* out;")
-    params.append(f"{to}* __restrict__ out")
-    names.append("out")
-    loads = [f"to_float(g.e{i}[{atoms_code('o', e['atoms'])}])" for i, e in enumerate(p["epi_inputs"])]
-    body, result = ex.emit(p["expr"], lambda i: loads[i], acc="acc")
-    body_text = "\n    ".join(body)
+    body_text, result = epilogue_decls(p, "out", fields, params, names)
     T, S = p["T"], p["S"]
     return f'''#include "attention.cuh"
 

@@ -57,6 +57,21 @@ def launch_config(p: dict) -> tuple[tuple[int, int, int], tuple[int, int, int], 
     return grid, (256, 1, 1), 0
 
 
+def epilogue_decls(p: dict, out: str, fields: list, params: list, names: list) -> tuple[str, str]:
+    """Append the epilogue inputs' and the output's declarations; return the epilogue expression's CUDA
+    statements (over `acc` and the linear output index `o`) and the name of its result."""
+    for i, e in enumerate(p["epi_inputs"]):
+        fields.append(f"const {CTYPES[e['dtype']]}* e{i};")
+        params.append(f"const {CTYPES[e['dtype']]}* __restrict__ e{i}")
+        names.append(f"e{i}")
+    fields.append(f"{CTYPES[p['out_dtype']]}* {out};")
+    params.append(f"{CTYPES[p['out_dtype']]}* __restrict__ {out}")
+    names.append(out)
+    loads = [f"to_float(g.e{i}[{atoms_code('o', e['atoms'])}])" for i, e in enumerate(p["epi_inputs"])]
+    body, result = ex.emit(p["expr"], lambda k: loads[k], acc="acc")
+    return "\n    ".join(body), result
+
+
 def problem_struct(p: dict, kind: str) -> tuple[str, list[str], list[str]]:
     """The generated `struct P` a GEMM template (gemm.cuh's gemm_tile, gemv.cuh's gemv) instantiates: shapes,
     strided dtype-converting loads, the norm prologue's parameters and the epilogue; plus the kernel's
@@ -81,17 +96,7 @@ def problem_struct(p: dict, kind: str) -> tuple[str, list[str], list[str]]:
             names.append("ln_beta")
         else:
             names.append("nullptr")
-    for i, e in enumerate(p["epi_inputs"]):
-        fields.append(f"const {CTYPES[e['dtype']]}* e{i};")
-        params.append(f"const {CTYPES[e['dtype']]}* __restrict__ e{i}")
-        names.append(f"e{i}")
-    fields.append(f"{CTYPES[p['out_dtype']]}* c;")
-    params.append(f"{CTYPES[p['out_dtype']]}* __restrict__ c")
-    names.append("c")
-
-    loads = [f"to_float(g.e{i}[{atoms_code('o', e['atoms'])}])" for i, e in enumerate(p["epi_inputs"])]
-    body, result = ex.emit(p["expr"], lambda k: loads[k], acc="acc")
-    body_text = "\n    ".join(body)
+    body_text, result = epilogue_decls(p, "c", fields, params, names)
     eps = ex.c_float(ln["eps"]) if ln else "0.f"
     row_scale = {"fp8": "g.b_scale[row]", "nvfp4": "g.b_global[0]"}.get(quant, "1.f")
     quant_id = {"fp8": 1, "nvfp4": 2}.get(quant, 0)
