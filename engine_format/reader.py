@@ -150,20 +150,25 @@ def _fail(path: str, msg: str):
     raise EngineFormatError(f"{path}: {msg}")
 
 
+def _loc(where: str) -> str:
+    """Where a JSON field lives, for messages: the manifest, or the self-test bundle's JSON."""
+    return where if where.startswith("selftest") else f"manifest {where}" if where else "manifest"
+
+
 def _field(path: str, obj, key: str, kind, where: str):
     if not isinstance(obj, dict) or key not in obj:
-        _fail(path, f"manifest {where} lacks field '{key}'")
+        _fail(path, f"{_loc(where)} lacks field '{key}'")
     value = obj[key]
     ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
     if not ok:
-        _fail(path, f"manifest {where}.{key} is {type(value).__name__}, expected {getattr(kind, '__name__', kind)}")
+        _fail(path, f"{_loc(where)}.{key} is {type(value).__name__}, expected {getattr(kind, '__name__', kind)}")
     return value
 
 
 def _uint(path: str, obj, key: str, where: str, limit: int = MAX_BYTES) -> int:
     value = _field(path, obj, key, int, where)
     if not 0 <= value <= limit:
-        _fail(path, f"manifest {where}.{key} = {value} is out of range 0..{limit}")
+        _fail(path, f"{_loc(where)}.{key} = {value} is out of range 0..{limit}")
     return value
 
 
@@ -171,18 +176,18 @@ def _tensor(path: str, obj, where: str, region_bytes: int, region: str) -> Tenso
     name = _field(path, obj, "name", str, where)
     dtype = _field(path, obj, "dtype", str, where)
     if dtype not in DTYPE_SIZES:
-        _fail(path, f"manifest {where} '{name}' has unknown dtype {dtype!r}")
+        _fail(path, f"{_loc(where)} '{name}' has unknown dtype {dtype[:40]!r}")
     shape = _field(path, obj, "shape", list, where)
     if len(shape) > MAX_RANK or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_BYTES
                                         for d in shape):
-        _fail(path, f"manifest {where} '{name}' has invalid shape {shape!r}")
+        _fail(path, f"{_loc(where)} '{name}' has invalid shape {str(shape)[:80]}")
     offset = _uint(path, obj, "offset", where)
     nbytes = _uint(path, obj, "nbytes", where)
     expect = DTYPE_SIZES[dtype] * int(np.prod(shape, dtype=object))
     if nbytes != expect:
-        _fail(path, f"manifest {where} '{name}': nbytes {nbytes} != {expect} implied by {dtype}{shape}")
+        _fail(path, f"{_loc(where)} '{name}': nbytes {nbytes} != {expect} implied by {dtype}{shape}")
     if offset + nbytes > region_bytes:
-        _fail(path, f"manifest {where} '{name}': bytes {offset}..{offset + nbytes} exceed the {region} "
+        _fail(path, f"{_loc(where)} '{name}': bytes {offset}..{offset + nbytes} exceed the {region} "
                     f"({region_bytes} bytes)")
     return TensorInfo(name, dtype, tuple(shape), offset, nbytes)
 
@@ -235,6 +240,8 @@ def _parse(path: str, data, verify: bool) -> EngineFile:
             name = name_b.rstrip(b"\0").decode()
         except UnicodeDecodeError:
             _fail(path, f"{where}.name is not UTF-8: {name_b!r}")
+        if flags:
+            _fail(path, f"{where} ('{name}').flags = {flags}, expected 0 (format {FORMAT_MAJOR}.x defines no flags)")
         if align < MIN_ALIGNMENT or align & (align - 1) or align > MAX_BYTES:
             _fail(path, f"{where} ('{name}').alignment = {align}, expected a power of two >= {MIN_ALIGNMENT}")
         if off % align:
@@ -243,6 +250,8 @@ def _parse(path: str, data, verify: bool) -> EngineFile:
             _fail(path, f"{where} ('{name}').offset = {off} overlaps the previous section or table (ends {prev_end})")
         if sz > size or off + sz > size:
             _fail(path, f"{where} ('{name}') spans {off}..{off + sz}, past the end of the file ({size})")
+        if any(data[prev_end:off]):
+            _fail(path, f"{where} ('{name}'): the padding at {prev_end}..{off} before it is not zero")
         if (kind, name) in names:
             _fail(path, f"{where}: duplicate section kind {kind} name '{name}'")
         names.add((kind, name))
@@ -250,6 +259,8 @@ def _parse(path: str, data, verify: bool) -> EngineFile:
             _fail(path, f"{where} ('{name}') checksum mismatch: the section is corrupted")
         prev_end = off + sz
         sections.append(Section(kind, name, off, sz, align, sha))
+    if any(data[prev_end:size]):
+        _fail(path, f"the bytes at {prev_end}..{size} after the last section are not zero")
 
     def only(kind: SectionKind) -> Section:
         found = [s for s in sections if s.kind == kind]
@@ -260,6 +271,9 @@ def _parse(path: str, data, verify: bool) -> EngineFile:
     m_sec, w_sec, l_sec, r_sec, a_sec = (only(k) for k in (SectionKind.MANIFEST, SectionKind.WEIGHTS,
                                                              SectionKind.LAUNCHES, SectionKind.RELOCATIONS,
                                                              SectionKind.ARGUMENTS))
+    selftests = [s for s in sections if s.kind == SectionKind.SELFTEST]
+    if len(selftests) > 1:
+        _fail(path, f"expected at most one selftest section, found {len(selftests)}")
     cubins = [s for s in sections if s.kind == SectionKind.CUBIN]
     if not cubins:
         _fail(path, "the engine has no cubin section")
@@ -270,8 +284,9 @@ def _parse(path: str, data, verify: bool) -> EngineFile:
     if not isinstance(manifest, dict):
         _fail(path, f"manifest is a JSON {type(manifest).__name__}, expected an object")
     fmt = _field(path, manifest, "format", dict, "")
-    if fmt.get("major") != major or fmt.get("minor") != minor:
-        _fail(path, f"manifest format {fmt!r} disagrees with the header's {major}.{minor}")
+    if [fmt.get("major"), fmt.get("minor")] != [major, minor] or not all(
+            type(fmt.get(k)) is int for k in ("major", "minor")):
+        _fail(path, f"manifest format {str(fmt)[:80]} disagrees with the header's {major}.{minor}")
 
     memory = _field(path, manifest, "memory", dict, "")
     arena_bytes = _uint(path, memory, "arena_bytes", "memory")
@@ -293,8 +308,9 @@ def _parse(path: str, data, verify: bool) -> EngineFile:
     for i, w in enumerate(_field(path, manifest, "weights", list, "")):
         _tensor(path, w, f"weights[{i}]", weights_bytes, "weights section")
     targets = _field(path, manifest, "targets", list, "")
-    if sorted(targets) != sorted(s.name for s in cubins):
-        _fail(path, f"manifest targets {targets} disagree with the cubin sections {[s.name for s in cubins]}")
+    if not all(isinstance(t, str) for t in targets) or sorted(targets) != sorted(s.name for s in cubins):
+        _fail(path, f"manifest targets {str(targets)[:120]} disagree with the cubin sections "
+                    f"{[s.name for s in cubins]}")
 
     kernels = []
     for i, k in enumerate(_field(path, manifest, "kernels", list, "")):
@@ -314,7 +330,8 @@ def _parse(path: str, data, verify: bool) -> EngineFile:
             arg_offsets.append(_uint(path, a, "offset", f"{where}.args[{j}]"))
         expect_offsets, args_size = arg_layout(arg_types)
         if arg_offsets != expect_offsets:
-            _fail(path, f"manifest {where}.args offsets {arg_offsets} differ from the ABI layout {expect_offsets}")
+            _fail(path, f"manifest {where}.args offsets {str(arg_offsets)[:120]} differ from the ABI layout "
+                        f"{str(expect_offsets)[:120]}")
         kernels.append(KernelInfo(symbol, family, params, arg_names, arg_types, arg_offsets, args_size))
 
     if l_sec.size % LAUNCH.size:
@@ -369,8 +386,8 @@ def _parse(path: str, data, verify: bool) -> EngineFile:
     for i, r in enumerate(regions):
         _field(path, r, "name", str, f"regions[{i}]")
         for j in _field(path, r, "launches", list, f"regions[{i}]"):
-            if not isinstance(j, int) or not 0 <= j < len(launches):
-                _fail(path, f"manifest regions[{i}].launches names launch {j!r}; there are {len(launches)}")
+            if not isinstance(j, int) or isinstance(j, bool) or not 0 <= j < len(launches):
+                _fail(path, f"manifest regions[{i}].launches names launch {str(j)[:40]}; there are {len(launches)}")
     _field(path, manifest, "provenance", dict, "")
 
     return EngineFile(path, major, minor, sections, manifest, io["inputs"], io["outputs"], kernels, launches,

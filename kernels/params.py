@@ -241,8 +241,9 @@ def _reduce(p: dict) -> None:
     p = Dict({"outer": DIM0, "R": DIM, "op": Enum("sum", "mean", "max", "min"), "atoms": ATOMS,
               "in_dtype": Dtype, "out_dtype": Dtype})(p, "")
     _elements("outer, R", "input", p["outer"], p["R"])
-    # sum and mean accumulate sequentially over R in Python: count a step as 64 elements of work
-    _work("outer, R", "element operations (R x (outer + 64))", p["R"] * (p["outer"] + 64), MAX_ELEMENTWISE_WORK)
+    # sum and mean accumulate sequentially over R in Python: count each step as 1024 elements of work
+    _work("outer, R", "element operations (R x (outer + 1024))", p["R"] * (p["outer"] + 1024),
+          MAX_ELEMENTWISE_WORK)
 
 
 CHECKS = {"gemm": _gemm, "gemv": _gemm, "attention": _attention, "eltwise": _eltwise, "softmax": _softmax,

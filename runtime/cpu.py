@@ -2,18 +2,21 @@
 on the same file the GPU runs. Arguments are decoded from the packed bytes and relocations exactly as
 the GPU loader patches them, and every view is bounds-checked (kernels/memory.py)."""
 
+import math
 import struct
+from types import ModuleType
 
 import numpy as np
 
 from flashrt.engine_format.format import BASE_ARENA
 from flashrt.engine_format.reader import EngineFile
 from flashrt.errors import EngineFormatError
-from flashrt.kernels.memory import Pointer
-from flashrt.kernels.registry import family
+from flashrt.kernels.memory import MAX_VIEW_ELEMENTS, Pointer
 from flashrt.runtime.engine import Engine
 
 _SCALARS = {"i32": "<i", "u32": "<I", "f32": "<f", "i64": "<q"}
+# The largest input or output the executor exchanges with its caller (elements), as for any view it makes.
+MAX_IO_ELEMENTS = MAX_VIEW_ELEMENTS
 
 
 class CPUEngine(Engine):
@@ -21,12 +24,27 @@ class CPUEngine(Engine):
 
     def __init__(self, engine_file: EngineFile):
         super().__init__(engine_file)
-        self.arena = np.zeros(engine_file.arena_bytes, np.uint8)
+        path = engine_file.path
+        for key, tensors in (("inputs", engine_file.inputs), ("outputs", engine_file.outputs)):
+            for j, t in enumerate(tensors):
+                count = math.prod(max(d, 1) for d in t.shape)
+                if count > MAX_IO_ELEMENTS:
+                    raise EngineFormatError(f"{path}: manifest {key}[{j}] '{t.name}' has shape {list(t.shape)} "
+                                            f"({count} elements), more than the CPU reference executor's limit "
+                                            f"of {MAX_IO_ELEMENTS}")
+        try:
+            self.arena = np.zeros(engine_file.arena_bytes, np.uint8)
+        except MemoryError:
+            raise EngineFormatError(f"{path}: manifest memory.arena_bytes = {engine_file.arena_bytes}: this host "
+                                    f"cannot allocate an arena that large") from None
         self.weights = engine_file.weights()  # read-only view of the file
         self.steps = []
+        checked: dict[int, ModuleType] = {}
         for i, launch in enumerate(engine_file.launches):
             k = engine_file.kernels[launch.kernel]
-            fam = family(k.family)
+            if launch.kernel not in checked:
+                checked[launch.kernel] = self._check_kernel(launch.kernel)
+            fam = checked[launch.kernel]
             raw = engine_file.launch_args(launch)
             run = engine_file.relocations[launch.reloc_first:launch.reloc_first + launch.reloc_count]
             relocs = {r.slot: r for r in run}
@@ -47,10 +65,13 @@ class CPUEngine(Engine):
             self.arena[t.offset:t.offset + t.nbytes] = stored[t.name].view(np.uint8).reshape(-1)
         for i, k, fam, args in self.steps:
             try:
-                fam.reference(k.params, args)
-            except EngineFormatError:
-                raise
-            except (KeyError, TypeError, ValueError, IndexError, OverflowError, MemoryError, AttributeError) as e:
-                raise EngineFormatError(f"launch[{i}] ({k.family} kernel {k.symbol}): invalid parameters or "
-                                        f"arguments: {type(e).__name__}: {str(e)[:160]}") from None
+                with np.errstate(all="ignore"):  # a model's overflow or NaN is data, not a fault of the file
+                    fam.reference(k.params, args)
+            except EngineFormatError as e:
+                raise EngineFormatError(f"{self.file.path}: launch[{i}] ({k.family} kernel {k.symbol}): {e}") from None
+            except (KeyError, TypeError, ValueError, IndexError, ArithmeticError, MemoryError, AttributeError) as e:
+                # A safety net for what the params and view checks missed. Chained (from e), unlike the
+                # deliberate errors above, so that tests/test_fuzz.py can tell such a gap from a check.
+                raise EngineFormatError(f"{self.file.path}: launch[{i}] ({k.family} kernel {k.symbol}): invalid "
+                                        f"parameters or arguments: {type(e).__name__}: {str(e)[:160]}") from e
         return {t.name: self.host_output(t, self.arena[t.offset:t.offset + t.nbytes]) for t in self.outputs}

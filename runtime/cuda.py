@@ -72,6 +72,7 @@ class CUDAEngine(Engine):
             raise DeviceError(f"CUDA is not available: {e}") from None
         _check(cu.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
         self._check_driver()
+        self.check_kernels()  # the same params / argument checks the CPU executor makes, before any launch
         major, minor = device_arch(ordinal)
         self.arch = pick_cubin_arch(engine_file.targets, major, minor)
         self._module = _check(cu.cuModuleLoadData(engine_file.cubin(self.arch)), f"loading the {self.arch} cubin")

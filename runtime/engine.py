@@ -2,9 +2,13 @@
 
 import numpy as np
 
+from types import ModuleType
+
 from flashrt.engine_format.reader import EngineFile, TensorInfo
-from flashrt.errors import InputError
+from flashrt.errors import EngineFormatError, InputError
 from flashrt.kernels.dtypes import STORAGE, bf16_to_f32, f32_to_bf16
+from flashrt.kernels.params import check as check_params
+from flashrt.kernels.registry import family
 
 HOST_DTYPES = {"bfloat16": np.float32}  # bfloat16 tensors are exchanged as float32 arrays
 
@@ -17,6 +21,29 @@ class Engine:
     def __init__(self, engine_file: EngineFile):
         self.file = engine_file
         self.manifest = engine_file.manifest
+
+    def _check_kernel(self, index: int) -> ModuleType:
+        """The kernel's family, after checking its params and that its argument list is the family's."""
+        k = self.file.kernels[index]
+        where = f"{self.file.path}: manifest kernels[{index}] ({k.family} kernel {k.symbol})"
+        try:
+            fam = family(k.family)
+            check_params(k.family, k.params)
+        except EngineFormatError as e:
+            raise EngineFormatError(f"{where}: {e}") from None
+        try:
+            spec = [(str(n), str(t)) for n, t in fam.arg_spec(k.params)]
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:  # a family without a params check
+            raise EngineFormatError(f"{where}: invalid params: {type(e).__name__}: {str(e)[:160]}") from e
+        have = list(zip(k.arg_names, k.arg_types))
+        if have != spec:
+            raise EngineFormatError(f"{where}: args {_show(have)} differ from the family's parameters {_show(spec)}")
+        return fam
+
+    def check_kernels(self) -> None:
+        """Every kernel's params and argument list, checked before anything runs (both executors)."""
+        for index in range(len(self.file.kernels)):
+            self._check_kernel(index)
 
     @property
     def inputs(self) -> list[TensorInfo]:
@@ -75,3 +102,8 @@ class Engine:
         """Stored bytes of output t -> the numpy array handed to the caller."""
         arr = raw.view(STORAGE[t.dtype]).reshape(t.shape)
         return bf16_to_f32(arr) if t.dtype == "bfloat16" else arr.copy()
+
+
+def _show(pairs: list) -> str:
+    text = ", ".join(f"{n}:{t}" for n, t in pairs)
+    return f"[{text if len(text) <= 200 else text[:197] + '...'}]"
