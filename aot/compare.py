@@ -328,28 +328,15 @@ def _arena_value(arena: np.ndarray, out: dict):
 
 
 def _run_stepwise(eng, feeds: dict, snapshot_after: dict) -> tuple[dict, dict]:
-    """Run a CPU engine launch by launch; (outputs, region index -> its output read right after its last launch)."""
-    from flashrt.errors import EngineFormatError
-
-    stored = eng.check_inputs(feeds)
-    for t in eng.inputs:
-        eng.arena[t.offset:t.offset + t.nbytes] = stored[t.name].view(np.uint8).reshape(-1)
+    """Run a CPU engine; (outputs, region index -> its output read right after its last launch)."""
     regions = eng.manifest["regions"]
     snaps = {}
-    for step in eng.steps:
-        i, k, fam, args = step[:4]
-        try:
-            with np.errstate(all="ignore"):
-                fam.reference(k.params, args)
-        except EngineFormatError as e:
-            raise EngineFormatError(f"{eng.file.path}: launch[{i}] ({k.family} kernel {k.symbol}): {e}") from None
-        except (KeyError, TypeError, ValueError, IndexError, ArithmeticError, MemoryError, AttributeError) as e:
-            raise EngineFormatError(f"{eng.file.path}: launch[{i}] ({k.family} kernel {k.symbol}): invalid "
-                                    f"parameters or arguments: {type(e).__name__}: {str(e)[:160]}") from None
+
+    def snapshot(i: int) -> None:
         for r in snapshot_after.get(i, ()):
             snaps[r] = _arena_value(eng.arena, regions[r]["output"])
-    outputs = {t.name: eng.host_output(t, eng.arena[t.offset:t.offset + t.nbytes]) for t in eng.outputs}
-    return outputs, snaps
+
+    return eng.run(feeds, after_launch=snapshot), snaps
 
 
 def _entry(name: str, got: np.ndarray, ref: np.ndarray) -> dict:

@@ -59,7 +59,9 @@ class CPUEngine(Engine):
                     args[name] = struct.unpack_from(_SCALARS[typ], raw, off)[0]
             self.steps.append((i, k, fam, args))
 
-    def run(self, feeds: dict) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict, after_launch=None) -> dict[str, np.ndarray]:
+        """Run the launch list; after_launch(i), if given, is called after launch i (accuracy tools read the
+        arena there, before a later launch reuses it)."""
         stored = self.check_inputs(feeds)
         for t in self.inputs:
             self.arena[t.offset:t.offset + t.nbytes] = stored[t.name].view(np.uint8).reshape(-1)
@@ -74,4 +76,6 @@ class CPUEngine(Engine):
                 # deliberate errors above, so that tests/test_fuzz.py can tell such a gap from a check.
                 raise EngineFormatError(f"{self.file.path}: launch[{i}] ({k.family} kernel {k.symbol}): invalid "
                                         f"parameters or arguments: {type(e).__name__}: {str(e)[:160]}") from e
+            if after_launch is not None:
+                after_launch(i)
         return {t.name: self.host_output(t, self.arena[t.offset:t.offset + t.nbytes]) for t in self.outputs}
