@@ -88,7 +88,8 @@ class Partitioner:
         self.outputs = set(graph.outputs)
         self.index = {id(n): i for i, n in enumerate(graph.nodes)}
         self.refs: dict[str, TensorRef] = {}
-        self.weights: dict[tuple[str, str], Buffer] = {}
+        self.weights: dict[tuple, Buffer] = {}
+        self.quant_weights: dict[tuple, tuple[Buffer, list[Buffer]]] = {}  # (data, its scale tensors)
         self.calls: list[KernelCall] = []
         self.buffers: list[Buffer] = []
         self.output_buffers: dict[str, Buffer] = {}
@@ -575,7 +576,7 @@ class Partitioner:
         """A constant weight [rows, K] quantized to fmt: (the data ref, its scale refs, the B operand params)."""
         rows, K = w_nk.shape
         key = (name, fmt, w_nk.shape)
-        if key not in self.weights:
+        if key not in self.quant_weights:
             if fmt == "fp8":
                 q, scale = quantize_fp8(w_nk)
                 data = Buffer(f"{name}/fp8", "weight", "fp8_e4m3", q.size, q)
@@ -586,10 +587,9 @@ class Partitioner:
                 extras = [Buffer(f"{name}/nvfp4_block", "weight", "uint8", block.size, block),
                           Buffer(f"{name}/nvfp4_global", "weight", "float32", 1,
                                  np.array([global_scale], np.float32))]
-            self.weights[key] = data
-            self.weights[key + ("extras",)] = extras
+            self.quant_weights[key] = (data, extras)
             self.buffers += [data] + extras
-        data, extras = self.weights[key], self.weights[key + ("extras",)]
+        data, extras = self.quant_weights[key]
         ref = TensorRef.contiguous_view(data, (data.nelems,))
         extra_refs = [TensorRef.contiguous_view(e, (e.nelems,)) for e in extras]
         b_atoms = {"dtype": data.dtype, "quant": fmt, "batch": [[1, 0]], "k": [[K, 1]], "n": [[rows, K]]}

@@ -179,8 +179,7 @@ class CUDAEngine(Engine):
         finally:
             graph = _check(cu.cuStreamEndCapture(s), "cuStreamEndCapture")
         exe = _check(cu.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
-        self._graphs.append((graph, exe))
-        self._keep = (blob, buf, params)  # kernel node parameters were copied at capture; keep for clarity
+        self._graphs.append((graph, exe))  # kernel nodes copied their parameters at capture
         return exe
 
     # ---- running -------------------------------------------------------------------------------------

@@ -159,13 +159,7 @@ class Checkpoint:
 
     @classmethod
     def from_index(cls, index: str) -> "Checkpoint":
-        try:
-            with open(index, encoding="utf-8") as f:
-                doc = json.load(f)
-        except OSError as e:
-            raise ModelError(f"{index}: cannot read: {e.strerror or e}") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ModelError(f"{index}: not valid JSON ({str(e)[:120]})") from None
+        doc = _read_json(index)
         wmap = doc.get("weight_map") if isinstance(doc, dict) else None
         if not isinstance(wmap, dict) or not wmap or not all(isinstance(v, str) for v in wmap.values()):
             raise ModelError(f"{index}: no weight_map of tensor name -> shard file")
@@ -835,18 +829,22 @@ def _check_and_load(net: _Net, ck: Checkpoint) -> None:
         net.values[name] = Value(name, dtype_of(arr), tuple(arr.shape))
 
 
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path}: not valid JSON ({str(e)[:120]})") from None
+
+
 def import_safetensors(path: str, config: str | None = None, shapes: dict | None = None) -> tuple[Graph, str]:
     """Build the graph of a safetensors checkpoint (a folder, a .safetensors file or an index) from its config.
     Returns the graph and a sha256 over the config and the weight files."""
     shapes = dict(shapes or {})
     cfg_path, ck, files = _locate(path, config)
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            data = json.load(f)
-    except OSError as e:
-        raise ModelError(f"{cfg_path}: cannot read: {e.strerror or e}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{cfg_path}: not valid JSON ({str(e)[:120]})") from None
+    data = _read_json(cfg_path)
     if not isinstance(data, dict):
         raise ModelError(f"{cfg_path}: not a JSON object")
     top = Config(data, cfg_path)
