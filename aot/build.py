@@ -9,8 +9,11 @@ from flashrt.aot.codegen import build_cubins, kernel_source, min_driver
 from flashrt.aot.importers.onnx_import import import_onnx
 from flashrt.aot.importers.safetensors_import import import_safetensors
 from flashrt.aot.memory import plan_memory
-from flashrt.aot.partition import Program, partition
+from flashrt.aot.partition import EntryState, Program, Shared, partition
+from flashrt.aot.state import StateTensor, entry_shapes, make_stateful
+from flashrt.aot.views import Buffer
 from flashrt.aot.passes import run_passes
+from flashrt.aot.sensitivity import calibrate_and_plan
 from flashrt.aot.targets import resolve_target
 from flashrt.engine_format.format import BASE_ARENA, BASE_WEIGHTS, FORMAT_MAJOR, FORMAT_MINOR, Launch, Relocation, \
     arg_layout
@@ -34,13 +37,24 @@ class BuildResult:
     warnings: list[str]
 
 
-def assemble(program: Program, arena_bytes: int, weights: bytes, cubins: dict[str, bytes], resources: dict,
-             provenance: dict) -> dict:
-    """The engine's parts, as engine_format.writer.engine_bytes takes them."""
+@dataclass
+class Entry:
+    """One entry point of an engine: its program and, for a stateful decoder, its token bookkeeping."""
+    name: str
+    program: Program
+    state: EntryState | None = None
+    token_axes: dict[str, int] | None = None
 
+
+def assemble(entries: list[Entry] | Program, arena_bytes: int, weights: bytes, cubins: dict[str, bytes],
+             resources: dict, provenance: dict, state: dict | None = None) -> dict:
+    """The engine's parts, as engine_format.writer.engine_bytes takes them. `state`: the manifest's `state` and
+    `context` (engine_format/SPEC.md §11) for a stateful engine."""
+    if isinstance(entries, Program):
+        entries = [Entry("main", entries)]
     kernel_index: dict[tuple[str, str], int] = {}
-    kernels, launches, relocs, args_blob, regions = [], [], [], bytearray(), []
-    for call in program.calls:
+    kernels, launches, relocs, args_blob, regions, spans = [], [], [], bytearray(), [], []
+    for entry_name, call in ((e.name, c) for e in entries for c in e.program.calls):
         fam = family(call.family)
         src = kernel_source(call.family, call.params)
         key = (call.family, src.params_json)
@@ -68,21 +82,26 @@ def assemble(program: Program, arena_bytes: int, weights: bytes, cubins: dict[st
                         "launches": [len(launches) - 1], "ops": call.ops, "source_nodes": call.source_nodes,
                         "precision": call.args[-1].dtype, "reason": call.reason,
                         "output": {"value": out.buffer.name, "dtype": out.dtype, "shape": list(out.shape),
-                                   "offset": out.buffer.offset + out.offset * ITEMSIZE[out.dtype]}})
+                                   "offset": out.buffer.offset + out.offset * ITEMSIZE[out.dtype]},
+                        **({"entry": entry_name} if len(entries) > 1 else {})})
         args_blob += packed
         args_blob += bytes(-len(args_blob) % 8)
 
-    def io(entries):
+    def io(tensors):
         return [{"name": n, "dtype": b.dtype, "shape": list(s), "offset": b.offset, "nbytes": b.nbytes}
-                for n, b, s in entries]
+                for n, b, s in tensors]
 
-    weight_table = sorted(({"name": b.name, "dtype": b.dtype, "shape": list(b.data.shape), "offset": b.offset,
-                            "nbytes": b.nbytes} for b in program.buffers if b.kind == "weight"),
-                          key=lambda w: w["offset"])
+    weight_table = {b.offset: {"name": b.name, "dtype": b.dtype, "shape": list(b.data.shape), "offset": b.offset,
+                               "nbytes": b.nbytes} for e in entries for b in e.program.buffers if b.kind == "weight"}
+    weight_table = [weight_table[o] for o in sorted(weight_table)]
+    first = 0
+    for e in entries:
+        spans.append([first, len(e.program.calls)])
+        first += len(e.program.calls)
     manifest = {
         "format": {"major": FORMAT_MAJOR, "minor": FORMAT_MINOR},
-        "inputs": io(program.inputs),
-        "outputs": io(program.outputs),
+        "inputs": io(entries[0].program.inputs),
+        "outputs": io(entries[0].program.outputs),
         "memory": {"arena_bytes": arena_bytes, "weights_bytes": len(weights)},
         "kernels": kernels,
         "regions": regions,
@@ -91,6 +110,13 @@ def assemble(program: Program, arena_bytes: int, weights: bytes, cubins: dict[st
         "kernel_resources": resources,
         "provenance": provenance,
     }
+    if state is not None:
+        manifest.update(state)
+        manifest["entries"] = [
+            {"name": e.name, "inputs": io(e.program.inputs), "outputs": io(e.program.outputs), "launches": span,
+             "tokens": e.state.tokens, "length": e.state.length.offset if e.state.length else None,
+             "needs_context": e.state.length is None, "token_axes": e.token_axes or {}}
+            for e, span in zip(entries, spans)]
     return {"manifest": manifest, "cubins": cubins, "weights": weights, "launches": launches,
             "relocations": relocs, "arguments": bytes(args_blob)}
 
@@ -123,15 +149,23 @@ def make_selftest(engine: bytes, precision: str, feeds: dict | None) -> bytes:
 
 def build_engine(model: str, targets: list[str], output: str | None = None, shapes: dict | None = None,
                  precision: str = "fp32", progress: Progress | None = None, bundle_test: bool = False,
-                 test_inputs: dict | None = None, config: str | None = None) -> BuildResult:
+                 test_inputs: dict | None = None, config: str | None = None, max_context: int | None = None,
+                 prefill_len: int = 0, calib: str | None = None, min_cosine: float | None = None) -> BuildResult:
     """Compile `model` into an engine at `output`. With bundle_test, the engine carries sample inputs
     (test_inputs, or seeded random ones) and the outputs the CPU reference executor gives for them.
     `model` is an .onnx file, or a safetensors checkpoint (a folder with config.json, a .safetensors file or a
-    .safetensors.index.json) whose graph is built from its config (`config`: a config.json elsewhere)."""
+    .safetensors.index.json) whose graph is built from its config (`config`: a config.json elsewhere).
+    With max_context, a decoder exported with KV-cache inputs becomes a stateful engine (aot/state.py) with a
+    `decode` entry point (1 token) and, when prefill_len > 0, a `prefill` entry point (up to prefill_len tokens).
+    With calib (an .npz of representative inputs), GEMM activations get static FP8 scales (aot/calibrate.py) and
+    the GEMMs whose quantization would cost the most accuracy stay bf16, so that the outputs keep min_cosine
+    (default: 0.999 for fp8, 0.99 for nvfp4 and auto) to the float32 model on those inputs (aot/sensitivity.py)."""
     def stage(name: str) -> None:
         if progress:
             progress(name, 0, 0, 0)
 
+    if min_cosine is not None and calib is None:
+        raise BuildError("--min-cosine sets the accuracy target of --calib; give --calib inputs.npz too")
     archs = sorted({resolve_target(t) for t in (targets or ["thor"])})
     lower = model.lower()
     safetensors = os.path.isdir(model) or lower.endswith((".safetensors", ".safetensors.index.json"))
@@ -148,16 +182,31 @@ def build_engine(model: str, targets: list[str], output: str | None = None, shap
     if not os.path.isdir(out_dir):
         raise BuildError(f"-o {output}: directory {out_dir} does not exist")
 
-    stage("import")
-    graph, sha = import_safetensors(model, config, shapes) if safetensors else import_onnx(model, shapes)
-    stage("passes")
-    run_passes(graph)
-    stage("partition")
-    program = partition(graph, precision)
+    merged = 0
+    if calib is not None and max_context is not None:
+        raise BuildError("--calib applies to stateless builds; it cannot be combined with --max-context")
+    if max_context is not None:
+        entries, state, caches, sha, merged = _stateful_entries(model, safetensors, shapes, precision, max_context,
+                                                                prefill_len, stage)
+        persistent = list(state.values())
+    else:
+        if prefill_len:
+            raise BuildError("--prefill-len applies to stateful decoders; give --max-context too")
+        stage("import")
+        graph, sha = import_safetensors(model, config, shapes) if safetensors else import_onnx(model, shapes)
+        stage("passes")
+        merged = run_passes(graph)
+        if calib is not None:
+            stage("calibrate")
+            calibrate_and_plan(graph, calib, precision, min_cosine)
+        stage("partition")
+        entries, state, persistent = [Entry("main", partition(graph, precision))], None, []
+        caches = []
     stage("memory")
-    plan = plan_memory(program)
+    programs = [e.program for e in entries]
+    plan = plan_memory(programs, persistent)
     sources, seen = [], set()
-    for call in program.calls:
+    for call in (c for p in programs for c in p.calls):
         src = kernel_source(call.family, call.params)
         if src.symbol not in seen:
             seen.add(src.symbol)
@@ -168,19 +217,69 @@ def build_engine(model: str, targets: list[str], output: str | None = None, shap
         "source_name": os.path.basename(model),
         "source_sha256": sha,
         "build_flags": {"targets": archs, "precision": precision,
-                        "shapes": {k: list(v) for k, v in sorted((shapes or {}).items())}},
+                        "shapes": {k: list(v) for k, v in sorted((shapes or {}).items())},
+                        **({"max_context": max_context, "prefill_len": prefill_len} if max_context else {})},
         "nvcc_version": nvcc_version,
         "min_driver": min_driver(nvcc_version),
         "precision": precision,
-        "compute_nodes": program.compute_nodes,
+        "compute_nodes": programs[0].compute_nodes,
         "intermediate_bytes_without_reuse": plan.intermediate_bytes,
+        "common_subexpressions": merged,
     }
     stage("write")
-    parts = assemble(program, plan.arena_bytes, plan.weights, cubins, resources, provenance)
+    manifest_state = None
+    if state is not None:
+        manifest_state = {
+            "state": [{"name": c.name, "dtype": state[c.name].dtype, "shape": list(c.shape),
+                       "offset": state[c.name].offset, "nbytes": state[c.name].nbytes, "axis": c.axis}
+                      for c in caches],
+            "context": {"max": max_context, "position": state["__position"].offset}}
+    parts = assemble(entries, plan.arena_bytes, plan.weights, cubins, resources, provenance, manifest_state)
     data = engine_bytes(**parts)
     if bundle_test:
         stage("self-test")
         data = engine_bytes(**parts, selftest=make_selftest(data, precision, test_inputs))
     write_engine(output, data)
-    return BuildResult(output, len(data), len(program.calls), len(program.calls), len(sources),
-                       program.compute_nodes, archs, program.warnings)
+    launches = sum(len(p.calls) for p in programs)
+    warnings = list(dict.fromkeys(w for p in programs for w in p.warnings))
+    return BuildResult(output, len(data), launches, launches, len(sources), programs[0].compute_nodes, archs,
+                       warnings)
+
+
+def _stateful_entries(model: str, safetensors: bool, shapes: dict | None, precision: str, max_context: int,
+                      prefill_len: int, stage) -> tuple[list[Entry], dict[str, Buffer], list[StateTensor], str, int]:
+    """Import the decoder once per entry point and partition each against shared weights and state."""
+    if safetensors:
+        raise BuildError("--max-context: stateful builds take an ONNX decoder exported with KV-cache inputs "
+                         "(past/present); safetensors checkpoints build stateless engines")
+    if shapes:
+        raise BuildError("--shapes cannot be combined with --max-context: the entry points' shapes follow from "
+                         "--max-context and --prefill-len")
+    if not isinstance(max_context, int) or max_context < 2:
+        raise BuildError(f"--max-context {max_context}: expected an integer >= 2")
+    if not 0 <= prefill_len <= max_context:
+        raise BuildError(f"--prefill-len {prefill_len}: expected 0 .. --max-context ({max_context})")
+    shared = Shared()
+    position = Buffer("__position", "state", "int32", 1)
+    entries, sha, merged, infos = [], "", 0, {}
+    for name, tokens in ([("prefill", prefill_len)] if prefill_len else []) + [("decode", 1)]:
+        stage(f"import ({name})")
+        graph, sha = import_onnx(model, entry_shapes(model, tokens, max_context))
+        caches = make_stateful(graph, tokens, max_context, name)
+        stage(f"passes ({name})")
+        merged = run_passes(graph)
+        stage(f"partition ({name})")
+        length = Buffer(f"__length_{name}", "state", "int32", 1) if name == "prefill" else None
+        entry = EntryState(position, length, tokens)
+        program = partition(graph, precision, shared, entry)
+        infos.update({c.name: c for c in caches})
+        axes = {}
+        for n, _, shape in program.inputs + program.outputs:
+            axis = next((i for i, d in enumerate(shape) if i > 0 and d == tokens), None)
+            if axis is not None and tokens > 1:
+                axes[n] = axis
+        entries.append(Entry(name, program, entry, axes))
+        if length is not None:
+            shared.state[length.name] = length
+    shared.state[position.name] = position
+    return entries, shared.state, [infos[k] for k in sorted(infos)], sha, merged

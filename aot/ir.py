@@ -34,6 +34,8 @@ class Graph:
     nodes: list[Node]
     values: dict[str, Value]
     constants: dict[str, np.ndarray]
+    prequantized: object = None  # aot.quantize.PrequantTable: weights the model holds quantized
+    weight_plan: dict | None = None  # aot.sensitivity: weight -> WeightChoice, from --calib's cosine target
 
     def consumers(self) -> dict[str, list[Node]]:
         users: dict[str, list[Node]] = {}

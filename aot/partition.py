@@ -20,10 +20,11 @@ import numpy as np
 from flashrt.aot.importers.onnx_ops import REDUCE_OPS, gathernd_index
 from flashrt.aot.ir import Graph, Node
 from flashrt.aot.quantize import quantize_fp8, quantize_nvfp4
+from flashrt.aot.state import CACHE_WRITE, POSITIONS
 from flashrt.aot.views import Buffer, TensorRef
 from flashrt.errors import ModelError
 from flashrt.kernels import attention as attention_kernel
-from flashrt.kernels import gemv
+from flashrt.kernels import gemm_mma, gemv
 from flashrt.kernels.dtypes import ITEMSIZE, STORAGE, from_f32
 
 ACT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp8": "bfloat16", "nvfp4": "bfloat16",
@@ -34,7 +35,7 @@ VIEW_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Transpose
 RESHAPE_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
 UNARY = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Erf": "erf", "Neg": "neg", "Exp": "exp",
          "Sqrt": "sqrt", "Reciprocal": "recip", "Abs": "abs", "Sin": "sin", "Cos": "cos", "Not": "not",
-         "IsNaN": "isnan", "Floor": "floor", "Ceil": "ceil", "Softplus": "softplus"}
+         "IsNaN": "isnan", "Floor": "floor", "Ceil": "ceil", "Softplus": "softplus", "FakeQuantE4M3": "e4m3"}
 BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Pow": "pow", "Max": "max", "Min": "min",
           "Equal": "eq", "Less": "lt", "Greater": "gt", "LessOrEqual": "le", "GreaterOrEqual": "ge",
           "And": "and", "Or": "or"}
@@ -68,6 +69,24 @@ class Program:
     warnings: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Shared:
+    """What the entry points of one engine share: weight buffers (keyed with a digest of their bytes, as two
+    imports of one model may fold different constants under one name) and the state buffers."""
+    weights: dict = field(default_factory=dict)
+    quant_weights: dict = field(default_factory=dict)
+    state: dict[str, Buffer] = field(default_factory=dict)
+
+
+@dataclass
+class EntryState:
+    """A stateful entry point: the device position counter, and the run-time count of valid new tokens
+    (None when the entry always writes all of its tokens, as decode does)."""
+    pos: Buffer
+    length: Buffer | None
+    tokens: int
+
+
 @dataclass(eq=False)
 class Group:
     kind: str  # "gemm" | "eltwise" | "norm" | "softmax" | "view" | "gather" | "concat" | "reduce" | "conv"
@@ -77,26 +96,46 @@ class Group:
 
 
 class Partitioner:
-    def __init__(self, graph: Graph, precision: str):
+    def __init__(self, graph: Graph, precision: str, shared: Shared | None = None, entry: EntryState | None = None):
         if precision not in ACT_DTYPES:
             raise ModelError(f"precision {precision!r} is not one of {sorted(ACT_DTYPES)}")
         self.g = graph
         self.precision = precision
         self.act = ACT_DTYPES[precision]
-        self.warnings: list[str] = []
+        self.warnings: list[str] = list(graph.prequantized.warnings) if graph.prequantized else []
         self.users = graph.consumers()
         self.outputs = set(graph.outputs)
         self.index = {id(n): i for i, n in enumerate(graph.nodes)}
         self.refs: dict[str, TensorRef] = {}
-        self.weights: dict[tuple, Buffer] = {}
-        self.quant_weights: dict[tuple, tuple[Buffer, list[Buffer]]] = {}  # (data, its scale tensors)
+        self.shared = shared
+        self.entry = entry
+        self.weights: dict[tuple, Buffer] = shared.weights if shared else {}
+        self.quant_weights: dict[tuple, tuple[Buffer, list[Buffer]]] = \
+            shared.quant_weights if shared else {}  # (data, its scale tensors)
+        self.cache_written: set[int] = set()
+        self.exact = self._integer_derived()
         self.calls: list[KernelCall] = []
         self.buffers: list[Buffer] = []
         self.output_buffers: dict[str, Buffer] = {}
 
     def storage(self, value: str) -> str:
         dtype = self.g.values[value].dtype
+        if dtype in FLOAT_DTYPES and value in self.exact:
+            return "float32"
         return self.act if dtype in FLOAT_DTYPES else dtype
+
+    def _integer_derived(self) -> set[str]:
+        """Float values computed by arithmetic on integer tensors and constants alone -- positions cast to float
+        and the RoPE angles and cos/sin made from them. They stay float32 at every precision: bf16 holds
+        integers exactly only up to 256, and cos(position x frequency) needs the position's every bit."""
+        values, exact = self.g.values, set()
+        for n in self.g.nodes:
+            if n.op in ("Gather", "GatherND"):
+                continue
+            ins = [i for i in n.inputs if i and i not in self.g.constants]
+            if ins and all(i in exact or values[i].dtype not in FLOAT_DTYPES for i in ins):
+                exact.update(o for o in n.outputs if o and values[o].dtype in FLOAT_DTYPES)
+        return exact
 
     # ---- planning -------------------------------------------------------------------------------
 
@@ -251,6 +290,8 @@ class Partitioner:
                 group = Group(op.lower(), [node])
             elif op in REDUCE_OPS:
                 group = Group("reduce", [node])
+            elif op in (CACHE_WRITE, POSITIONS) and self.entry is not None:
+                group = Group(op, [node])
             else:
                 raise ModelError(f"node '{node.name}': {op} with run-time inputs has no kernel in flashrt")
             for n in group.nodes:
@@ -295,7 +336,8 @@ class Partitioner:
             dtype = "float32" if arr.dtype.kind == "f" else {"b": "bool"}.get(arr.dtype.kind, str(arr.dtype))
             if dtype not in STORAGE:
                 dtype = "int64" if arr.dtype.kind in "iu" else "float32"
-        key = (name, dtype, arr.shape)
+        # a derived layout (a GEMM weight's transpose) must not share a buffer with the constant as it is
+        key = (name, dtype, arr.shape, array is not None, _digest(arr) if self.shared else None)
         if key not in self.weights:
             if dtype in ("float32", "float16", "bfloat16"):
                 data = from_f32(arr.astype(np.float32), dtype)
@@ -496,6 +538,8 @@ class Partitioner:
             params["R"], params["S"] = gemv.choose_config(rows, N, K, vec)
             params["M"], params["batch"] = rows, []
             params["a"] = {**a_atoms, "batch": [[1, 0]], "m": _atoms(a_atoms["batch"] + a_atoms["m"])}
+        elif mma := gemm_mma.config(params, a.offset, b.offset, self.act):
+            params["mma"] = mma  # 16-bit activations: the tensor-core GEMM (kernels/gemm_mma.py)
         self.calls.append(KernelCall(name, family, params, args + list(epi_inputs) + [out], ops, _unique(source),
                                      reason))
 
@@ -507,7 +551,16 @@ class Partitioner:
             a = a.reshape((1,) + a.shape)
         w = self.g.constants.get(mm.inputs[1])
         quant, b_atoms = ((), ""), None
-        if w is not None and w.ndim == 2:  # weights are stored [N, K]: K contiguous, as GEMV streams them
+        if mm.outputs[0] in self.exact:  # positions x frequencies: full precision (see _integer_derived)
+            a = self.ref(mm.inputs[0], "float32")
+            if w is not None and w.ndim == 2:
+                b = self.weight(mm.inputs[1], "float32", np.ascontiguousarray(w.T)).transpose((1, 0))
+                quant, b_shape = ((), "float32: computed from integer positions"), tuple(w.shape)
+            else:
+                b = self.ref(mm.inputs[1], "float32")
+                b = b.reshape(b.shape + (1,)) if len(b.shape) == 1 else b
+                b_shape = b.shape
+        elif w is not None and w.ndim == 2:  # weights are stored [N, K]: K contiguous, as GEMV streams them
             fmt, reason = self.plan_weight(mm, w.shape[0], w.shape[1], math.prod(a.shape[:-1]))
             if fmt in QUANT_FORMATS:
                 b, quant_refs, b_atoms = self.quant_weight(mm.inputs[1], np.ascontiguousarray(w.T), fmt)
@@ -543,7 +596,17 @@ class Partitioner:
     def plan_weight(self, mm: Node, K: int, N: int, rows: int) -> tuple[str, str]:
         """The storage format of a GEMM's constant weight [K, N] and the reason (the precision planner).
         Weight-only quantization: activations stay in the engine's activation type."""
+        choice = self.g.weight_plan.get(mm.inputs[1]) if self.g.weight_plan else None
+        if choice is not None:  # calibrated against a cosine target (aot/sensitivity.py)
+            return choice.fmt or self.act, choice.reason
         mb = K * N * 2 / 1e6
+        w = self.g.constants.get(mm.inputs[1])
+        pre = self.g.prequantized.find(w.T) if self.g.prequantized and w is not None and w.ndim == 2 else None
+        if pre is not None and self.precision not in QUANT_FORMATS and self.precision != "auto":
+            return self.act, f"{self.act}: the model's {pre.fmt} weight ('{pre.source}') dequantized " \
+                             f"(--precision {self.precision})"
+        if pre is not None and K % (16 if pre.fmt == "fp8" else 32) == 0:
+            return pre.fmt, f"{pre.fmt} (from the model's '{pre.source}'): its codes and scales, stored as they are"
         if self.precision not in QUANT_FORMATS and self.precision != "auto":
             return self.act, ""
         fp8_ok, nvfp4_ok = K % 16 == 0, K % 32 == 0
@@ -575,14 +638,19 @@ class Partitioner:
     def quant_weight(self, name: str, w_nk: np.ndarray, fmt: str) -> tuple[TensorRef, list[TensorRef], dict]:
         """A constant weight [rows, K] quantized to fmt: (the data ref, its scale refs, the B operand params)."""
         rows, K = w_nk.shape
-        key = (name, fmt, w_nk.shape)
+        key = (name, fmt, w_nk.shape, _digest(w_nk) if self.shared else None)
         if key not in self.quant_weights:
+            pre = self.g.prequantized.find(w_nk) if self.g.prequantized else None
+            if pre is not None and pre.fmt == fmt:  # the model's own codes: no requantization
+                parts = (pre.data, *pre.scales)
+            else:
+                parts = quantize_fp8(w_nk) if fmt == "fp8" else quantize_nvfp4(w_nk)
             if fmt == "fp8":
-                q, scale = quantize_fp8(w_nk)
+                q, scale = parts
                 data = Buffer(f"{name}/fp8", "weight", "fp8_e4m3", q.size, q)
                 extras = [Buffer(f"{name}/fp8_scale", "weight", "float32", rows, scale)]
             else:
-                packed, block, global_scale = quantize_nvfp4(w_nk)
+                packed, block, global_scale = parts
                 data = Buffer(f"{name}/nvfp4", "weight", "nvfp4", packed.size, packed)
                 extras = [Buffer(f"{name}/nvfp4_block", "weight", "uint8", block.size, block),
                           Buffer(f"{name}/nvfp4_global", "weight", "float32", 1,
@@ -666,17 +734,74 @@ class Partitioner:
         expr, inputs = self._expression(epi, m1.outputs[0]) if epi else ([["acc"]], [])
         score_shape = batch + (T, S)
         out = self.new_output_ref(m2.outputs[0])
-        tq, kw = attention_kernel.choose_config(T, S)
-        params = {"BH": math.prod(batch), "T": T, "S": S, "HD": hd, "VD": vd, "TQ": tq, "KW": kw,
+        tq, kw, cl = attention_kernel.choose_config(T, S, math.prod(batch))
+        params = {"BH": math.prod(batch), "T": T, "S": S, "HD": hd, "VD": vd, "TQ": tq, "KW": kw, "CL": cl,
                   "q": {"dtype": q.dtype, "bh": q.batch_atoms(batch), "t": q.dim_atoms(-2), "d": q.dim_atoms(-1)},
                   "k": {"dtype": kt.dtype, "bh": kt.batch_atoms(batch), "d": kt.dim_atoms(-2), "s": kt.dim_atoms(-1)},
                   "v": {"dtype": v.dtype, "bh": v.batch_atoms(batch), "s": v.dim_atoms(-2), "d": v.dim_atoms(-1)},
                   "epi_inputs": [{"dtype": r.dtype, "atoms": r.atoms_over(score_shape)} for r in inputs],
                   "expr": expr, "out_dtype": out.dtype, "k_aligned": kt.offset % 8 == 0}
         ops = [n.op for n in group.nodes]
-        self.calls.append(KernelCall(m2.name, "attention", params, [q, kt, v] + inputs + [out], ops,
+        pos = []
+        if self.entry is not None and (kt.buffer.kind == "state" or v.buffer.kind == "state"):
+            # attention over a cache: keys 0 .. pos + t for query t, read at run time (aot/state.py)
+            params["dyn"] = {"causal": True}
+            pos = [self.state_ref(self.entry.pos)]
+        self.calls.append(KernelCall(m2.name, "attention", params, [q, kt, v] + pos + inputs + [out], ops,
                                      _unique(s for n in group.nodes for s in n.source)))
         self.refs[m2.outputs[0]] = out
+
+    def state_ref(self, buf: Buffer) -> TensorRef:
+        return TensorRef.contiguous_view(buf, (buf.nelems,))
+
+    def state_buffer(self, name: str, value: str) -> Buffer:
+        """The persistent buffer of a cache, shared by the engine's entry points."""
+        v = self.g.values[value]
+        buf = self.shared.state.get(name)
+        if buf is None:
+            buf = Buffer(name, "state", self.storage(value), math.prod(v.shape))
+            self.shared.state[name] = buf
+        elif buf.nelems != math.prod(v.shape) or buf.dtype != self.storage(value):
+            raise ModelError(f"cache '{name}' has {list(v.shape)} {self.storage(value)} in one entry point and "
+                             f"{buf.nelems} {buf.dtype} elements in another")
+        return buf
+
+    def emit_cache_write(self, group: Group) -> None:
+        """Concat(past, new) over a cache -> write new at the run-time position; caches of the same shape whose
+        new rows are ready (a layer's K and V) share one launch."""
+        node = group.nodes[0]
+        if id(node) in self.cache_written:
+            return
+        axis, shape = node.attrs["axis"], self.g.values[node.outputs[0]].shape
+        outer, S, inner = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
+        batch = [node] + [n for n in self.g.nodes if n.op == CACHE_WRITE and n is not node
+                          and id(n) not in self.cache_written and n.inputs[0] in self.refs
+                          and self.g.values[n.outputs[0]].shape == shape and n.attrs["axis"] == axis
+                          and self.storage(n.outputs[0]) == self.storage(node.outputs[0])]
+        pairs, args = [], [self.state_ref(self.entry.pos)]
+        if self.entry.length is not None:
+            args.append(self.state_ref(self.entry.length))
+        T = self.g.values[node.inputs[0]].shape[axis]
+        for n in batch:
+            src = self.ref(n.inputs[0], self.act)
+            dst = self.state_buffer(n.attrs["state"], n.outputs[0])
+            pairs.append({"atoms": src.atoms_over(src.shape)})
+            args += [src, TensorRef.contiguous_view(dst, (dst.nelems,))]
+            self.refs[n.outputs[0]] = TensorRef.contiguous_view(dst, shape)
+            self.cache_written.add(id(n))
+        params = {"op": "write", "T": T, "S": S, "outer": outer, "inner": inner,
+                  "dtype": self.storage(node.outputs[0]), "pairs": pairs, "has_length": self.entry.length is not None}
+        self.calls.append(KernelCall(node.name, "state", params, args, ["CacheWrite"] * len(batch),
+                                     _unique(s for n in batch for s in n.source)))
+
+    def emit_positions(self, group: Group) -> None:
+        node = group.nodes[0]
+        v = self.g.values[node.outputs[0]]
+        out = self.new_output_ref(node.outputs[0])
+        params = {"op": "positions", "T": math.prod(v.shape), "out_dtype": out.dtype}
+        self.calls.append(KernelCall(node.name, "state", params, [self.state_ref(self.entry.pos), out],
+                                     ["Positions"], list(node.source)))
+        self.refs[node.outputs[0]] = out
 
     def emit_norm(self, group: Group) -> None:
         (n,) = group.nodes
@@ -795,7 +920,8 @@ class Partitioner:
         emit = {"view": lambda g: self.emit_view(g.nodes[0]), "gemm": self.emit_gemm, "eltwise": self.emit_eltwise,
                 "norm": self.emit_norm, "softmax": self.emit_softmax, "gather": self.emit_gather,
                 "concat": self.emit_concat, "reduce": self.emit_reduce, "conv": self.emit_conv,
-                "attention": self.emit_attention, "gated": self.emit_gated}
+                "attention": self.emit_attention, "gated": self.emit_gated, CACHE_WRITE: self.emit_cache_write,
+                POSITIONS: self.emit_positions}
         for group in self.plan():
             emit[group.kind](group)
         outputs = []
@@ -811,6 +937,11 @@ class Partitioner:
                 out = TensorRef.contiguous_view(own, v.shape)
                 self._eltwise_call(f"{name}/output", v.shape, [ref], [["in", 0]], out, ["Copy"], [name])
             outputs.append((name, own, v.shape))
+        if self.entry is not None:  # last: every kernel above reads the position the run started at
+            count = None if self.entry.length else self.entry.tokens
+            args = [self.state_ref(self.entry.pos)] + ([self.state_ref(self.entry.length)] if count is None else [])
+            self.calls.append(KernelCall("advance_position", "state", {"op": "advance", "count": count}, args,
+                                         ["AdvancePosition"], []))
         compute = sum(1 for n in self.g.nodes if n.op not in VIEW_OPS)
         return Program(self.calls, inputs, outputs, self.buffers, compute, self.warnings)
 
@@ -819,5 +950,12 @@ def _atoms(atoms: list[list[int]]) -> list[list[int]]:
     return [a for a in atoms if a[0] != 1] or [[1, 0]]
 
 
-def partition(graph: Graph, precision: str) -> Program:
-    return Partitioner(graph, precision).run()
+def _digest(arr: np.ndarray) -> str:
+    import hashlib
+
+    a = np.ascontiguousarray(arr)
+    return hashlib.sha256(str((a.dtype.str, a.shape)).encode() + a.tobytes()).hexdigest()
+
+
+def partition(graph: Graph, precision: str, shared: Shared | None = None, entry: EntryState | None = None) -> Program:
+    return Partitioner(graph, precision, shared, entry).run()

@@ -1,5 +1,6 @@
-"""Graph passes: lower Gemm to MatMul + epilogue ops, and raise exporter decompositions (GELU's erf form)
-to the high-level ops that kernels implement, so they fuse the same way as the ONNX op would."""
+"""Graph passes: merge common subexpressions, lower Gemm to MatMul + epilogue ops, and raise exporter
+decompositions (GELU's erf form) to the high-level ops that kernels implement, so they fuse the same way as the
+ONNX op would."""
 
 import math
 
@@ -230,8 +231,95 @@ def raise_rmsnorm(graph: Graph) -> None:
     graph.remove_dead()
 
 
-def run_passes(graph: Graph) -> None:
+COMMUTATIVE = {"Add", "Mul", "Max", "Min", "And", "Or", "Equal"}
+
+
+def _frozen(v):
+    """A hashable stand-in for an attribute value; TypeError for kinds CSE does not compare."""
+    if v is None or isinstance(v, (str, bytes, int, float, bool)):
+        return v
+    if isinstance(v, (list, tuple)):
+        return tuple(_frozen(x) for x in v)
+    if isinstance(v, np.ndarray):
+        return (v.dtype.str, v.shape, v.tobytes())
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, dict):
+        return tuple(sorted((k, _frozen(x)) for k, x in v.items()))
+    raise TypeError(type(v).__name__)
+
+
+def _bytes(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+
+
+def _fingerprint(a: np.ndarray) -> bytes:
+    """A cheap sample of a constant's bytes: only constants that agree on it are compared in full."""
+    flat = np.ascontiguousarray(a).reshape(-1)
+    return flat[::max(1, flat.size // 64)][:65].tobytes() + flat[-1:].tobytes()
+
+
+def merge_constants(graph: Graph) -> dict[str, str]:
+    """Constants with the same dtype, shape and bytes become one (the first); returns old name -> kept name."""
+    groups: dict[tuple, list[str]] = {}
+    for name, arr in graph.constants.items():
+        key = (graph.values[name].dtype, arr.dtype.str, arr.shape, _fingerprint(arr))
+        groups.setdefault(key, []).append(name)
+    rename = {}
+    for names in groups.values():
+        kept: list[str] = []
+        for name in names:
+            data = _bytes(graph.constants[name])
+            same = next((k for k in kept if np.array_equal(_bytes(graph.constants[k]), data)), None)
+            if same is None:
+                kept.append(name)
+            else:
+                rename[name] = same
+    for name in rename:
+        del graph.constants[name]
+        del graph.values[name]
+    return rename
+
+
+def eliminate_common_subexpressions(graph: Graph) -> tuple[int, int]:
+    """Identical constants become one, then so do nodes with the same op, attributes and inputs (in either order
+    for commutative ops). One pass in topological order reaches the fixpoint: a node's inputs are renamed to the
+    kept duplicates before it is compared, so chains of duplicates collapse together. Node names merged into a
+    kept node join its source list. Returns (nodes removed, constants removed)."""
+    rename = merge_constants(graph)
+    n_constants = len(rename)
+    outputs = set(graph.outputs)
+    seen: dict[tuple, Node] = {}
+    kept, before = [], len(graph.nodes)
+    for n in graph.nodes:
+        n.inputs = [rename.get(i, i) for i in n.inputs]
+        ins = tuple(sorted(n.inputs)) if n.op in COMMUTATIVE else tuple(n.inputs)
+        try:
+            key = (n.op, ins, _frozen(n.attrs),
+                   tuple((graph.values[o].dtype, graph.values[o].shape) if o else None for o in n.outputs))
+        except TypeError:
+            kept.append(n)
+            continue
+        first = seen.setdefault(key, n)
+        if first is n or any(o in outputs for o in n.outputs):
+            kept.append(n)
+            continue
+        for o, f in zip(n.outputs, first.outputs):
+            if o:
+                rename[o] = f
+                graph.values.pop(o, None)
+        first.source.extend(s for s in n.source if s not in first.source)
+    graph.nodes = kept
+    return before - len(kept), n_constants
+
+
+def run_passes(graph: Graph) -> dict[str, int]:
+    """The graph passes in order; returns what common-subexpression elimination removed (the engine's
+    provenance records it). CSE runs last: the raising passes match single-user chains that merging could break
+    up, and Gemm lowering materializes a transposed copy of B per node, also for a B that nodes share."""
     remove_noops(graph)
     lower_gemm(graph)
     raise_gelu(graph)
     raise_rmsnorm(graph)
+    nodes, constants = eliminate_common_subexpressions(graph)
+    return {"nodes_removed": nodes, "constants_removed": constants}

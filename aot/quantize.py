@@ -2,6 +2,8 @@
 values, E4M3 scales per 16 values along K, a float32 global scale). The layouts and decodings are in
 kernels/quant.py; this file only encodes, with round-to-nearest-even as the hardware converts."""
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
 from flashrt.kernels.quant import E2M1_MAX, FP8_MAX, NVFP4_BLOCK
@@ -40,3 +42,34 @@ def quantize_nvfp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     codes = np.clip(q, -E2M1_MAX, E2M1_MAX).astype(ml_dtypes.float4_e2m1fn).view(np.uint8) & 0xF
     packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
     return packed, block_bits, float(global_scale)
+
+
+def weight_key(w_nk: np.ndarray) -> tuple:
+    """Identifies a float weight by its values in the engine's [N, K] orientation (robust to the renames and
+    transposes that passes apply to constants)."""
+    import hashlib
+
+    w = np.ascontiguousarray(w_nk, np.float32)
+    return w.shape, hashlib.sha256(w.tobytes()).hexdigest()
+
+
+@dataclass
+class Prequantized:
+    """A weight the model already holds quantized: fmt "fp8" (data uint8 [N, K] E4M3 codes, scales [float32
+    [N]]) or "nvfp4" (data packed uint8 [N, K/2], scales [E4M3 block codes uint8 [N, K/16], global float])."""
+    fmt: str
+    data: np.ndarray
+    scales: list
+    source: str  # the DequantizeLinear node
+
+
+@dataclass
+class PrequantTable:
+    weights: dict = field(default_factory=dict)  # weight_key -> Prequantized
+    warnings: list = field(default_factory=list)
+
+    def add(self, w_nk: np.ndarray, q: Prequantized) -> None:
+        self.weights[weight_key(w_nk)] = q
+
+    def find(self, w_nk: np.ndarray) -> Prequantized | None:
+        return self.weights.get(weight_key(w_nk)) if self.weights else None

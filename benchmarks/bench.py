@@ -58,10 +58,11 @@ def run_workload(name: str, precisions: list[str], with_torch: bool, tmp: str, b
     stack, inputs = W.make(name)
     nparam = sum(p.numel() for p in stack.parameters())
     onnx_path = os.path.join(tmp, f"{name}.onnx")
-    t0 = time.time()
-    names = W.export_onnx(stack, inputs, onnx_path)
-    export_s = time.time() - t0
     x, kcs, vcs = inputs
+    stateful = name.startswith("decode")  # the caches live in the engine (--max-context): no copy per step
+    t0 = time.time()
+    names = W.export_onnx(stack, inputs, onnx_path, dynamic_cache=stateful)
+    export_s = time.time() - t0
     gx = [t.cuda() for t in (x, *kcs, *vcs)]
     stack = stack.cuda()
     with torch.no_grad():
@@ -96,31 +97,45 @@ def run_workload(name: str, precisions: list[str], with_torch: bool, tmp: str, b
     for precision in precisions:
         engine_path = os.path.join(tmp, f"{name}_{precision}.frt")
         t0 = time.time()
+        ctx = len(kcs) and kcs[0].shape[2]
         try:
-            build_engine(onnx_path, [arch], engine_path, None, precision)
+            build_engine(onnx_path, [arch], engine_path, None, precision,
+                         **({"max_context": ctx + 1} if stateful else {}))
         except flashrt.FlashRTError as e:
             rows.append({**base, "impl": "flashrt", "precision": precision, "error": str(e)})
             continue
         build_s = time.time() - t0
         eng = flashrt.load(engine_path, device="cuda")
-        out = torch.empty(ref.shape, dtype=torch.float32, device="cuda")
-        eng.bind({**{n: t.data_ptr() for n, t in zip(names, gx)}, "y": out.data_ptr()})
-        stream = torch.cuda.current_stream().cuda_stream
-        ms = bench(lambda e=eng, s=stream: e.launch(s), iters=200)
+        if stateful:  # the given caches become the engine's state at position ctx; one decode step is timed
+            caches = {n: t.numpy() for n, t in zip(names[1:], (*kcs, *vcs))}
+            eng.load_state(caches, ctx)
+            out = torch.from_numpy(eng.run({"x": x.numpy()}, entry="decode")["y"]).cuda()
+            eng.load_state(caches, ctx)
+            lat = sorted(eng.latencies(1000, entry="decode"))
+            ms = lat[len(lat) // 2]
+            launches = eng.file.entry("decode").count
+        else:
+            out = torch.empty(ref.shape, dtype=torch.float32, device="cuda")
+            eng.bind({**{n: t.data_ptr() for n, t in zip(names, gx)}, "y": out.data_ptr()})
+            stream = torch.cuda.current_stream().cuda_stream
+            ms = bench(lambda e=eng, s=stream: e.launch(s), iters=200)
+            launches = len(eng.file.launches)
         torch.cuda.synchronize()
         rel, cos = accuracy(out, ref)
         row = {**base, "impl": "flashrt", "precision": precision, "ms": ms, "rel_l2": rel, "cosine": cos,
-               "kernels": len(eng.file.launches), "build_s": build_s, "export_s": export_s,
+               "kernels": launches, "build_s": build_s, "export_s": export_s,
                "pct_floor": 100 * floor.get(precision, floor["bf16"]) / ms}
         if compile_ms:
             row["speedup_vs_compile"] = compile_ms / ms
         if profile:  # time per kernel family, each launch alone (events around it; no graph)
-            times, by_kind = eng.profile(), {}
-            for r in eng.manifest["regions"]:
+            entry = eng.file.entries[-1]
+            times = dict(zip(range(entry.first, entry.first + entry.count), eng.profile(entry=entry.name)))
+            by_kind = {}
+            for r in (r for r in eng.manifest["regions"] if all(i in times for i in r["launches"])):
                 k = r["kind"] + " " + ("+".join(r["ops"]))[:48]
                 by_kind[k] = by_kind.get(k, 0.0) + sum(times[i] for i in r["launches"])
             row["profile_ms"] = dict(sorted(by_kind.items(), key=lambda kv: -kv[1]))
-            row["profile_total_ms"] = sum(times)
+            row["profile_total_ms"] = sum(times.values())
         rows.append(row)
         eng.close()
         os.unlink(engine_path)
@@ -132,8 +147,8 @@ def table(rows: list[dict], gpu: str, bw: float, date: str | None = None) -> str
     floors = {"bf16": "floor_ms_bf16", "fp8": "floor_ms_fp8"}
     lines = [f"## {gpu}, {date or datetime.date.today().isoformat()}", "",
              f"Copy bandwidth {bw:.2f} TB/s (bytes read + written). Floors: weight bytes / bandwidth.", "",
-             "| workload | impl | precision | ms | vs torch.compile | % of floor | kernels | rel-L2 vs fp32 | cosine |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| workload | impl | precision | ms | vs torch.compile | % of floor | kernels | rel-L2 vs fp32 | cosine "
+             "| tokens/s |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['workload']} | {r['impl']} | {r['precision']} | error: {r['error'][:80]} |||||| ")
@@ -145,7 +160,8 @@ def table(rows: list[dict], gpu: str, bw: float, date: str | None = None) -> str
         pct = f"{100 * floor / r['ms']:.0f}%" if floor else "-"
         lines.append(
             f"| {r['workload']} | {r['impl']} | {r['precision']} | {r['ms']:.3f} | {speedup} | {pct} | "
-            f"{r.get('kernels', '-')} | {r['rel_l2']:.2e} | {r['cosine']:.6f} |")
+            f"{r.get('kernels', '-')} | {r['rel_l2']:.2e} | {r['cosine']:.6f} | "
+            f"{1e3 / r['ms'] if r['workload'].startswith('decode') else 0:.0f} |".replace("| 0 |", "| - |"))
     return "\n".join(lines) + "\n"
 
 

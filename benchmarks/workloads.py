@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 WORKLOADS = {
     "decode": dict(L=28, d=1024, h=16, kvh=8, hd=128, mlp=3072, T=1, ctx=512),
+    "decode4k": dict(L=28, d=1024, h=16, kvh=8, hd=128, mlp=3072, T=1, ctx=4096),
     "expert": dict(L=18, d=1024, h=8, kvh=1, hd=256, mlp=4096, T=50, ctx=816),
     "vit": dict(L=12, d=768, h=12, kvh=12, hd=64, mlp=3072, T=197, ctx=0),
 }
@@ -105,12 +106,14 @@ def make(name: str, device: str = "cpu", seed: int = 0):
     return stack, (x, kcs, vcs)
 
 
-def export_onnx(stack: Stack, inputs, path: str) -> list[str]:
-    """Write the workload as ONNX (legacy exporter, opset 17); returns the input names."""
+def export_onnx(stack: Stack, inputs, path: str, dynamic_cache: bool = False) -> list[str]:
+    """Write the workload as ONNX (legacy exporter, opset 17); returns the input names. dynamic_cache: the caches'
+    length axis is dynamic, as a stateful build (--max-context) wants."""
     x, kcs, vcs = inputs
     names = ["x"] + [f"k{i}" for i in range(len(kcs))] + [f"v{i}" for i in range(len(vcs))]
     module = _ExportStack(stack, bool(kcs)).eval()
+    axes = {n: {2: "past"} for n in names[1:]} if dynamic_cache else None
     with torch.no_grad():
         torch.onnx.export(module, (x, *kcs, *vcs), path, input_names=names, output_names=["y"], opset_version=17,
-                          dynamo=False, do_constant_folding=True)
+                          dynamo=False, do_constant_folding=True, dynamic_axes=axes)
     return names

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -68,8 +69,19 @@ def targets() -> None:
 @click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False), help=".npz of inputs for --bundle-test.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="config.json of a .safetensors MODEL (default: the one beside it).")
+@click.option("--max-context", type=int, help="Stateful decoder: KV caches of this many tokens live in the engine "
+                                               "(an ONNX export with past/present cache inputs and outputs).")
+@click.option("--prefill-len", type=int, default=0, show_default=True,
+              help="With --max-context: also a prefill entry point taking up to this many tokens.")
+@click.option("--calib", "calib_path", type=click.Path(dir_okay=False),
+              help=".npz of representative inputs (one sample, or n stacked): static FP8 activation scales for "
+                   "every GEMM (with --precision fp8, nvfp4 or auto).")
+@click.option("--min-cosine", type=float, help="With --calib: GEMMs stay bf16 (most sensitive first) until the "
+                                               "outputs' cosine to fp32 on the calib inputs reaches this "
+                                               "[default: 0.999 for fp8, 0.99 for nvfp4 and auto]")
 def build(model: str, target_list: tuple, output: str | None, shapes: str | None, precision: str,
-          bundle_test: bool, inputs_path: str | None, config_path: str | None) -> None:
+          bundle_test: bool, inputs_path: str | None, config_path: str | None, max_context: int | None,
+          prefill_len: int, calib_path: str | None, min_cosine: float | None) -> None:
     """Compile MODEL (.onnx, .safetensors, or a checkpoint folder with config.json) into an engine."""
     from flashrt.aot.build import build_engine
     from flashrt.aot.importers.onnx_import import parse_shapes
@@ -80,13 +92,34 @@ def build(model: str, target_list: tuple, output: str | None, shapes: str | None
     progress = _Progress(sys.stderr.isatty())
     try:
         result = build_engine(model, list(target_list) or ["thor"], output, parse_shapes(shapes), precision, progress,
-                              bundle_test, test_inputs, config=config_path)
+                              bundle_test, test_inputs, config=config_path, max_context=max_context,
+                              prefill_len=prefill_len, calib=calib_path, min_cosine=min_cosine)
     finally:
         progress.finish()
     for w in result.warnings:
         click.echo(f"flashrt: warning: {w}", err=True)
     click.echo(f"built {result.path}: {result.launches} launches for {result.compute_nodes} compute nodes, "
                f"{result.kernels} kernels, targets {', '.join(result.targets)}, {result.size / 1e6:.2f} MB")
+
+
+_LAYER = re.compile(r"(?:layers?|blocks?)[./_]?(\d+)(?=[./_]|$)")
+
+
+def _kernels_per_layer(regions: list[dict], entry: str | None) -> dict:
+    """Launches per transformer layer, from the layer index in each region's source node names (a region
+    belongs to the layer most of its source nodes name); {} when the names carry no layer index."""
+    per: dict[int, int] = {}
+    for r in regions:
+        if entry is not None and r.get("entry", entry) != entry:
+            continue
+        found = [int(m.group(1)) for n in r["source_nodes"] for m in [_LAYER.search(n)] if m]
+        if found:
+            layer = max(set(found), key=found.count)
+            per[layer] = per.get(layer, 0) + len(r["launches"])
+    if not per:
+        return {}
+    counts = sorted(per.values())
+    return {"layers": len(per), "median": counts[len(counts) // 2], "min": counts[0], "max": counts[-1]}
 
 
 def _inspect_dict(ef) -> dict:
@@ -103,6 +136,12 @@ def _inspect_dict(ef) -> dict:
                      "resources": {a: m.get("kernel_resources", {}).get(a, {}).get(k["symbol"], {})
                                    for a in ef.targets}} for k in m["kernels"]],
         "launches": len(ef.launches),
+        "entries": [{"name": e.name, "launches": e.count, "tokens": e.tokens,
+                     "inputs": [t.name for t in e.inputs], "outputs": [t.name for t in e.outputs]}
+                    for e in ef.entries],
+        "state": m.get("state", []), "context": m.get("context"),
+        "kernels_per_layer": {e.name: _kernels_per_layer(m["regions"], e.name if len(ef.entries) > 1 else None)
+                              for e in ef.entries},
         "sections": [{"kind": s.kind, "name": s.name, "offset": s.offset, "size": s.size,
                       "sha256": s.sha256.hex()} for s in ef.sections],
     }
@@ -128,10 +167,20 @@ def inspect(engine: str, as_json: bool) -> None:
     for key in ("inputs", "outputs"):
         for t in info[key]:
             click.echo(f"  {key[:-1]:6s}     {t['name']}: {t['dtype']}{t['shape']}")
+    if info["context"]:
+        for e in info["entries"]:
+            click.echo(f"  entry      {e['name']}: {e['launches']} launches, up to {e['tokens']} token(s), "
+                       f"inputs {', '.join(e['inputs'])} -> {', '.join(e['outputs'])}")
+        state_mb = sum(t["nbytes"] for t in info["state"]) / 1e6
+        click.echo(f"  state      {len(info['state'])} caches of {info['context']['max']} tokens, {state_mb:.3f} MB")
     mem = info["memory"]
     click.echo(f"  memory     weights {mem['weights_bytes'] / 1e6:.3f} MB, arena {mem['arena_bytes'] / 1e6:.3f} MB")
     click.echo(f"  regions    {len(info['regions'])} ({info['launches']} launches, "
                f"{p.get('compute_nodes', '?')} compute nodes in the source)")
+    for name, k in info["kernels_per_layer"].items():
+        if k:
+            spread = f" (min {k['min']}, max {k['max']})" if k["min"] != k["max"] else ""
+            click.echo(f"  per layer  {name}: {k['median']} launches per layer over {k['layers']} layers{spread}")
     for r in info["regions"]:
         nodes = ", ".join(r["source_nodes"])
         click.echo(f"    [{r['launches'][0]:3d}] {r['kind']:9s} {r['precision']:8s} {'+'.join(r['ops'])}  <- {nodes}")
@@ -162,15 +211,36 @@ def _load_inputs(path: str) -> dict:
 @click.option("--output", "output_path", type=click.Path(dir_okay=False), help="Write the outputs to this .npz.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random inputs.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
-def run(engine: str, device: str, inputs_path: str | None, output_path: str | None, seed: int, as_json: bool) -> None:
-    """Run ENGINE once on the CPU reference executor or the GPU."""
+@click.option("--entry", help="Entry point (stateful engines: prefill or decode; default: the first).")
+@click.option("--steps", default=1, show_default=True,
+              help="Run this many times; a stateful engine then decodes greedily, feeding back each step's argmax.")
+def run(engine: str, device: str, inputs_path: str | None, output_path: str | None, seed: int, as_json: bool,
+        entry: str | None, steps: int) -> None:
+    """Run ENGINE on the CPU reference executor or the GPU: once, or --steps times (tokens/s, runs/s)."""
     import flashrt
+    from flashrt.runtime.engine import host_dtype
 
+    if steps < 1:
+        raise FlashRTError(f"--steps {steps}: expected at least 1")
     eng = flashrt.load(engine, device=device)
-    feeds = _load_inputs(inputs_path) if inputs_path else eng.example_inputs(seed)
+    entry = eng.entry_info(entry).name
+    feeds = _load_inputs(inputs_path) if inputs_path else eng.example_inputs(seed, entry)
     t0 = time.perf_counter()
-    outputs = eng.run(feeds)
+    outputs = eng.run(feeds, entry=entry)
     elapsed = time.perf_counter() - t0
+    tokens = []
+    t1 = time.perf_counter()
+    for _ in range(steps - 1):
+        if eng.stateful:  # greedy: the first output's last row is the next token's logits
+            decode = eng.entry_info("decode")
+            logits = next(iter(outputs.values()))
+            tokens.append(int(np.argmax(logits.reshape(-1, logits.shape[-1])[-1])))
+            name = decode.inputs[0].name
+            outputs = eng.run({name: np.array([[tokens[-1]]], dtype=host_dtype(decode.inputs[0].dtype))},
+                              entry="decode")
+        else:
+            outputs = eng.run(feeds, entry=entry)
+    rest = time.perf_counter() - t1
     if output_path:
         tmp = output_path + ".partial.npz"
         np.savez(tmp, **outputs)
@@ -179,10 +249,17 @@ def run(engine: str, device: str, inputs_path: str | None, output_path: str | No
                       "mean": float(np.mean(a)) if a.size else 0.0, "std": float(np.std(a)) if a.size else 0.0,
                       "min": float(np.min(a)) if a.size else 0.0, "max": float(np.max(a)) if a.size else 0.0,
                       "finite": bool(np.isfinite(a).all())} for name, a in outputs.items()}
+    rate = (steps - 1) / rest if steps > 1 and rest > 0 else None
+    unit = "tokens/s" if eng.stateful else "runs/s"
     if as_json:
-        click.echo(json.dumps({"device": device, "seconds": elapsed, "outputs": summary}, indent=1, sort_keys=True))
+        click.echo(json.dumps({"device": device, "entry": entry, "seconds": elapsed, "outputs": summary,
+                               "steps": steps, "rate": rate, "unit": unit, "tokens": tokens}, indent=1,
+                              sort_keys=True))
         return
-    click.echo(f"ran {engine} on {device} in {elapsed * 1e3:.2f} ms (first run, includes warm-up)")
+    click.echo(f"ran {engine} ({entry}) on {device} in {elapsed * 1e3:.2f} ms (first run, includes warm-up)")
+    if rate is not None:
+        click.echo(f"then {steps - 1} more step(s): {rate:.1f} {unit} (host round trip per step included)"
+                   + (f"; tokens {tokens[:16]}{' ...' if len(tokens) > 16 else ''}" if tokens else ""))
     for name, s in summary.items():
         click.echo(f"  {name}: {s['dtype']}{s['shape']} mean {s['mean']:.6g} std {s['std']:.6g} "
                    f"min {s['min']:.6g} max {s['max']:.6g}")
@@ -213,27 +290,48 @@ def verify(engine: str, device: str) -> None:
 @click.option("--iters", default=1000, show_default=True, help="CUDA graph replays to time.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--profile", is_flag=True, help="Also time each region alone, mapped to its source nodes.")
-def bench(engine: str, iters: int, as_json: bool, profile: bool) -> None:
+@click.option("--entry", help="Entry point to time (stateful engines: decode by default).")
+@click.option("--context", type=int, help="Stateful engines: the position to time at (default: half of "
+                                          "--max-context); the caches hold zeros.")
+def bench(engine: str, iters: int, as_json: bool, profile: bool, entry: str | None, context: int | None) -> None:
     """Latency of ENGINE on the GPU: p50/p90/p99 over CUDA graph replays (inputs as they are in the arena)."""
     import flashrt
 
     eng = flashrt.load(engine, device="cuda")
-    eng.run(eng.example_inputs())
-    lat = sorted(eng.latencies(iters))
+    entry = eng.entry_info(entry if entry or not eng.stateful else "decode").name
+    e = eng.entry_info(entry)
+    if eng.stateful:
+        context = eng.file.max_context // 2 if context is None else context
+        if not 0 <= context <= eng.file.max_context - e.tokens:
+            raise FlashRTError(f"--context {context}: expected 0 .. {eng.file.max_context - e.tokens} "
+                               f"(--max-context {eng.file.max_context}, {e.tokens} token(s) per {entry} run)")
+        eng.load_state({}, context)
+    elif context is not None:
+        raise FlashRTError("--context applies to stateful engines (built with --max-context)")
+    eng.run(eng.example_inputs(entry=entry), entry=entry)
+    if eng.stateful:
+        eng.load_state({}, context)
+    lat = sorted(eng.latencies(iters, entry=entry))
     pct = {p: lat[min(len(lat) - 1, int(len(lat) * p / 100))] for p in (50, 90, 99)}
-    result = {"gpu_arch": eng.arch, "iters": iters, "launches": len(eng.file.launches),
-              "p50_ms": pct[50], "p90_ms": pct[90], "p99_ms": pct[99]}
+    result = {"gpu_arch": eng.arch, "iters": iters, "entry": entry, "launches": e.count,
+              "p50_ms": pct[50], "p90_ms": pct[90], "p99_ms": pct[99],
+              "per_second": 1e3 / pct[50] * (e.tokens or 1), "unit": "tokens/s" if eng.stateful else "runs/s"}
+    if eng.stateful:
+        result["context"] = context
     if profile:
-        times = eng.profile()
+        times = dict(zip(range(e.first, e.first + e.count), eng.profile(entry=entry)))
         regions = eng.manifest["regions"]
         result["regions"] = sorted(({"name": r["name"], "kind": r["kind"], "ms": sum(times[i] for i in r["launches"]),
-                                     "source_nodes": r["source_nodes"]} for r in regions), key=lambda r: -r["ms"])
+                                     "source_nodes": r["source_nodes"]} for r in regions
+                                    if all(i in times for i in r["launches"])), key=lambda r: -r["ms"])
     eng.close()
     if as_json:
         click.echo(json.dumps(result, indent=1))
         return
-    click.echo(f"{engine} on {result['gpu_arch']}: {result['launches']} launches, p50 {pct[50] * 1e3:.1f} us, "
-               f"p90 {pct[90] * 1e3:.1f} us, p99 {pct[99] * 1e3:.1f} us over {iters} graph replays")
+    where = f" ({entry} at position {context})" if eng.stateful else ""
+    click.echo(f"{engine}{where} on {result['gpu_arch']}: {result['launches']} launches, p50 {pct[50] * 1e3:.1f} us, "
+               f"p90 {pct[90] * 1e3:.1f} us, p99 {pct[99] * 1e3:.1f} us over {iters} graph replays: "
+               f"{result['per_second']:.1f} {result['unit']}")
     if profile:
         total = sum(r["ms"] for r in result["regions"])
         click.echo(f"regions launched one by one: {total * 1e3:.1f} us in all")

@@ -44,6 +44,28 @@ class TensorInfo:
 
 
 @dataclass
+class StateInfo:
+    """A persistent tensor (a KV cache): zero at load and after reset; `axis` is its sequence axis."""
+    tensor: TensorInfo
+    axis: int
+
+
+@dataclass
+class EntryInfo:
+    """An entry point: its I/O and its run of the launch list. Stateful entries write `tokens` new tokens at
+    most; `length` is the arena offset of the int32 count of valid ones (None: always `tokens`)."""
+    name: str
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    first: int
+    count: int
+    tokens: int | None = None
+    length: int | None = None
+    needs_context: bool = False
+    token_axes: dict = field(default_factory=dict)
+
+
+@dataclass
 class KernelInfo:
     symbol: str
     family: str
@@ -69,6 +91,18 @@ class EngineFile:
     arena_bytes: int
     weights_bytes: int
     _data: object = field(repr=False, default=None)  # bytes or mmap, kept alive for the views below
+    entries: list[EntryInfo] = field(default_factory=list)
+    state: list[StateInfo] = field(default_factory=list)
+    max_context: int | None = None
+    position_offset: int | None = None  # arena offset of the int32 position counter
+
+    def entry(self, name: str | None) -> EntryInfo:
+        if name is None:
+            return self.entries[0]
+        for e in self.entries:
+            if e.name == name:
+                return e
+        raise KeyError(name)
 
     def section_bytes(self, s: Section) -> memoryview:
         return memoryview(self._data)[s.offset:s.offset + s.size]
@@ -148,6 +182,9 @@ class EngineFile:
 
 def _fail(path: str, msg: str):
     raise EngineFormatError(f"{path}: {msg}")
+
+
+FLOAT_STATE = ("float32", "float16", "bfloat16")
 
 
 def _loc(where: str) -> str:
@@ -389,6 +426,76 @@ def _parse(path: str, data, verify: bool) -> EngineFile:
             if not isinstance(j, int) or isinstance(j, bool) or not 0 <= j < len(launches):
                 _fail(path, f"manifest regions[{i}].launches names launch {str(j)[:40]}; there are {len(launches)}")
     _field(path, manifest, "provenance", dict, "")
+    entries, state, max_context, position = _entries_and_state(path, manifest, io, len(launches), arena_bytes)
 
     return EngineFile(path, major, minor, sections, manifest, io["inputs"], io["outputs"], kernels, launches,
-                      relocations, arena_bytes, weights_bytes, data)
+                      relocations, arena_bytes, weights_bytes, data, entries, state, max_context, position)
+
+
+def _entries_and_state(path: str, manifest: dict, io: dict, n_launches: int, arena_bytes: int):
+    """The entry points (§11; one implicit `main` entry without the key) and the persistent state."""
+    if "entries" not in manifest:
+        if "state" in manifest or "context" in manifest:
+            _fail(path, "manifest has state but no entries")
+        return [EntryInfo("main", io["inputs"], io["outputs"], 0, n_launches)], [], None, None
+    context = _field(path, manifest, "context", dict, "")
+    max_context = _uint(path, context, "max", "context", 2**31 - 1)
+    position = _uint(path, context, "position", "context")
+    if max_context < 1 or position + 4 > arena_bytes or position % 4:
+        _fail(path, f"manifest context {str(context)[:80]}: max must be >= 1 and position a 4-byte aligned offset "
+                    f"within the arena ({arena_bytes} bytes)")
+    fixed = [(position, position + 4, "the position counter")]
+    state = []
+    for i, t in enumerate(_field(path, manifest, "state", list, "")):
+        info = _tensor(path, t, f"state[{i}]", arena_bytes, "arena")
+        axis = _uint(path, t, "axis", f"state[{i}]", 64)
+        if axis >= len(info.shape) or info.shape[axis] != max_context or info.dtype not in FLOAT_STATE:
+            _fail(path, f"manifest state[{i}] '{info.name}': a {info.dtype}{list(info.shape)} cache with sequence "
+                        f"axis {axis} does not hold context.max = {max_context} rows of a float type")
+        state.append(StateInfo(info, axis))
+        fixed.append((info.offset, info.offset + info.nbytes, f"state '{info.name}'"))
+    entries, names, first = [], set(), 0
+    items = _field(path, manifest, "entries", list, "")
+    if not 1 <= len(items) <= 64:
+        _fail(path, f"manifest entries has {len(items)} entry points, expected 1..64")
+    for i, e in enumerate(items):
+        where = f"entries[{i}]"
+        name = _field(path, e, "name", str, where)
+        if name in names or not _SYMBOL.fullmatch(name):
+            _fail(path, f"manifest {where}.name {name[:40]!r} is repeated or not an identifier")
+        names.add(name)
+        tensors = {key: [_tensor(path, t, f"{where}.{key}[{j}]", arena_bytes, "arena")
+                         for j, t in enumerate(_field(path, e, key, list, where))] for key in ("inputs", "outputs")}
+        span = _field(path, e, "launches", list, where)
+        if len(span) != 2 or not all(type(x) is int for x in span) or span[0] != first or span[1] < 1 \
+                or span[0] + span[1] > n_launches:
+            _fail(path, f"manifest {where}.launches = {str(span)[:40]}: entries must cover the launch list in "
+                        f"order from launch {first} ({n_launches} launches)")
+        first += span[1]
+        tokens = _uint(path, e, "tokens", where, 2**31 - 1)
+        length = e.get("length")
+        if length is not None and (type(length) is not int or length % 4 or not 0 <= length <= arena_bytes - 4):
+            _fail(path, f"manifest {where}.length = {str(length)[:40]} is not an aligned int32 offset in the arena")
+        needs_context = _field(path, e, "needs_context", bool, where)
+        axes = _field(path, e, "token_axes", dict, where)
+        shapes = {t.name: t.shape for t in tensors["inputs"] + tensors["outputs"]}
+        for key, axis in axes.items():
+            if key not in shapes or type(axis) is not int or not 0 <= axis < len(shapes[key]) \
+                    or shapes[key][axis] != tokens:
+                _fail(path, f"manifest {where}.token_axes names {str(key)[:40]} axis {str(axis)[:20]}, which is not "
+                            f"a {tokens}-token axis of an input or output")
+        mine = tensors["inputs"] + tensors["outputs"]
+        if len({t.name for t in mine}) != len(mine):
+            _fail(path, f"manifest {where} inputs/outputs have duplicate names")
+        ranges = sorted(fixed + [(t.offset, t.offset + t.nbytes, f"'{t.name}'") for t in mine if t.nbytes]
+                        + ([(length, length + 4, "the token count")] if length is not None else []))
+        for (_, e0, n0), (s1, _, n1) in zip(ranges, ranges[1:]):
+            if s1 < e0:
+                _fail(path, f"manifest {where}: {n0} and {n1} overlap in the arena")
+        entries.append(EntryInfo(name, tensors["inputs"], tensors["outputs"], span[0], span[1], tokens, length,
+                                 needs_context, dict(axes)))
+    if first != n_launches:
+        _fail(path, f"manifest entries cover launches 0..{first}, but there are {n_launches}")
+    if (io["inputs"], io["outputs"]) != (entries[0].inputs, entries[0].outputs):
+        _fail(path, "manifest inputs/outputs differ from entries[0]'s")
+    return entries, state, max_context, position

@@ -24,6 +24,22 @@ def _erf(x: np.ndarray) -> np.ndarray:
     return (np.sign(x) * (1.0 - poly * np.exp(-z * z))).astype(np.float32)
 
 
+def _e4m3(x: np.ndarray) -> np.ndarray:
+    """Round to the nearest FP8 E4M3 value (ties to even), saturating at +-448; NaN stays NaN. Exact: the
+    quantum of |x|'s binade (2^(e-3), subnormals 2^-9) scales x to an integer grid that rint rounds."""
+    x = np.asarray(x, np.float32)
+    c = np.clip(x, np.float32(-448), np.float32(448))
+    _, e = np.frexp(c)  # c = m * 2^e with 0.5 <= |m| < 1: floor(log2 |c|) = e - 1
+    s = np.maximum(e - 1, -6) - 3
+    return np.ldexp(np.rint(np.ldexp(c, -s)), s).astype(np.float32)
+
+
+# the same rounding in CUDA: ilogbf is floor(log2 |c|) (a huge negative number for 0), ldexpf and rintf are exact
+_E4M3_C = "fminf(fmaxf({a}, -448.f), 448.f)"
+_E4M3_S = f"(max(ilogbf({_E4M3_C}), -6) - 3)"
+E4M3_CUDA = f"({{a}} != {{a}} ? {{a}} : ldexpf(rintf(ldexpf({_E4M3_C}, -{_E4M3_S})), {_E4M3_S}))"
+
+
 def _gelu(x: np.ndarray) -> np.ndarray:
     return (np.float32(0.5) * x * (np.float32(1.0) + _erf(x * np.float32(1 / math.sqrt(2))))).astype(np.float32)
 
@@ -49,6 +65,7 @@ UNARY = {
     "not": ("({a} == 0.f ? 1.f : 0.f)", lambda a: (a == 0).astype(np.float32)),
     "ne0": ("({a} != 0.f ? 1.f : 0.f)", lambda a: (a != 0).astype(np.float32)),
     "isnan": ("({a} != {a} ? 1.f : 0.f)", lambda a: np.isnan(a).astype(np.float32)),
+    "e4m3": (E4M3_CUDA, _e4m3),  # FP8 fake quantization (QuantizeLinear -> DequantizeLinear), scale applied outside
 }
 BINARY = {
     "add": ("({a} + {b})", np.add),

@@ -18,7 +18,8 @@ import math
 import numpy as np
 
 from flashrt.kernels import expr as ex
-from flashrt.kernels.dtypes import CTYPES
+from flashrt.kernels import gemm_mma
+from flashrt.kernels.dtypes import CTYPES, from_f32, to_f32
 from flashrt.kernels.memory import load, load_atoms, raw, store
 from flashrt.kernels.quant import dequant_fp8, dequant_nvfp4
 from flashrt.kernels.source import atoms_code
@@ -52,6 +53,8 @@ def tile(p: dict) -> tuple[int, int]:
 
 
 def launch_config(p: dict) -> tuple[tuple[int, int, int], tuple[int, int, int], int]:
+    if p.get("mma"):
+        return gemm_mma.launch_config(p)
     tm, tn = tile(p)
     grid = (math.ceil(p["N"] / (16 * tn)), math.ceil(p["M"] / (16 * tm)), math.prod(p["batch"]))
     return grid, (256, 1, 1), 0
@@ -101,7 +104,9 @@ def problem_struct(p: dict, kind: str) -> tuple[str, list[str], list[str]]:
     row_scale = {"fp8": "g.b_scale[row]", "nvfp4": "g.b_global[0]"}.get(quant, "1.f")
     quant_id = {"fp8": 1, "nvfp4": 2}.get(quant, 0)
     block_scale = f"e4m3_to_float(g.b_block[(long)row * {K // 16} + kb])" if quant == "nvfp4" else "1.f"
-    if kind == "tile":
+    if kind == "mma":
+        shape, operand_loads = gemm_mma.members(p)
+    elif kind == "tile":
         tm, tn = tile(p)
         k_contig = "true" if b["k"] == [[K, 1]] else "false"
         shape = (f"static constexpr int M = {M}, N = {N}, K = {K}, TM = {tm}, TN = {tn};\n"
@@ -158,6 +163,18 @@ def _tile_load_b(b: dict, K: int) -> str:
 
 
 def cuda_source(p: dict, symbol: str) -> str:
+    if p.get("mma"):
+        struct, params, names = problem_struct(p, "mma")
+        split = p["mma"]["split"]
+        cluster = f" __cluster_dims__(1, 1, {split})" if split > 1 else ""
+        return f'''#include "gemm_mma.cuh"
+
+{struct}
+extern "C" __global__ void __launch_bounds__({gemm_mma.THREADS}){cluster} {symbol}({", ".join(params)}) {{
+  const P::Args g{{{", ".join(names)}}};
+  gemm_mma<P>(g);
+}}
+'''
     struct, params, names = problem_struct(p, "tile")
     return f'''#include "gemm.cuh"
 
@@ -167,6 +184,10 @@ extern "C" __global__ void __launch_bounds__(256) {symbol}({", ".join(params)}) 
   gemm_tile<P>(g);
 }}
 '''
+
+
+def _round(x: np.ndarray, dtype: str) -> np.ndarray:
+    return to_f32(from_f32(x, dtype), dtype)
 
 
 def reference(p: dict, args: dict) -> None:
@@ -181,17 +202,28 @@ def reference(p: dict, args: dict) -> None:
         if ln["has_beta"]:
             A = A + load(args["ln_beta"], "float32", [K])
     width = 2 * N if p.get("gated") else N  # a gated GEMM computes [gate | up] and combines the halves
+    # The tensor-core path multiplies A' and B rounded to its operand type; a quantized B enters decoded
+    # exactly (fp8: the E4M3 values; nvfp4: E2M1 x block scale) and its per-row / global scale multiplies
+    # the f32 sum.
+    mma = p["mma"]["dtype"] if p.get("mma") else None
+    scale = None
     if b.get("quant") == "fp8":
-        W = dequant_fp8(raw(args["b"], width * K).reshape(width, K), load(args["b_scale"], "float32", [width]))
-        B = np.broadcast_to(W.T, batch + [K, width])
+        row = load(args["b_scale"], "float32", [width])
+        W = dequant_fp8(raw(args["b"], width * K).reshape(width, K), np.ones_like(row) if mma else row)
+        B, scale = np.broadcast_to(W.T, batch + [K, width]), row
     elif b.get("quant") == "nvfp4":
         packed = raw(args["b"], width * K // 2).reshape(width, K // 2)
         block = raw(args["b_block"], width * K // 16).reshape(width, K // 16)
-        W = dequant_nvfp4(packed, block, float(load(args["b_global"], "float32", [1])[0]))
-        B = np.broadcast_to(W.T, batch + [K, width])
+        g = np.float32(load(args["b_global"], "float32", [1])[0])
+        W = dequant_nvfp4(packed, block, 1.0 if mma else float(g))
+        B, scale = np.broadcast_to(W.T, batch + [K, width]), g
     else:
         B = load_atoms(args["b"], b["dtype"], list(b["batch"]) + list(b["k"]) + list(b["n"]), batch + [K, width])
+    if mma:
+        A, B = _round(A, mma), (B if b.get("quant") else _round(B, mma))
     acc = np.matmul(A.astype(np.float32), B).astype(np.float32)
+    if mma and scale is not None:
+        acc = (acc * scale).astype(np.float32)
     if p.get("gated"):
         acc = (np.ascontiguousarray(acc[..., :N]), np.ascontiguousarray(acc[..., N:]))
     out_shape = batch + [M, N]

@@ -137,7 +137,7 @@ _GEMM = Dict(
      "b": Dict({"dtype": Dtype, "batch": ATOMS, "k": ATOMS, "n": ATOMS}),
      "ln": Nullable(Dict({"eps": Num(0.0, 1e30), "has_beta": Bool}, {"rms": Bool})),
      "epi_inputs": List(Dict(OPERAND)), "expr": EXPR, "out_dtype": Dtype},
-    {"gated": Bool})
+    {"gated": Bool, "mma": Dict({"dtype": Enum("bfloat16", "float16")})})  # mma.dtype: the reference rounds to it
 
 
 # ------------------------------------------------------------------------------------------ relations / caps
@@ -187,7 +187,8 @@ def _attention(p: dict) -> None:
               "q": Dict({**op, "bh": ATOMS, "t": ATOMS, "d": ATOMS}),
               "k": Dict({**op, "bh": ATOMS, "d": ATOMS, "s": ATOMS}),
               "v": Dict({**op, "bh": ATOMS, "s": ATOMS, "d": ATOMS}),
-              "epi_inputs": List(Dict(OPERAND)), "expr": EXPR, "out_dtype": Dtype})(p, "")
+              "epi_inputs": List(Dict(OPERAND)), "expr": EXPR, "out_dtype": Dtype},
+             {"dyn": Nullable(Dict({"causal": Bool}))})(p, "")
     BH, T, S, HD, VD = p["BH"], p["T"], p["S"], p["HD"], p["VD"]
     _elements("BH, T, HD", "Q operand", BH, T, HD)
     _elements("BH, HD, S", "K operand", BH, HD, S)
@@ -246,8 +247,26 @@ def _reduce(p: dict) -> None:
           MAX_ELEMENTWISE_WORK)
 
 
+def _state(p: dict) -> None:
+    op = Dict({"op": Enum("positions", "write", "advance")}, {"T": DIM, "S": DIM, "outer": DIM, "inner": DIM,
+              "dtype": Enum("float32", "float16", "bfloat16"), "pairs": List(Dict({"atoms": ATOMS}), min_len=1),
+              "has_length": Bool, "count": Nullable(Int(0, MAX_DIM)),
+              "out_dtype": Enum("int64", "int32", "float32", "float16", "bfloat16")})(p, "")["op"]
+    need = {"positions": ("T", "out_dtype"), "write": ("T", "S", "outer", "inner", "dtype", "pairs", "has_length"),
+            "advance": ("count",)}[op]
+    for key in need:
+        if key not in p:
+            raise _Bad(f".{key}", f"is missing (a {op} kernel needs {', '.join(need)})")
+    if op == "write":
+        _elements("outer, S, inner", "cache", p["outer"], p["S"], p["inner"])
+        _elements("outer, T, inner", "rows", p["outer"], p["T"], p["inner"])
+    elif op == "positions":
+        _elements("T", "output", p["T"])
+
+
 CHECKS = {"gemm": _gemm, "gemv": _gemm, "attention": _attention, "eltwise": _eltwise, "softmax": _softmax,
-          "layernorm": _layernorm, "gather": _gather, "concat": _concat, "reduce": _reduce}
+          "layernorm": _layernorm, "gather": _gather, "concat": _concat, "reduce": _reduce,
+          "state": _state}
 
 
 def check(family: str, params) -> None:

@@ -4,10 +4,10 @@ taking the same arguments. The runtime's CPU executor uses only arg_spec and ref
 from types import ModuleType
 
 from flashrt.errors import EngineFormatError
-from flashrt.kernels import attention, concat, eltwise, gather, gemm, gemv, layernorm, reduce, softmax
+from flashrt.kernels import attention, concat, eltwise, gather, gemm, gemv, layernorm, reduce, softmax, state
 
 FAMILIES: dict[str, ModuleType] = {
-    m.FAMILY: m for m in (gemm, gemv, attention, eltwise, softmax, layernorm, gather, concat, reduce)}
+    m.FAMILY: m for m in (gemm, gemv, attention, eltwise, softmax, layernorm, gather, concat, reduce, state)}
 
 
 def family(name: str) -> ModuleType:

@@ -59,13 +59,15 @@ class CPUEngine(Engine):
                     args[name] = struct.unpack_from(_SCALARS[typ], raw, off)[0]
             self.steps.append((i, k, fam, args))
 
-    def run(self, feeds: dict, after_launch=None) -> dict[str, np.ndarray]:
-        """Run the launch list; after_launch(i), if given, is called after launch i (accuracy tools read the
-        arena there, before a later launch reuses it)."""
-        stored = self.check_inputs(feeds)
-        for t in self.inputs:
+    def run(self, feeds: dict, after_launch=None, entry: str | None = None) -> dict[str, np.ndarray]:
+        """Run an entry point's launches (the first entry by default); after_launch(i), if given, is called
+        after launch i (accuracy tools read the arena there, before a later launch reuses it)."""
+        e, stored, n = self.prepare(feeds, entry)
+        for t in e.inputs:
             self.arena[t.offset:t.offset + t.nbytes] = stored[t.name].view(np.uint8).reshape(-1)
-        for i, k, fam, args in self.steps:
+        if e.length is not None:
+            self.arena[e.length:e.length + 4] = np.frombuffer(np.int32(n).tobytes(), np.uint8)
+        for i, k, fam, args in self.steps[e.first:e.first + e.count]:
             try:
                 with np.errstate(all="ignore"):  # a model's overflow or NaN is data, not a fault of the file
                     fam.reference(k.params, args)
@@ -78,4 +80,17 @@ class CPUEngine(Engine):
                                         f"parameters or arguments: {type(e).__name__}: {str(e)[:160]}") from e
             if after_launch is not None:
                 after_launch(i)
-        return {t.name: self.host_output(t, self.arena[t.offset:t.offset + t.nbytes]) for t in self.outputs}
+        out = {t.name: self.host_output(t, self.arena[t.offset:t.offset + t.nbytes]) for t in e.outputs}
+        return self.finish(e, n, out)
+
+    def reset(self) -> None:
+        """Clear the state: empty caches, position 0."""
+        for offset, nbytes in self.state_ranges():
+            self.arena[offset:offset + nbytes] = 0
+        self.position = 0
+
+    def load_state(self, arrays: dict, position: int) -> None:
+        """Set the caches to `position` rows given per state tensor (the rest zero) and the position."""
+        for offset, data in self.state_arrays(arrays, position):
+            self.arena[offset:offset + data.size] = data
+        self.position = position

@@ -7,9 +7,9 @@ import ctypes
 import numpy as np
 
 from flashrt.engine_format.format import BASE_ARENA
-from flashrt.engine_format.reader import EngineFile
+from flashrt.engine_format.reader import EngineFile, EntryInfo
 from flashrt.errors import DeviceError, InputError
-from flashrt.runtime.engine import Engine
+from flashrt.runtime.engine import Engine, host_dtype
 
 try:
     from cuda.bindings import driver as cu
@@ -92,12 +92,15 @@ class CUDAEngine(Engine):
             w = engine_file.weights()
             _check(cu.cuMemcpyHtoD(self.weights, w.ctypes.data, w.nbytes), "copying the weights")
         self._bound: dict[str, int] = {}
-        in_bytes = sum(t.nbytes for t in self.inputs)
-        out_bytes = sum(t.nbytes for t in self.outputs)
+        self._bound_entry = engine_file.entries[0].name
+        in_bytes = max(sum(t.nbytes for t in e.inputs) + 4 for e in engine_file.entries)  # + the token count
+        out_bytes = max(sum(t.nbytes for t in e.outputs) for e in engine_file.entries)
         self._pinned_in = self._pinned(in_bytes)
         self._pinned_out = self._pinned(out_bytes)
-        self._host_graph = self._capture(with_copies=True)
-        self._device_graph = None
+        if self.stateful:
+            _check(cu.cuMemsetD8(self.arena, 0, engine_file.arena_bytes), "clearing the engine state")
+        self._host_graphs = {engine_file.entries[0].name: self._capture(True, engine_file.entries[0])}
+        self._device_graphs: dict[str, object] = {}
 
     # ---- resources ---------------------------------------------------------------------------------
 
@@ -125,13 +128,15 @@ class CUDAEngine(Engine):
         self._host_allocs.append(ptr)
         return np.frombuffer((ctypes.c_uint8 * max(nbytes, 1)).from_address(int(ptr)), np.uint8)
 
-    def _patched_params(self):
-        """Argument bytes with device pointers in place, and kernelParams arrays pointing into them."""
+    def _patched_params(self, e: EntryInfo):
+        """Argument bytes with device pointers in place, and kernelParams arrays pointing into them, for the
+        launches of entry e (with its bound tensors redirected)."""
         ef = self.file
         blob = bytearray(ef.arguments())
-        redirect = [(t.offset, t.offset + t.nbytes, self._bound[t.name]) for t in self.inputs + self.outputs
-                    if t.name in self._bound]
-        for launch in ef.launches:
+        bound = self._bound if e.name == self._bound_entry else {}
+        redirect = [(t.offset, t.offset + t.nbytes, bound[t.name]) for t in e.inputs + e.outputs if t.name in bound]
+        launches = ef.launches[e.first:e.first + e.count]
+        for launch in launches:
             for r in ef.relocations[launch.reloc_first:launch.reloc_first + launch.reloc_count]:
                 at = launch.args_offset + r.slot
                 value = int.from_bytes(blob[at:at + 8], "little")
@@ -146,32 +151,35 @@ class CUDAEngine(Engine):
         buf = (ctypes.c_uint8 * max(len(blob), 1)).from_buffer(blob) if blob else None
         base = ctypes.addressof(buf) if buf is not None else 0
         params = []
-        for launch in ef.launches:
+        for launch in launches:
             k = ef.kernels[launch.kernel]
             arr = (ctypes.c_void_p * max(len(k.arg_offsets), 1))(
                 *[base + launch.args_offset + o for o in k.arg_offsets])
             params.append(arr)
         return blob, buf, params
 
-    def _capture(self, with_copies: bool):
-        blob, buf, params = self._patched_params()
+    def _capture(self, with_copies: bool, e: EntryInfo):
+        blob, buf, params = self._patched_params(e)
         s = self._stream
         _check(cu.cuStreamBeginCapture(s, cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
                "cuStreamBeginCapture")
         try:
             if with_copies:
                 pos = 0
-                for t in self.inputs:
+                for t in e.inputs:
                     if t.nbytes:
                         _check(cu.cuMemcpyHtoDAsync(self.arena + t.offset, self._pinned_in.ctypes.data + pos,
                                                     t.nbytes, s), f"copying input '{t.name}'")
                     pos += t.nbytes
-            for launch, p in zip(self.file.launches, params):
+                if e.length is not None:  # the token count sits after the inputs in the pinned buffer
+                    _check(cu.cuMemcpyHtoDAsync(self.arena + e.length, self._pinned_in.ctypes.data + pos, 4, s),
+                           "copying the token count")
+            for launch, p in zip(self.file.launches[e.first:e.first + e.count], params):
                 _check(cu.cuLaunchKernel(self._functions[launch.kernel], *launch.grid, *launch.block, launch.smem,
                                          s, ctypes.addressof(p), 0), f"launching kernel {launch.kernel}")
             if with_copies:
                 pos = 0
-                for t in self.outputs:
+                for t in e.outputs:
                     if t.nbytes:
                         _check(cu.cuMemcpyDtoHAsync(self._pinned_out.ctypes.data + pos, self.arena + t.offset,
                                                     t.nbytes, s), f"copying output '{t.name}'")
@@ -184,79 +192,132 @@ class CUDAEngine(Engine):
 
     # ---- running -------------------------------------------------------------------------------------
 
-    def run(self, feeds: dict) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict, entry: str | None = None) -> dict[str, np.ndarray]:
+        """Run an entry point (the first by default) on host arrays; returns host arrays."""
         if self._bound:
             raise InputError("this engine has bound device pointers; use launch(stream) or unbind() first")
-        stored = self.check_inputs(feeds)
+        e, stored, n = self.prepare(feeds, entry)
         _check(cu.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")  # callers may run engines from any thread
         pos = 0
-        for t in self.inputs:
+        for t in e.inputs:
             self._pinned_in[pos:pos + t.nbytes] = stored[t.name].view(np.uint8).reshape(-1)
             pos += t.nbytes
-        _check(cu.cuGraphLaunch(self._host_graph, self._stream), "cuGraphLaunch")
+        if e.length is not None:
+            self._pinned_in[pos:pos + 4] = np.frombuffer(np.int32(n).tobytes(), np.uint8)
+        if e.name not in self._host_graphs:
+            self._host_graphs[e.name] = self._capture(True, e)
+        _check(cu.cuGraphLaunch(self._host_graphs[e.name], self._stream), "cuGraphLaunch")
         _check(cu.cuStreamSynchronize(self._stream), "running the engine")
         out, pos = {}, 0
-        for t in self.outputs:
+        for t in e.outputs:
             out[t.name] = self.host_output(t, self._pinned_out[pos:pos + t.nbytes])
             pos += t.nbytes
-        return out
+        return self.finish(e, n, out)
 
-    def bind(self, pointers: dict[str, int]) -> None:
-        """Redirect inputs/outputs to caller-owned device memory (name -> device pointer); re-records the
-        kernel graph once, so each launch() costs one graph launch and no copies."""
-        names = {t.name for t in self.inputs + self.outputs}
+    def reset(self) -> None:
+        """Clear the state: empty caches, position 0."""
+        _check(cu.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
+        _check(cu.cuStreamSynchronize(self._stream), "cuStreamSynchronize")
+        for offset, nbytes in self.state_ranges():
+            _check(cu.cuMemsetD8(self.arena + offset, 0, nbytes), "clearing the engine state")
+        self.position = 0
+
+    def load_state(self, arrays: dict, position: int) -> None:
+        """Set the caches to `position` rows given per state tensor (the rest zero) and the position."""
+        parts = self.state_arrays(arrays, position)
+        _check(cu.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
+        _check(cu.cuStreamSynchronize(self._stream), "cuStreamSynchronize")
+        for offset, data in parts:
+            _check(cu.cuMemcpyHtoD(self.arena + offset, data.ctypes.data, data.size), "writing the engine state")
+        self.position = position
+
+    def bind(self, pointers: dict[str, int], entry: str | None = None) -> None:
+        """Redirect an entry's inputs/outputs to caller-owned device memory (name -> device pointer); re-records
+        its kernel graph once, so each launch() costs one graph launch and no copies."""
+        e = self.entry_info(entry)
+        names = {t.name for t in e.inputs + e.outputs}
         unknown = [n for n in pointers if n not in names]
         if unknown:
-            raise InputError(f"bind: unknown tensor(s) {unknown}; the engine has {sorted(names)}")
+            raise InputError(f"bind: unknown tensor(s) {unknown}; entry '{e.name}' has {sorted(names)}")
+        if e.name != self._bound_entry:
+            self._bound, self._bound_entry = {}, e.name
         self._bound.update({n: int(p) for n, p in pointers.items()})
-        self._device_graph = self._capture(with_copies=False)
+        self._device_graphs.pop(e.name, None)
 
     def unbind(self) -> None:
         self._bound = {}
-        self._device_graph = None
+        self._device_graphs.pop(self._bound_entry, None)
 
-    def tensor_pointer(self, name: str) -> int:
-        """Device address of an input or output inside the engine's arena."""
-        for t in self.inputs + self.outputs:
+    def tensor_pointer(self, name: str, entry: str | None = None) -> int:
+        """Device address of an entry's input or output inside the engine's arena."""
+        e = self.entry_info(entry)
+        for t in e.inputs + e.outputs:
             if t.name == name:
-                return self._bound.get(name, self.arena + t.offset)
-        raise InputError(f"no input or output named '{name}'")
+                bound = self._bound if e.name == self._bound_entry else {}
+                return bound.get(name, self.arena + t.offset)
+        raise InputError(f"no input or output named '{name}' in entry '{e.name}'")
 
-    def launch(self, stream=None) -> None:
-        """Run the kernels on `stream` (a CUstream or its handle) without host copies or synchronization."""
-        _check(cu.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
-        if self._device_graph is None:
-            self._device_graph = self._capture(with_copies=False)
-        _check(cu.cuGraphLaunch(self._device_graph, self._stream if stream is None else stream), "cuGraphLaunch")
+    def _device_graph(self, e: EntryInfo):
+        if e.name not in self._device_graphs:
+            self._device_graphs[e.name] = self._capture(False, e)
+        return self._device_graphs[e.name]
 
-    def latencies(self, iters: int = 1000, warmup: int = 50) -> list[float]:
-        """Milliseconds of each of `iters` replays of the kernel graph, timed with CUDA events."""
+    def launch(self, stream=None, entry: str | None = None) -> None:
+        """Run an entry's kernels on `stream` (a CUstream or its handle) without host copies or
+        synchronization. A stateful entry must not need a run-time token count (decode does not)."""
+        e = self.entry_info(entry)
+        if e.length is not None:
+            raise InputError(f"entry '{e.name}' takes its token count from run(); launch() serves entries "
+                             "with a fixed count (decode)")
+        if e.tokens is not None:
+            self.prepare({t.name: np.zeros(t.shape, host_dtype(t.dtype)) for t in e.inputs}, e.name)
         _check(cu.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
-        if self._device_graph is None:
-            self._device_graph = self._capture(with_copies=False)
+        _check(cu.cuGraphLaunch(self._device_graph(e), self._stream if stream is None else stream), "cuGraphLaunch")
+        if e.tokens is not None:
+            self.position += e.tokens
+
+    def _restore_position(self) -> None:
+        """Put the device position counter back to the host mirror (timing replays of a stateful entry)."""
+        if self.stateful:
+            _check(cu.cuMemsetD32Async(self.arena + self.file.position_offset, self.position, 1, self._stream),
+                   "restoring the position")
+
+    def latencies(self, iters: int = 1000, warmup: int = 50, entry: str | None = None) -> list[float]:
+        """Milliseconds of each of `iters` replays of an entry's kernel graph, timed with CUDA events. A stateful
+        entry replays at the current position: the counter is restored between replays, outside the timing."""
+        e = self.entry_info(entry)
+        _check(cu.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
+        if e.tokens is not None:
+            self.prepare({t.name: np.zeros(t.shape, host_dtype(t.dtype)) for t in e.inputs}, e.name)
+        graph = self._device_graph(e)
         for _ in range(warmup):
-            _check(cu.cuGraphLaunch(self._device_graph, self._stream), "cuGraphLaunch")
-        events = [_check(cu.cuEventCreate(0), "cuEventCreate") for _ in range(iters + 1)]
-        _check(cu.cuEventRecord(events[0], self._stream), "cuEventRecord")
+            _check(cu.cuGraphLaunch(graph, self._stream), "cuGraphLaunch")
+            self._restore_position()
+        events = [_check(cu.cuEventCreate(0), "cuEventCreate") for _ in range(2 * iters)]
         for i in range(iters):
-            _check(cu.cuGraphLaunch(self._device_graph, self._stream), "cuGraphLaunch")
-            _check(cu.cuEventRecord(events[i + 1], self._stream), "cuEventRecord")
+            _check(cu.cuEventRecord(events[2 * i], self._stream), "cuEventRecord")
+            _check(cu.cuGraphLaunch(graph, self._stream), "cuGraphLaunch")
+            _check(cu.cuEventRecord(events[2 * i + 1], self._stream), "cuEventRecord")
+            self._restore_position()
         _check(cu.cuStreamSynchronize(self._stream), "cuStreamSynchronize")
-        out = [_check(cu.cuEventElapsedTime(events[i], events[i + 1]), "cuEventElapsedTime") for i in range(iters)]
-        for e in events:
-            cu.cuEventDestroy(e)
+        out = [_check(cu.cuEventElapsedTime(events[2 * i], events[2 * i + 1]), "cuEventElapsedTime")
+               for i in range(iters)]
+        for ev in events:
+            cu.cuEventDestroy(ev)
         return out
 
-    def profile(self, iters: int = 20) -> list[float]:
-        """Median milliseconds of each launch of the list, launched one by one between events (no graph, so
+    def profile(self, iters: int = 20, entry: str | None = None) -> list[float]:
+        """Median milliseconds of each launch of an entry, launched one by one between events (no graph, so
         the sum exceeds a replay by the launch gaps)."""
+        e = self.entry_info(entry)
         _check(cu.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
-        keep = self._patched_params()  # the argument bytes must outlive the launches that point into them
+        keep = self._patched_params(e)  # the argument bytes must outlive the launches that point into them
         params = keep[2]
-        launches = self.file.launches
+        launches = self.file.launches[e.first:e.first + e.count]
         events = [_check(cu.cuEventCreate(0), "cuEventCreate") for _ in range(len(launches) + 1)]
         samples: list[list[float]] = [[] for _ in launches]
         for _ in range(iters + 1):
+            self._restore_position()
             _check(cu.cuEventRecord(events[0], self._stream), "cuEventRecord")
             for i, (launch, p) in enumerate(zip(launches, params)):
                 _check(cu.cuLaunchKernel(self._functions[launch.kernel], *launch.grid, *launch.block, launch.smem,
@@ -265,8 +326,9 @@ class CUDAEngine(Engine):
             _check(cu.cuStreamSynchronize(self._stream), "cuStreamSynchronize")
             for i in range(len(launches)):
                 samples[i].append(_check(cu.cuEventElapsedTime(events[i], events[i + 1]), "cuEventElapsedTime"))
-        for e in events:
-            cu.cuEventDestroy(e)
+        self._restore_position()
+        for ev in events:
+            cu.cuEventDestroy(ev)
         return [sorted(s[1:])[len(s[1:]) // 2] for s in samples]
 
     def synchronize(self) -> None:

@@ -45,6 +45,7 @@ SEEDS = [  # (name, model, shapes, precision, bundle_test); between them they us
     ("mlp_bf16_bundle", "samples/mlp.onnx", {"x": (1, 32)}, "bf16", True),
     ("encoder_fp32", "samples/tiny_encoder.onnx", None, "fp32", False),
     ("ops_fp16_bundle", "ops", None, "fp16", True),
+    ("decoder_state_bf16", "decoder", None, "bf16", False),
 ]
 
 
@@ -81,6 +82,46 @@ def ops_model():
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
+def decoder_model():
+    """A one-layer attention decoder with KV-cache inputs (dynamic past axis) and positions, for a stateful
+    seed: the state family's positions, cache write and advance kernels, and attention over a cache."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32) * 0.3, n)
+             for n in ("wq", "wk", "wv")]
+    inits += [numpy_helper.from_array(np.array([1, -1, 2, 8], np.int64), "heads"),
+              numpy_helper.from_array(np.array([1, -1, 16], np.int64), "merged"),
+              numpy_helper.from_array(np.array([2], np.int64), "axis2")]
+    node = helper.make_node
+    nodes = []
+    for name in ("q", "k", "v"):
+        nodes += [node("MatMul", ["x", f"w{name}"], [f"{name}_flat"]),
+                  node("Reshape", [f"{name}_flat", "heads"], [f"{name}_split"]),
+                  node("Transpose", [f"{name}_split"], [f"{name}_new"], perm=[0, 2, 1, 3])]
+    nodes += [node("Concat", ["past_k", "k_new"], ["present_k"], axis=2),
+              node("Concat", ["past_v", "v_new"], ["present_v"], axis=2),
+              node("Transpose", ["present_k"], ["kt"], perm=[0, 1, 3, 2]),
+              node("MatMul", ["q_new", "kt"], ["scores"]),
+              node("Softmax", ["scores"], ["probs"], axis=-1),
+              node("MatMul", ["probs", "present_v"], ["att"]),
+              node("Transpose", ["att"], ["att_t"], perm=[0, 2, 1, 3]),
+              node("Reshape", ["att_t", "merged"], ["att_m"]),
+              node("Cast", ["position_ids"], ["pos_f"], to=TensorProto.FLOAT),
+              node("Unsqueeze", ["pos_f", "axis2"], ["pos_u"]),
+              node("Add", ["att_m", "pos_u"], ["y"])]
+    f32 = TensorProto.FLOAT
+    graph = helper.make_graph(
+        nodes, "decoder",
+        [helper.make_tensor_value_info("x", f32, [1, "seq", 16]),
+         helper.make_tensor_value_info("position_ids", TensorProto.INT64, [1, "seq"]),
+         helper.make_tensor_value_info("past_k", f32, [1, 2, "past", 8]),
+         helper.make_tensor_value_info("past_v", f32, [1, 2, "past", 8])],
+        [helper.make_tensor_value_info(n, f32, None) for n in ("y", "present_k", "present_v")], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
 def build_seeds(out_dir: str | os.PathLike) -> dict[str, bytes]:
     """The seed engines, built once (the build cache makes a rebuild fast)."""
     import onnx
@@ -89,13 +130,16 @@ def build_seeds(out_dir: str | os.PathLike) -> dict[str, bytes]:
 
     seeds = {}
     for name, model, shapes, precision, bundle in SEEDS:
-        if model == "ops":
-            model = os.path.join(out_dir, "ops.onnx")
-            onnx.save(ops_model(), model)
+        state = {}
+        if model in ("ops", "decoder"):
+            onnx.save(ops_model() if model == "ops" else decoder_model(), os.path.join(out_dir, f"{model}.onnx"))
+            if model == "decoder":
+                state = {"max_context": 8, "prefill_len": 4}
+            model = os.path.join(out_dir, f"{model}.onnx")
         else:
             model = str(ROOT / model)
         path = os.path.join(out_dir, f"{name}.frt")
-        build_engine(model, ["sm_90a"], path, shapes, precision, bundle_test=bundle)
+        build_engine(model, ["sm_90a"], path, shapes, precision, bundle_test=bundle, **state)
         seeds[name] = Path(path).read_bytes()
     return seeds
 
@@ -681,11 +725,17 @@ def run_mutant(data: bytes, tmp_dir: str | None = None) -> None:
     if bundle is not None:
         runs.append({k: np.array(v) for k, v in bundle[1].items()})
     for feeds in runs:
+        if engine.stateful:
+            engine.reset()
         outputs = engine.run(feeds)
         want = {t.name: tuple(t.shape) for t in engine.outputs}
         got = {k: tuple(v.shape) for k, v in outputs.items()}
         if got != want:
             raise AssertionError(f"outputs {got} differ from the signature {want}")
+        for e in engine.file.entries[1:]:  # the other entry points continue the sequence
+            outputs = engine.run(engine.example_inputs(entry=e.name), entry=e.name)
+            if {k: tuple(v.shape) for k, v in outputs.items()} != {t.name: tuple(t.shape) for t in e.outputs}:
+                raise AssertionError(f"entry {e.name}: outputs differ from its signature")
 
 
 def exercise(data: bytes, tmp_dir: str | None = None) -> str:

@@ -8,6 +8,8 @@ import os
 import numpy as np
 
 from flashrt.aot.importers.onnx_decompose import COMPOSITE, decompose
+from flashrt.aot.importers.onnx_loop import CONTROL_FLOW, all_nodes, expand, outer_references
+from flashrt.aot.importers.onnx_qdq import rewrite_qdq
 from flashrt.aot.importers.onnx_ops import ONNX_DTYPES, SUPPORTED, constant_value, dtype_of, fold, infer, np_dtype
 from flashrt.aot.ir import Graph, Node, Value
 from flashrt.errors import ModelError
@@ -50,7 +52,9 @@ def parse_shapes(spec: str | None) -> dict[str, tuple[int, ...]]:
 
 
 def _sort_nodes(path: str, nodes: list, known: set[str]) -> list:
-    """Topological order; a dangling input or a cycle is a ModelError naming the node."""
+    """Topological order; a dangling input or a cycle is a ModelError naming the node. A node with subgraphs
+    (Loop, If) also depends on the values they read from the enclosing scope."""
+    reads = {id(n): list(n.input) + outer_references(n) if n.op_type in CONTROL_FLOW else n.input for n in nodes}
     producer = {}
     for n in nodes:
         for o in n.output:
@@ -59,7 +63,7 @@ def _sort_nodes(path: str, nodes: list, known: set[str]) -> list:
                     raise ModelError(f"{path}: value '{o}' is produced twice (node '{n.name or n.op_type}')")
                 producer[o] = n
     for n in nodes:
-        for i in n.input:
+        for i in reads[id(n)]:
             if i and i not in known and i not in producer:
                 raise ModelError(f"{path}: node '{n.name or n.op_type}' ({n.op_type}) reads '{i}', "
                                  "which no node, input or initializer provides")
@@ -67,7 +71,7 @@ def _sort_nodes(path: str, nodes: list, known: set[str]) -> list:
     for root in nodes:
         if state.get(id(root)) == 2:
             continue
-        stack = [(root, iter([i for i in root.input if i in producer]))]
+        stack = [(root, iter([i for i in reads[id(root)] if i in producer]))]
         state[id(root)] = 1
         while stack:
             node, it = stack[-1]
@@ -83,7 +87,7 @@ def _sort_nodes(path: str, nodes: list, known: set[str]) -> list:
                 raise ModelError(f"{path}: the graph has a cycle through node '{dep.name or dep.op_type}'")
             if s is None:
                 state[id(dep)] = 1
-                stack.append((dep, iter([i for i in dep.input if i in producer])))
+                stack.append((dep, iter([i for i in reads[id(dep)] if i in producer])))
     return order
 
 
@@ -108,6 +112,7 @@ def import_onnx(path: str, shapes: dict[str, tuple[int, ...]] | None = None) -> 
     except Exception as e:  # protobuf raises several types for damaged files
         raise ModelError(f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e)[:160]})") from None
     g = model.graph
+    prequantized = rewrite_qdq(model, path)
 
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None or opset < MIN_OPSET:
@@ -115,7 +120,7 @@ def import_onnx(path: str, shapes: dict[str, tuple[int, ...]] | None = None) -> 
                          "(re-export with opset_version=17 or newer)")
 
     unsupported: dict[str, list[str]] = {}
-    for n in g.node:
+    for n in all_nodes(g):
         op = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}"
         if op not in SUPPORTED:
             unsupported.setdefault(op, []).append(n.name or "<unnamed>")
@@ -181,7 +186,8 @@ def import_onnx(path: str, shapes: dict[str, tuple[int, ...]] | None = None) -> 
         name = n.name or f"{n.op_type}_{i}"
         nodes.append(Node(n.op_type, name, list(n.input), list(n.output), _attrs(n)))
 
-    graph = Graph(g.name or os.path.basename(path), inputs, [o.name for o in g.output], nodes, values, constants)
+    graph = Graph(g.name or os.path.basename(path), inputs, [o.name for o in g.output], nodes, values, constants,
+                  prequantized)
     for o in graph.outputs:
         if o not in values and o not in {x for n in nodes for x in n.outputs}:
             raise ModelError(f"{path}: graph output '{o}' is not produced by any node")
@@ -205,6 +211,9 @@ def infer_and_fold(graph: Graph) -> None:
         node = work.pop()
         if node.op in COMPOSITE:
             work.extend(reversed(decompose(graph, node)))
+            continue
+        if node.op in CONTROL_FLOW:
+            work.extend(reversed(expand(graph, node)))
             continue
         if node.op == "Constant":
             value = constant_value(node)

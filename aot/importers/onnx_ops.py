@@ -12,7 +12,8 @@ from flashrt.aot.ir import Graph, Node
 from flashrt.errors import ModelError
 
 ELEMENTWISE_UNARY = {"Relu", "Gelu", "Sigmoid", "Tanh", "Erf", "Neg", "Exp", "Sqrt", "Reciprocal", "Abs", "Identity",
-                     "Sin", "Cos", "Not", "IsNaN", "Cast", "Softplus", "HardSigmoid", "LeakyRelu", "Floor", "Ceil"}
+                     "Sin", "Cos", "Not", "IsNaN", "Cast", "Softplus", "HardSigmoid", "LeakyRelu", "Floor", "Ceil",
+                     "FakeQuantE4M3"}
 ELEMENTWISE_BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Equal", "Less", "Greater", "LessOrEqual",
                       "GreaterOrEqual", "And", "Or", "Mod"}
 ELEMENTWISE_OTHER = {"Where", "CastLike"}
@@ -21,7 +22,7 @@ SHAPE_OPS = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice",
 REDUCE_OPS = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"}
 SUPPORTED = (ELEMENTWISE_UNARY | ELEMENTWISE_BINARY | ELEMENTWISE_OTHER | SHAPE_OPS | REDUCE_OPS
              | {"MatMul", "Gemm", "Softmax", "LayerNormalization", "RMSNormalization", "Constant", "Conv",
-                "Attention", "RotaryEmbedding"})
+                "Attention", "RotaryEmbedding", "Loop", "If"})
 
 ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 16: "bfloat16",
                11: "float64"}
@@ -143,6 +144,8 @@ def _split_sizes(node: Node, args: list, dim: int) -> list[int]:
 
 def fold(node: Node, args: list[np.ndarray | None]) -> list[np.ndarray]:
     """numpy evaluation of node on constant (or abstract zero) inputs."""
+    from flashrt.kernels.expr import _e4m3
+
     op, at = node.op, node.attrs
     a = args[0] if args else None
     with np.errstate(all="ignore"):
@@ -151,7 +154,7 @@ def fold(node: Node, args: list[np.ndarray | None]) -> list[np.ndarray]:
         unary = {"Relu": lambda x: np.where(x < 0, 0, x).astype(x.dtype), "Sigmoid": lambda x: 1 / (1 + np.exp(-x)),
                  "Tanh": np.tanh, "Neg": np.negative, "Exp": np.exp, "Sqrt": np.sqrt, "Abs": np.abs,
                  "Reciprocal": lambda x: 1 / x, "Sin": np.sin, "Cos": np.cos, "Floor": np.floor, "Ceil": np.ceil,
-                 "Softplus": lambda x: np.log1p(np.exp(x)),
+                 "Softplus": lambda x: np.log1p(np.exp(x)), "FakeQuantE4M3": _e4m3,
                  "LeakyRelu": lambda x: np.where(x < 0, x * at.get("alpha", 0.01), x),
                  "HardSigmoid": lambda x: np.clip(x * at.get("alpha", 0.2) + at.get("beta", 0.5), 0, 1)}
         if op in unary:

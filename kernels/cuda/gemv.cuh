@@ -1,77 +1,133 @@
 // Batch-1 GEMV / small-M GEMM (M <= 8) that streams the weights once at memory bandwidth.
 //   C[m, n] = P::epilogue(m, n, sum_k A'(m, k) * W[n, k])       W stored [N, K], K contiguous
-// 256 threads = 8 warps = (8 / S) row groups x S K-splits. A warp owns R consecutive weight rows and one K
-// range; each lane loads 16 bytes of every row per step (VEC elements), all steps unrolled so the loads are
-// in flight together. Partial sums: warp shuffle, then across the S K-splits through shared memory.
-// GATED: the weight holds [gate | up] (2N rows); a warp's R = 2 rows are n and N + n, and the epilogue gets
-// both sums (SwiGLU / GeGLU in one kernel).
+// 256 threads = 8 warps = (8 / S) row groups x S K-splits. A warp owns R weight rows (GATED: R / 2 gate rows
+// n.. and the matching up rows N + n..) over one K range; each lane reads 16 bytes of every row per step.
+// The grid is one wave, sized so that each warp issues ALL of its weight loads (R x STEPS 16-byte loads per
+// lane) before anything else: the whole matrix is in flight at once, and the norm prologue and the staging of
+// the activations in shared memory run while the loads are outstanding. Partial sums: warp shuffle, then
+// across the S K-splits through shared memory. Quantized weights are widened with the hardware's
+// e4m3x2 -> f16x2 conversion (exact), NVFP4 nibbles first re-encoded as e4m3 (value * 2^-6, exact).
 #pragma once
 #include "common.cuh"
+
+// 16 bytes of weights as floats, in K order, and the factor the caller multiplies their dot product by
+// (NVFP4 values come out scaled by 2^-6)
+__device__ __forceinline__ void e4m3x4_to_float(unsigned w, float* out) {
+  unsigned h[2];
+  asm("{ .reg .b16 lo, hi;\n\tmov.b32 {lo, hi}, %2;\n\t"
+      "cvt.rn.f16x2.e4m3x2 %0, lo;\n\tcvt.rn.f16x2.e4m3x2 %1, hi; }"
+      : "=r"(h[0]), "=r"(h[1]) : "r"(w));
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    asm("{ .reg .b16 lo, hi;\n\tmov.b32 {lo, hi}, %2;\n\tcvt.f32.f16 %0, lo;\n\tcvt.f32.f16 %1, hi; }"
+        : "=f"(out[2 * i]), "=f"(out[2 * i + 1]) : "r"(h[i]));
+  }
+}
+__device__ __forceinline__ void widen(const uint4& v, float (&out)[8], const bf16_t* w) { unpack(v, out, w); }
+__device__ __forceinline__ void widen(const uint4& v, float (&out)[8], const f16_t* w) { unpack(v, out, w); }
+__device__ __forceinline__ void widen(const uint4& v, float (&out)[4], const float* w) { unpack(v, out, w); }
+__device__ __forceinline__ void widen(const uint4& v, float (&out)[16], const fp8_t*) {
+  const unsigned w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) e4m3x4_to_float(w[i], out + 4 * i);
+}
+__device__ __forceinline__ void widen(const uint4& v, float (&out)[32], const nvfp4x2_t*) {
+  const unsigned w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // 8 nibbles, value j in bits 4j..4j+3: even values, then odd ones
+    const unsigned nib[2] = {w[i] & 0x0F0F0F0Fu, (w[i] >> 4) & 0x0F0F0F0Fu};
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      // e2m1 s.ee.m -> e4m3 s.0ee.m00: the same value * 2^-6, subnormals included
+      const unsigned e4m3 = ((nib[h] & 0x07070707u) << 2) | ((nib[h] & 0x08080808u) << 4);
+      float f[4];
+      e4m3x4_to_float(e4m3, f);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) out[8 * i + 2 * j + h] = f[j];
+    }
+  }
+}
 
 template <class P>
 __device__ __forceinline__ void gemv(const typename P::Args& g) {
   using TW = typename P::TW;
   constexpr int M = P::M, N = P::N, K = P::K, R = P::R, S = P::S;
   constexpr int VEC = Vec<TW>::N, GROUPS = 8 / S, KS = K / S, STEPS = (KS + 32 * VEC - 1) / (32 * VEC);
-  constexpr int BITS = 128 / VEC;                       // bits per weight: 32, 16, 8 (fp8), 4 (nvfp4)
+  constexpr int BITS = 128 / VEC;  // bits per weight: 32, 16, 8 (fp8), 4 (nvfp4)
   constexpr long ROW_BYTES = (long)K * BITS / 8;
+  constexpr int ROWS = P::GATED ? 2 * N : N, PAIRS = P::GATED ? R / 2 : R;
+  static_assert(!P::GATED || R % 2 == 0, "a gated GEMV computes gate and up rows in pairs");
   __shared__ float red[S][GROUPS][M][R];
   __shared__ float row_mean[M], row_rstd[M];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int group = warp / S, ks = warp % S;
-  const int n0 = P::GATED ? blockIdx.x * GROUPS + group : (blockIdx.x * GROUPS + group) * R;
-  constexpr int ROW_STEP = P::GATED ? N : 1, ROWS = P::GATED ? 2 * N : N;
-  static_assert(!P::GATED || R == 2, "a gated GEMV computes two rows per warp");
+  const int n0 = (blockIdx.x * GROUPS + group) * PAIRS;  // first output column of this warp
+  int rows[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) rows[r] = P::GATED && r >= PAIRS ? N + n0 + r - PAIRS : n0 + r;
 
+  griddep_launch_dependents();  // one wave: the next kernel's blocks only take what this grid leaves free
+  // 1. every weight load of this warp, and NVFP4's per-16 scales
+  const unsigned char* __restrict__ w = reinterpret_cast<const unsigned char*>(P::weights(g));
+  uint4 wv[R][STEPS];
+  unsigned short bs[R][STEPS];
+#pragma unroll
+  for (int step = 0; step < STEPS; ++step) {
+    const int k = ks * KS + (step * 32 + lane) * VEC;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const bool ok = k < (ks + 1) * KS && n0 + (r % PAIRS) < N;
+      wv[r][step] = ok ? __ldg(reinterpret_cast<const uint4*>(w + rows[r] * ROW_BYTES + (long)k * BITS / 8))
+                       : make_uint4(0, 0, 0, 0);
+      if constexpr (P::QUANT == 2) bs[r][step] = ok ? P::block_scales(g, rows[r], k / 16) : 0;
+    }
+  }
+
+  // 2. the activations, normalized, in shared memory (while the weights are on their way). Under programmatic
+  // dependent launch everything above overlaps the previous kernel: only the constant weights were read.
+  griddep_wait();
+  constexpr bool STAGE = M * K * 4 <= 32768;
+  __shared__ __align__(16) float a_s[STAGE ? M * K : 4];
+  if constexpr (STAGE) {
+    for (int i = threadIdx.x; i < M * K; i += blockDim.x) a_s[i] = P::load_a(g, i / K, i % K);
+    __syncthreads();
+  }
   if constexpr (P::LN) {  // norm statistics of the M rows, one warp per row
     for (int m = warp; m < M; m += 8) {
       float mean = 0.f;
       if constexpr (!P::RMS) {
         float s = 0.f;
-        for (int k = lane; k < K; k += 32) s += P::load_a(g, m, k);
+        for (int k = lane; k < K; k += 32) s += STAGE ? a_s[m * K + k] : P::load_a(g, m, k);
         mean = warp_sum(s) / K;
       }
       float q = 0.f;
-      for (int k = lane; k < K; k += 32) { const float d = P::load_a(g, m, k) - mean; q += d * d; }
+      for (int k = lane; k < K; k += 32) {
+        const float d = (STAGE ? a_s[m * K + k] : P::load_a(g, m, k)) - mean;
+        q += d * d;
+      }
       q = warp_sum(q);
       if (lane == 0) { row_mean[m] = mean; row_rstd[m] = 1.f / sqrtf(q / K + P::EPS); }
     }
     __syncthreads();
-  }
-
-  // With a norm prologue the normalized activations are staged once in shared memory, so the inner loop
-  // reads them with 16-byte shared loads instead of recomputing the norm per weight vector. (Measured on an
-  // H200: faster with a prologue, slower without one, where staging only adds K loads per block.)
-  constexpr bool STAGE = P::LN && M * K * 4 <= 32768;
-  __shared__ __align__(16) float a_s[STAGE ? M * K : 4];
-  if constexpr (STAGE) {
-    for (int i = threadIdx.x; i < M * K; i += blockDim.x) {
-      const int m = i / K, k = i % K;
-      float v = P::load_a(g, m, k);
-      if constexpr (P::LN) v = (v - row_mean[m]) * row_rstd[m] * P::ln_gamma(g, k) + P::ln_beta(g, k);
-      a_s[i] = v;
+    if constexpr (STAGE) {
+      for (int i = threadIdx.x; i < M * K; i += blockDim.x) {
+        const int m = i / K, k = i % K;
+        a_s[i] = (a_s[i] - row_mean[m]) * row_rstd[m] * P::ln_gamma(g, k) + P::ln_beta(g, k);
+      }
+      __syncthreads();
     }
-    __syncthreads();
   }
 
+  // 3. the dot products
   float acc[M][R];
 #pragma unroll
   for (int m = 0; m < M; ++m)
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
-
-  const TW* __restrict__ w = P::weights(g);
 #pragma unroll
   for (int step = 0; step < STEPS; ++step) {
     const int k = ks * KS + (step * 32 + lane) * VEC;
     if (k < (ks + 1) * KS) {
-      uint4 wv[R];
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-        wv[r] = (n0 + r * ROW_STEP < ROWS && n0 < N)
-                    ? __ldg(reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned char*>(w) +
-                                                           (long)(n0 + r * ROW_STEP) * ROW_BYTES + (long)k * BITS / 8))
-                    : make_uint4(0, 0, 0, 0);
 #pragma unroll
       for (int m = 0; m < M; ++m) {
         float a[VEC];
@@ -92,14 +148,14 @@ __device__ __forceinline__ void gemv(const typename P::Args& g) {
 #pragma unroll
         for (int r = 0; r < R; ++r) {
           float wf[VEC];
-          unpack(wv[r], wf, w);
-          if constexpr (P::QUANT == 2) {  // NVFP4: one E4M3 scale per 16 values along K
+          widen(wv[r][step], wf, P::weights(g));
+          if constexpr (P::QUANT == 2) {  // NVFP4: one E4M3 scale per 16 values along K (times 2^6, see widen)
 #pragma unroll
             for (int b = 0; b < VEC / 16; ++b) {
               float part = 0.f;
 #pragma unroll
               for (int j = 0; j < 16; ++j) part = fmaf(a[16 * b + j], wf[16 * b + j], part);
-              acc[m][r] = fmaf(part, P::block_scale(g, n0 + r * ROW_STEP, k / 16 + b), acc[m][r]);
+              acc[m][r] = fmaf(part, e4m3_to_float((bs[r][step] >> (8 * b)) & 0xffu) * 64.f, acc[m][r]);
             }
           } else {
 #pragma unroll
@@ -110,6 +166,7 @@ __device__ __forceinline__ void gemv(const typename P::Args& g) {
     }
   }
 
+  // 4. reduce over the warp and the K-splits, then the epilogue
 #pragma unroll
   for (int m = 0; m < M; ++m)
 #pragma unroll
@@ -118,25 +175,19 @@ __device__ __forceinline__ void gemv(const typename P::Args& g) {
       if (lane == 0) red[ks][group][m][r] = s;
     }
   __syncthreads();
-  if constexpr (P::GATED) {
-    for (int i = threadIdx.x; i < GROUPS * M; i += blockDim.x) {
-      const int gi = i / M, m = i % M, n = blockIdx.x * GROUPS + gi;
-      if (n < N) {
-        float s0 = 0.f, s1 = 0.f;
+  for (int i = threadIdx.x; i < GROUPS * M * PAIRS; i += blockDim.x) {
+    const int gi = i / (M * PAIRS), m = (i / PAIRS) % M, r = i % PAIRS, n = (blockIdx.x * GROUPS + gi) * PAIRS + r;
+    if (n < N) {
+      float s0 = 0.f, s1 = 0.f;
 #pragma unroll
-        for (int j = 0; j < S; ++j) { s0 += red[j][gi][m][0]; s1 += red[j][gi][m][1]; }
+      for (int j = 0; j < S; ++j) {
+        s0 += red[j][gi][m][r];
+        if constexpr (P::GATED) s1 += red[j][gi][m][PAIRS + r];
+      }
+      if constexpr (P::GATED)
         P::epilogue(g, 0, m, n, s0 * P::row_scale(g, n), s1 * P::row_scale(g, N + n));
-      }
-    }
-  } else {
-    for (int i = threadIdx.x; i < GROUPS * M * R; i += blockDim.x) {
-      const int gi = i / (M * R), m = (i / R) % M, r = i % R, n = (blockIdx.x * GROUPS + gi) * R + r;
-      if (n < N) {
-        float s = 0.f;
-#pragma unroll
-        for (int j = 0; j < S; ++j) s += red[j][gi][m][r];
-        P::epilogue(g, 0, m, n, s * P::row_scale(g, n));
-      }
+      else
+        P::epilogue(g, 0, m, n, s0 * P::row_scale(g, n));
     }
   }
 }

@@ -1,0 +1,100 @@
+"""Time the tensor-core GEMM kernel alone on the GEMM shapes of the expert and ViT workloads, for the cost
+model's choice and a grid of alternative tiles / split-K factors (each checked against the numpy reference).
+
+  python3 benchmarks/gemm_sweep.py [--out DIR] [--quick]      (on the GPU machine; writes DIR/gemm_sweep.json)"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+
+from test_gpu_gemm import RESIDUAL, RMS, SILU, GemmLauncher, check_close, make_args, problem, reference  # noqa: E402
+
+from flashrt.kernels import gemm, gemm_mma  # noqa: E402
+
+# name: (M, N, K, norm prologue, epilogue) -- the GEMMs of one layer (bench workloads, batch 1)
+SHAPES = {
+    "expert qkv": (50, 2560, 1024, RMS, None),
+    "expert o": (50, 1024, 2048, None, RESIDUAL),
+    "expert gate/up": (50, 8192, 1024, RMS, None),
+    "expert down": (50, 1024, 4096, None, RESIDUAL),
+    "vit qkv": (197, 2304, 768, RMS, None),
+    "vit o": (197, 768, 768, None, RESIDUAL),
+    "vit fc1": (197, 3072, 768, RMS, SILU),
+    "vit fc2": (197, 768, 3072, None, RESIDUAL),
+}
+
+
+def variants(M: int, N: int, K: int, ln, expr, quant, quick: bool) -> list[dict]:
+    chosen = problem(M, N, K, ln=ln, quant=quant, expr=expr)
+    out = [chosen]
+    if quick:
+        return out
+    kt = -(-K // gemm_mma.BK)
+    for bm, bn in gemm_mma.TILES:
+        if bm > 2 * M + 16 and bm > 16:
+            continue
+        for split in (1, 2, 3, 4, 6, 8):
+            if split > kt:
+                continue
+            for a_mode in ([1] if ln else [0]):
+                cfg = {"bm": bm, "bn": bn, "split": split, "a_mode": a_mode}
+                p = problem(M, N, K, ln=ln, quant=quant, expr=expr)
+                stages = next((s for s in (4, 3, 2) if gemm_mma.smem_bytes(K, bm, bn, split, s, a_mode,
+                                                                          p["mma"]["b_mode"]) <= 200 * 1024), None)
+                if stages is None:
+                    continue
+                p["mma"].update(cfg, stages=stages)
+                if p["mma"] != chosen["mma"]:
+                    out.append(p)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", HERE))
+    ap.add_argument("--quick", action="store_true", help="only the cost model's choices")
+    ap.add_argument("--quant", nargs="*", default=["", "fp8"], help="'' (bf16 weights), fp8, nvfp4")
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    args = ap.parse_args()
+    launcher = GemmLauncher()
+    rows = []
+    for quant in args.quant:
+        for name in args.shapes:
+            M, N, K, ln, expr = SHAPES[name]
+            t0 = time.time()
+            ps = variants(M, N, K, ln, expr, quant or None, args.quick)
+            fns = launcher.compile(ps)
+            host = make_args(ps[0], 0)
+            want = reference(ps[0], host)
+            for i, (p, fn) in enumerate(zip(ps, fns)):
+                ok = True
+                try:
+                    check_close(launcher.run(fn, p, host), want, name)
+                except AssertionError as e:
+                    ok = False
+                    print("MISMATCH", name, p["mma"], str(e)[:200], flush=True)
+                t = launcher.time(fn, p, host)
+                c = p["mma"]
+                smem = gemm.launch_config(p)[2]
+                est = gemm_mma.estimate(p, c["bm"], c["bn"], c["split"], c["a_mode"], c["b_mode"], smem)
+                rows.append({"shape": name, "quant": quant or "bf16", "M": M, "N": N, "K": K, "chosen": i == 0,
+                             "mma": c, "us": t * 1e6, "est_us": est * 1e6, "tflops": 2 * M * N * K / t / 1e12,
+                             "ok": ok})
+            best = min((r for r in rows if r["shape"] == name and r["quant"] == (quant or "bf16")),
+                       key=lambda r: r["us"])
+            first = next(r for r in rows if r["shape"] == name and r["quant"] == (quant or "bf16") and r["chosen"])
+            print(f"{name:15s} {quant or 'bf16':5s} chosen {first['us']:6.2f} us ({first['tflops']:5.1f} TFLOP/s, "
+                  f"est {first['est_us']:.2f}) {first['mma']}\n{'':21s} best {best['us']:6.2f} us "
+                  f"({best['tflops']:5.1f} TFLOP/s) {best['mma']}  [{len(ps)} variants, {time.time() - t0:.0f} s]",
+                  flush=True)
+    with open(os.path.join(args.out, "gemm_sweep.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

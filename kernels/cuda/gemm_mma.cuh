@@ -1,0 +1,484 @@
+// Tensor-core GEMM (mma.sync m16n8k16, bf16 or f16 operands, f32 accumulators) with the SIMT GEMM's features:
+//   C[b, m, n] = P::epilogue(b, m, n, row_scale(n) * sum_k A'(b, m, k) * B'(b, k, n))
+// A' is A (or its LayerNorm / RMSNorm over K) rounded to the operand type T; B' is B rounded to T, or a
+// quantized weight decoded exactly to T (fp8: the E4M3 value; nvfp4: E2M1 x its E4M3 block scale), whose
+// per-row fp8 scale / nvfp4 global scale row_scale(n) multiplies the f32 sum.
+//
+// 128 threads = 4 warps as WARPS_M x WARPS_N; a block computes a BM x BN tile over its share of K in BK = 64
+// steps. Shared tiles are row-major [rows][BK + 8] (k contiguous; the 16-byte pad makes ldmatrix conflict
+// free): A as [m][k], B as [n][k], so plain (non-transposed) ldmatrix yields both mma fragments.
+// Operand staging (compile-time modes chosen in Python):
+//   A_MODE 0  cp.async of 16-byte chunks (8 contiguous, aligned elements) into a STAGES-deep ring
+//          1  norm prologue: the block's whole A panel (BM x its K range) in shared memory via cp.async,
+//             row statistics from shared memory, normalized in place once
+//          2  element loads through P::load_a (any view, any dtype), norm applied on the way
+//   B_MODE 0  cp.async chunks of a 16-bit B stored [n][k]      1 / 2  fp8 / nvfp4 bytes by cp.async into a
+//          raw ring, decoded into the T tile by the threads that issued them      3  element loads
+// Split-K: SPLIT blocks of a thread-block cluster (along z) share a tile; each reduces its K range, then the
+// partial tiles are summed through distributed shared memory, each block running the epilogue on 1/SPLIT of
+// the tile. Norm statistics are combined the same way (Chan's parallel mean / M2 merge).
+#pragma once
+#include "common.cuh"
+
+namespace mma {
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 4 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+
+template <class T> __device__ __forceinline__ void mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0,
+                                                            unsigned b1);
+template <> __device__ __forceinline__ void mma16816<bf16_t>(float (&c)[4], const unsigned (&a)[4], unsigned b0,
+                                                             unsigned b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <> __device__ __forceinline__ void mma16816<f16_t>(float (&c)[4], const unsigned (&a)[4], unsigned b0,
+                                                            unsigned b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// two floats -> two T packed (lo in the low half), round to nearest even
+template <class T> __device__ __forceinline__ unsigned pack2(float lo, float hi);
+template <> __device__ __forceinline__ unsigned pack2<bf16_t>(float lo, float hi) {
+  unsigned r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+template <> __device__ __forceinline__ unsigned pack2<f16_t>(float lo, float hi) {
+  unsigned r;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+template <class T> __device__ __forceinline__ float unpack_lo(unsigned v) { return to_float(T{(unsigned short)(v & 0xffffu)}); }
+template <class T> __device__ __forceinline__ float unpack_hi(unsigned v) { return to_float(T{(unsigned short)(v >> 16)}); }
+
+// two E4M3 bytes (lo in the low byte) -> two T, exactly (every E4M3 value is a bf16 and an f16 value)
+template <class T> __device__ __forceinline__ unsigned e4m3x2_to(unsigned short v);
+#if __CUDA_ARCH__ >= 890
+template <> __device__ __forceinline__ unsigned e4m3x2_to<f16_t>(unsigned short v) {
+  unsigned h;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(h) : "h"(v));
+  return h;
+}
+template <> __device__ __forceinline__ unsigned e4m3x2_to<bf16_t>(unsigned short v) {
+  const unsigned h = e4m3x2_to<f16_t>(v);
+  return pack2<bf16_t>(unpack_lo<f16_t>(h), unpack_hi<f16_t>(h));
+}
+#else
+template <> __device__ __forceinline__ unsigned e4m3x2_to<f16_t>(unsigned short v) {
+  return pack2<f16_t>(e4m3_to_float(v & 0xffu), e4m3_to_float(v >> 8));
+}
+template <> __device__ __forceinline__ unsigned e4m3x2_to<bf16_t>(unsigned short v) {
+  return pack2<bf16_t>(e4m3_to_float(v & 0xffu), e4m3_to_float(v >> 8));
+}
+#endif
+
+// ---- thread-block clusters (sm_90+): rank, barrier, reads of another block's shared memory
+__device__ __forceinline__ unsigned cluster_rank() {
+  unsigned r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ unsigned cluster_addr(const void* p, unsigned rank) {
+  unsigned r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(smem_addr(p)), "r"(rank));
+  return r;
+}
+__device__ __forceinline__ float4 ld_cluster_f4(unsigned addr) {
+  float4 v;
+  asm volatile("ld.shared::cluster.v4.f32 {%0,%1,%2,%3}, [%4];\n"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(addr) : "memory");
+  return v;
+}
+
+}  // namespace mma
+
+template <class P>
+struct MmaShape {
+  static constexpr int BM = P::BM, BN = P::BN, BK = 64, ST = P::STAGES, LDS = BK + 8;
+  static constexpr int KT = (P::K + BK - 1) / BK;                    // k-tiles of the whole K
+  static constexpr int KTS = (KT + P::SPLIT - 1) / P::SPLIT;         // at most this many per split
+  static constexpr int LDP = KTS * BK + 8;                           // A panel row stride (A_MODE 1)
+  static constexpr int A_ELEMS = P::A_MODE == 1 ? BM * LDP : ST * BM * LDS;
+  static constexpr int B_ELEMS = ST * BN * LDS;
+  static constexpr int NVFP4_CHUNKS = BN * BK / 32;                  // 16-byte chunks of an nvfp4 tile
+  static constexpr int RAW_STAGE = P::B_MODE == 1 ? BN * BK : P::B_MODE == 2 ? NVFP4_CHUNKS * (16 + 4) : 0;
+  static constexpr int RED_LD = BN + 8;                              // f32 partial tile row stride
+  static constexpr int PIPE_BYTES = (A_ELEMS + B_ELEMS) * 2 + ST * RAW_STAGE;
+  static constexpr int RED_BYTES = BM * RED_LD * 4;
+  static constexpr int SMEM_BYTES = PIPE_BYTES > RED_BYTES ? PIPE_BYTES : RED_BYTES;
+};
+
+// for (c = tid; c < TOTAL; c += 128) with a compile-time trip count, so the loop unrolls
+#define MMA_FOR_CHUNKS(c, TOTAL)                                               \
+  _Pragma("unroll") for (int c##_i = 0; c##_i < ((TOTAL) + 127) / 128; ++c##_i) \
+    if (const int c = threadIdx.x + c##_i * 128; (TOTAL) % 128 == 0 || c < (TOTAL))
+
+template <class P>
+__device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
+  using T = typename P::T;
+  using S = MmaShape<P>;
+  constexpr int BM = S::BM, BN = S::BN, BK = S::BK, ST = S::ST, LDS = S::LDS, LDP = S::LDP;
+  constexpr int WARPS_M = BM == 16 ? 1 : 2, WARPS_N = 4 / WARPS_M;
+  constexpr int WTM = BM / WARPS_M, WTN = BN / WARPS_N, MI = WTM / 16, NI = WTN / 8;
+  constexpr int SPLIT = P::SPLIT;
+  static_assert(MI >= 1 && NI % 2 == 0 && WTM % 16 == 0 && BM <= 128 && ST >= 2, "tile shape");
+  static_assert(P::LN ? P::A_MODE != 0 : P::A_MODE != 1, "a norm prologue stages A in mode 1 or 2");
+#if __CUDA_ARCH__ < 900
+  static_assert(SPLIT == 1, "split-K reduces through thread-block clusters: sm_90 or newer");
+#endif
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* const As = reinterpret_cast<T*>(smem);
+  T* const Bs = As + S::A_ELEMS;
+  unsigned char* const Braw = reinterpret_cast<unsigned char*>(Bs + S::B_ELEMS);
+  __shared__ float row_mean[BM], row_rstd[BM], part_mean[BM], part_m2[BM];
+
+#if FRT_MMA_DIAG == 1
+  return;
+#endif
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int wm = warp / WARPS_N, wn = warp % WARPS_N;
+  int rank = 0;
+  if constexpr (SPLIT > 1) rank = mma::cluster_rank();
+  const int bat = blockIdx.z / SPLIT, m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+  const int kt0 = rank * S::KT / SPLIT, kt1 = (rank + 1) * S::KT / SPLIT, nkt = kt1 - kt0;
+  const int kbeg = kt0 * BK, kend = min(kt1 * BK, P::K);
+
+  // ---- stage loads --------------------------------------------------------------------------------
+  // 16-byte chunks of a BK-wide tile: thread t copies column (t % 8) * 8 of rows t / 8 + 16 i, so its row
+  // addresses (views may decompose m / n over several atoms) are computed once, before the K loop.
+  constexpr int A_CH = P::A_MODE == 0 ? BM / 16 : 1, B_CH = P::B_MODE == 0 ? BN / 16 : 1;
+  const int ck = (tid % 8) * 8, cr = tid / 8;
+  const T* a_rows[A_CH];
+  const T* b_rows[B_CH];
+  if constexpr (P::A_MODE == 0)
+#pragma unroll
+    for (int i = 0; i < A_CH; ++i) a_rows[i] = m0 + cr + 16 * i < P::M ? P::a_row(g, bat, m0 + cr + 16 * i) : nullptr;
+  if constexpr (P::B_MODE == 0)
+#pragma unroll
+    for (int i = 0; i < B_CH; ++i) b_rows[i] = n0 + cr + 16 * i < P::N ? P::b_row(g, bat, n0 + cr + 16 * i) : nullptr;
+
+  auto load_a_tile = [&](int kt, int s) {  // A_MODE 0 / 2: tile kt into ring stage s
+    T* dst = As + s * BM * LDS;
+    const int k0 = kt * BK;
+    if constexpr (P::A_MODE == 0) {
+      const int k = k0 + ck;
+      const long ko = P::a_kofs(k);
+#pragma unroll
+      for (int i = 0; i < A_CH; ++i) {
+        const bool ok = a_rows[i] != nullptr && k < P::K;
+        mma::cp_async16(dst + (cr + 16 * i) * LDS + ck, ok ? a_rows[i] + ko : g.a, ok);
+      }
+    } else {
+      for (int e = tid; e < BM * BK; e += 128) {
+        const int r = P::A_M_INNER ? e % BM : e / BK, kk = P::A_M_INNER ? e / BM : e % BK;
+        const int m = m0 + r, k = k0 + kk;
+        float v = 0.f;
+        if (m < P::M && k < P::K) {
+          v = P::load_a(g, bat, m, k);
+          if constexpr (P::LN) v = (v - row_mean[r]) * row_rstd[r] * P::ln_gamma(g, k) + P::ln_beta(g, k);
+        }
+        dst[r * LDS + kk] = from_float<T>(v);
+      }
+    }
+  };
+  auto load_b_tile = [&](int kt, int s) {
+    T* dst = Bs + s * BN * LDS;
+    unsigned char* raw = Braw + s * S::RAW_STAGE;
+    const int k0 = kt * BK;
+    if constexpr (P::B_MODE == 0) {
+      const int k = k0 + ck;
+      const long ko = P::b_kofs(k);
+#pragma unroll
+      for (int i = 0; i < B_CH; ++i) {
+        const bool ok = b_rows[i] != nullptr && k < P::K;
+        mma::cp_async16(dst + (cr + 16 * i) * LDS + ck, ok ? b_rows[i] + ko : g.b, ok);
+      }
+    } else if constexpr (P::B_MODE == 1) {  // fp8 rows of K bytes: 16-byte chunks of 16 values
+      MMA_FOR_CHUNKS(c, BN * BK / 16) {
+        const int r = c / (BK / 16), kk = (c % (BK / 16)) * 16, n = n0 + r, k = k0 + kk;
+        const bool ok = n < P::N && k < P::K;
+        mma::cp_async16(raw + r * BK + kk, ok ? (const void*)(g.b + (long)n * P::K + k) : (const void*)g.b, ok);
+      }
+    } else if constexpr (P::B_MODE == 2) {  // nvfp4 rows of K/2 bytes: chunks of 32 values + their 2 scales
+      MMA_FOR_CHUNKS(c, S::NVFP4_CHUNKS) {
+        const int r = c / (BK / 32), kk = (c % (BK / 32)) * 32, n = n0 + r, k = k0 + kk;
+        const bool ok = n < P::N && k < P::K;
+        mma::cp_async16(raw + c * 16, ok ? (const void*)(g.b + ((long)n * P::K + k) / 2) : (const void*)g.b, ok);
+        // the 4 scale bytes of the row's 64-value step (K % 64 == 0 keeps them 4-byte aligned)
+        mma::cp_async4(raw + S::NVFP4_CHUNKS * 16 + c * 4,
+                       ok ? (const void*)(g.b_block + ((long)n * P::K + k0) / 16) : (const void*)g.b_block, ok);
+      }
+    } else {
+      for (int e = tid; e < BN * BK; e += 128) {
+        const int r = P::B_N_INNER ? e % BN : e / BK, kk = P::B_N_INNER ? e / BN : e % BK;
+        const int n = n0 + r, k = k0 + kk;
+        dst[r * LDS + kk] = from_float<T>(n < P::N && k < P::K ? P::load_bq(g, bat, k, n) : 0.f);
+      }
+    }
+  };
+  // after the wait: each thread decodes the quantized chunks it copied itself, so no barrier is needed first
+  auto decode_b = [&](int s) {
+    T* dst = Bs + s * BN * LDS;
+    const unsigned char* raw = Braw + s * S::RAW_STAGE;
+    if constexpr (P::B_MODE == 1) {
+      MMA_FOR_CHUNKS(c, BN * BK / 16) {
+        const int r = c / (BK / 16), kk = (c % (BK / 16)) * 16;
+        const uint4 v = *reinterpret_cast<const uint4*>(raw + r * BK + kk);
+        const unsigned w[4] = {v.x, v.y, v.z, v.w};
+        unsigned o[8];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          o[2 * i] = mma::e4m3x2_to<T>((unsigned short)(w[i] & 0xffffu));
+          o[2 * i + 1] = mma::e4m3x2_to<T>((unsigned short)(w[i] >> 16));
+        }
+        uint4* d = reinterpret_cast<uint4*>(dst + r * LDS + kk);
+        d[0] = make_uint4(o[0], o[1], o[2], o[3]);
+        d[1] = make_uint4(o[4], o[5], o[6], o[7]);
+      }
+    } else if constexpr (P::B_MODE == 2) {
+      MMA_FOR_CHUNKS(c, S::NVFP4_CHUNKS) {
+        const int r = c / (BK / 32), half = c % (BK / 32);
+        const uint4 v = *reinterpret_cast<const uint4*>(raw + c * 16);
+        const unsigned w[4] = {v.x, v.y, v.z, v.w};
+        const unsigned scales = *reinterpret_cast<const unsigned*>(raw + S::NVFP4_CHUNKS * 16 + c * 4);
+        const float s0 = e4m3_to_float((scales >> (16 * half)) & 0xffu);
+        const float s1 = e4m3_to_float((scales >> (16 * half + 8)) & 0xffu);
+        unsigned o[16];
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+          const float sc = i < 8 ? s0 : s1;
+          const unsigned byte = (w[i / 4] >> (8 * (i % 4))) & 0xffu;
+          o[i] = mma::pack2<T>(e2m1_to_float(byte & 15u) * sc, e2m1_to_float(byte >> 4) * sc);
+        }
+        uint4* d = reinterpret_cast<uint4*>(dst + r * LDS + half * 32);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) d[i] = make_uint4(o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]);
+      }
+    }
+  };
+
+  // ---- norm statistics ----------------------------------------------------------------------------
+  // Each block reduces its rows over its own K range [kbeg, kend) to (mean, M2); a cluster merges them in
+  // rank order (Chan et al.), so every block of the cluster gets the same statistics.
+  // sum(r, j, mean, sq): thread j of TPR's partial sum over row r of (x - mean), or of (x - mean)^2 if sq
+  auto stats = [&](auto sum) {
+    constexpr int TPR = 128 / BM;  // threads per row, consecutive lanes
+    const int r = tid / TPR, j = tid % TPR;
+    const bool ok = m0 + r < P::M;
+    float s = 0.f;
+    if (!P::RMS && ok) s = sum(r, j, 0.f, false);
+#pragma unroll
+    for (int o = TPR / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    const float mean = kend > kbeg ? s / (kend - kbeg) : 0.f;
+    float q = ok ? sum(r, j, mean, true) : 0.f;
+#pragma unroll
+    for (int o = TPR / 2; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
+    if (j == 0) { part_mean[r] = mean; part_m2[r] = q; }
+    if constexpr (SPLIT > 1) {
+      mma::cluster_sync();
+      if (tid < BM) {
+        float n_acc = 0.f, mean_acc = 0.f, m2_acc = 0.f;
+        for (int src = 0; src < SPLIT; ++src) {
+          const int nb = min(((src + 1) * S::KT / SPLIT) * BK, P::K) - (src * S::KT / SPLIT) * BK;
+          if (nb <= 0) continue;
+          float mb, m2b;
+          asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(mb) : "r"(mma::cluster_addr(&part_mean[tid], src)));
+          asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(m2b) : "r"(mma::cluster_addr(&part_m2[tid], src)));
+          const float n_ab = n_acc + nb, delta = mb - mean_acc;
+          mean_acc += delta * (nb / n_ab);
+          m2_acc += m2b + delta * delta * (n_acc * nb / n_ab);
+          n_acc = n_ab;
+        }
+        row_mean[tid] = mean_acc;
+        row_rstd[tid] = 1.f / sqrtf(m2_acc / P::K + P::EPS);
+      }
+    } else {
+      __syncthreads();
+      if (tid < BM) { row_mean[tid] = part_mean[tid]; row_rstd[tid] = 1.f / sqrtf(part_m2[tid] / P::K + P::EPS); }
+    }
+    __syncthreads();
+  };
+
+  if constexpr (P::LN && P::A_MODE == 2)
+    stats([&](int r, int j, float mean, bool sq) {
+      float acc = 0.f;
+      for (int k = kbeg + j; k < kend; k += 128 / BM) {
+        const float d = P::load_a(g, bat, m0 + r, k) - mean;
+        acc += sq ? d * d : d;
+      }
+      return acc;
+    });
+
+  // ---- prologue: the A panel (A_MODE 1) and the first ST - 1 tiles ----------------------------------
+  constexpr int CPR = S::KTS * BK / 8;  // 16-byte chunks per panel row
+  if constexpr (P::A_MODE == 1) {
+    for (int c = tid; c < BM * CPR; c += 128) {
+      const int r = c / CPR, kk = (c % CPR) * 8, m = m0 + r, k = kbeg + kk;
+      const bool ok = m < P::M && k < kend;
+      mma::cp_async16(As + r * LDP + kk, ok ? P::a_row(g, bat, m) + P::a_kofs(k) : g.a, ok);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < ST - 1; ++i) {
+    if (i < nkt) {
+      if constexpr (P::A_MODE != 1) load_a_tile(kt0 + i, i);
+      load_b_tile(kt0 + i, i);
+    }
+    mma::cp_async_commit();
+  }
+
+  if constexpr (P::A_MODE == 1) {  // statistics from the panel, then normalize it in place
+    mma::cp_async_wait<ST - 2>();  // the first group holds the panel
+    __syncthreads();
+    stats([&](int r, int j, float mean, bool sq) {
+      float acc = 0.f;
+      for (int c = j; c * 8 < kend - kbeg; c += 128 / BM) {  // the panel is zero past kend
+        const uint4 v = *reinterpret_cast<const uint4*>(As + r * LDP + c * 8);
+        const unsigned w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float d0 = mma::unpack_lo<T>(w[i]) - mean, d1 = mma::unpack_hi<T>(w[i]) - mean;
+          acc += sq ? d0 * d0 + d1 * d1 : d0 + d1;
+        }
+      }
+      return acc;
+    });
+    for (int c = tid; c < BM * CPR; c += 128) {
+      const int r = c % BM, kk = (c / BM) * 8, k = kbeg + kk;  // neighbours share a column: gamma stays cached
+      if (m0 + r >= P::M || k >= kend) continue;
+      uint4* p = reinterpret_cast<uint4*>(As + r * LDP + kk);
+      uint4 v = *p;
+      unsigned w[4] = {v.x, v.y, v.z, v.w};
+      const float mean = row_mean[r], rstd = row_rstd[r];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int ka = k + 2 * i;
+        const float x0 = (mma::unpack_lo<T>(w[i]) - mean) * rstd * P::ln_gamma(g, ka) + P::ln_beta(g, ka);
+        const float x1 = (mma::unpack_hi<T>(w[i]) - mean) * rstd * P::ln_gamma(g, ka + 1) + P::ln_beta(g, ka + 1);
+        w[i] = mma::pack2<T>(x0, x1);
+      }
+      *p = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+    // the main loop's first barrier orders these writes before any ldmatrix
+  }
+
+  float acc[MI][NI][4];
+#pragma unroll
+  for (int i = 0; i < MI; ++i)
+#pragma unroll
+    for (int j = 0; j < NI; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.f;
+
+  // ---- main loop ----------------------------------------------------------------------------------
+#if FRT_MMA_DIAG == 2
+  for (int i = 0; i < 0; ++i) {
+#else
+  for (int i = 0; i < nkt; ++i) {
+#endif
+    const int s = i % ST;
+    mma::cp_async_wait<ST - 2>();
+    decode_b(s);
+    __syncthreads();  // tile i visible to all; every warp is done with the stage the next load overwrites
+#if FRT_MMA_DIAG == 4
+    if (false) {
+#else
+    if (i + ST - 1 < nkt) {
+#endif
+      if constexpr (P::A_MODE != 1) load_a_tile(kt0 + i + ST - 1, (i + ST - 1) % ST);
+      load_b_tile(kt0 + i + ST - 1, (i + ST - 1) % ST);
+    }
+    mma::cp_async_commit();
+
+    constexpr int LDA = P::A_MODE == 1 ? LDP : LDS;
+    const T* a_base = P::A_MODE == 1 ? As + i * BK : As + s * BM * LDS;
+    const T* b_base = Bs + s * BN * LDS;
+#pragma unroll
+    for (int ks = 0; ks < BK / 16; ++ks) {
+      unsigned af[MI][4], bfr[NI][2];
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi)
+        mma::ldmatrix_x4(af[mi], a_base + (wm * WTM + mi * 16 + lane % 16) * LDA + ks * 16 + (lane / 16) * 8);
+#pragma unroll
+      for (int ni = 0; ni < NI; ni += 2) {
+        unsigned r[4];
+        mma::ldmatrix_x4(r, b_base + (wn * WTN + ni * 8 + lane % 8 + (lane / 16) * 8) * LDS + ks * 16 +
+                                ((lane / 8) % 2) * 8);
+        bfr[ni][0] = r[0]; bfr[ni][1] = r[1]; bfr[ni + 1][0] = r[2]; bfr[ni + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni) {
+#if FRT_MMA_DIAG == 3
+          acc[mi][ni][0] += __uint_as_float(af[mi][0] ^ bfr[ni][0]);
+#else
+          mma::mma16816<T>(acc[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
+#endif
+        }
+    }
+  }
+
+  // ---- epilogue: partial tile to shared memory, reduce over the cluster, P::epilogue ----------------
+  mma::cp_async_wait<0>();
+  __syncthreads();
+  float* red = reinterpret_cast<float*>(smem);
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < NI; ++ni) {
+      const int r = wm * WTM + mi * 16 + lane / 4, c = wn * WTN + ni * 8 + 2 * (lane % 4);
+      *reinterpret_cast<float2*>(red + r * S::RED_LD + c) = make_float2(acc[mi][ni][0], acc[mi][ni][1]);
+      *reinterpret_cast<float2*>(red + (r + 8) * S::RED_LD + c) = make_float2(acc[mi][ni][2], acc[mi][ni][3]);
+    }
+  if constexpr (SPLIT > 1) mma::cluster_sync();
+  else __syncthreads();
+  constexpr int GROUPS = BM * BN / 4;  // float4 groups of the tile; this block finishes 1/SPLIT of them
+  for (int q = rank * GROUPS / SPLIT + tid; q < (rank + 1) * GROUPS / SPLIT; q += 128) {
+    const int r = q / (BN / 4), c = (q % (BN / 4)) * 4, m = m0 + r, n = n0 + c;
+    if (m >= P::M || n >= P::N) continue;
+    float4 v;
+    if constexpr (SPLIT > 1) {
+      v = mma::ld_cluster_f4(mma::cluster_addr(red + r * S::RED_LD + c, 0));
+      for (int src = 1; src < SPLIT; ++src) {  // fixed order: the sum does not depend on timing
+        const float4 p = mma::ld_cluster_f4(mma::cluster_addr(red + r * S::RED_LD + c, src));
+        v.x += p.x; v.y += p.y; v.z += p.z; v.w += p.w;
+      }
+    } else {
+      v = *reinterpret_cast<const float4*>(red + r * S::RED_LD + c);
+    }
+    const float vals[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      if (n + j < P::N) P::epilogue(g, bat, m, n + j, vals[j] * P::row_scale(g, n + j));
+  }
+  if constexpr (SPLIT > 1) mma::cluster_sync();  // no block leaves while another still reads its tile
+}
+
+#undef MMA_FOR_CHUNKS

@@ -1,0 +1,171 @@
+"""The tensor-core path of the GEMM family (kernels/cuda/gemm_mma.cuh): how each operand is staged, the tile
+shape, split-K and pipeline depth, chosen per problem by a small cost model of a 132-SM GPU, and the
+generated struct members the template reads.
+
+params["mma"] = {dtype, bm, bn, split, stages, a_mode, b_mode}:
+  dtype      the mma operand type ("bfloat16" | "float16"); the reference rounds A' and B' to it
+  bm, bn     block tile (BK = 64); split: blocks of one cluster sharing a tile's K (1..8)
+  a_mode     0 cp.async chunks, 1 norm prologue on a shared-memory A panel, 2 element loads
+  b_mode     0 cp.async chunks, 1 fp8, 2 nvfp4 (raw bytes decoded in shared memory), 3 element loads"""
+
+import math
+
+from flashrt.kernels.dtypes import CTYPES, ITEMSIZE
+from flashrt.kernels.source import atoms_code
+
+OPERAND_DTYPES = ("bfloat16", "float16")
+BK = 64
+THREADS = 128
+MAX_SPLIT = 8  # the portable thread-block cluster size
+# Dynamic shared memory per block: below every target's opt-in limit (sm_120: 99 KB), with room for the
+# kernel's static arrays.
+SMEM_CAP = 96 * 1024
+SMEM_PER_SM = 228 * 1024
+TILES = [(16, 64), (16, 128), (32, 32), (32, 64), (32, 128), (64, 32), (64, 64), (64, 128), (128, 32), (128, 64)]
+VALUE_BITS = {"fp8": 8, "nvfp4": 4}
+
+# Cost model of the target GPU (H100 / H200 class), in seconds: per-block tensor and L2->SM rates of a
+# 4-warp block, the GPU's HBM and L2 rates, a block's fixed cost (pipeline fill, epilogue), a cluster's.
+SMS = 132
+TC_FLOPS_PER_BLOCK = 3e12
+SM_BYTES_PER_S = 80e9
+HBM_BYTES_PER_S = 3.5e12
+L2_BYTES_PER_S = 8e12
+BLOCK_FIXED_S = 1.5e-6
+CLUSTER_FIXED_S = 0.4e-6
+DECODE_VALUES_PER_S = 128 * 1.2e9  # quantized values a block decodes into shared memory per second
+
+
+def _chunked(k_atoms: list, other_atoms: list, offset: int, vec: int) -> bool:
+    """Whether every `vec` consecutive k of the view are contiguous and 16-byte aligned: the last k atom has
+    stride 1 and a size divisible by vec, every other stride and the offset are multiples of vec."""
+    if not k_atoms or k_atoms[-1][1] != 1 or k_atoms[-1][0] % vec:
+        return False
+    return offset % vec == 0 and all(st % vec == 0 for _, st in list(k_atoms[:-1]) + list(other_atoms))
+
+
+def _inner_is(atoms: list) -> bool:
+    return bool(atoms) and atoms[-1][1] == 1
+
+
+def staging(p: dict, a_offset: int, b_offset: int, dtype: str) -> tuple[bool, int]:
+    """(A can be copied in 16-byte chunks, b_mode) for the params of a GEMM with operand type dtype."""
+    a, b, K = p["a"], p["b"], p["K"]
+    a_chunks = a["dtype"] == dtype and K % 8 == 0 and _chunked(a["k"], a["m"] + a["batch"], a_offset, 8)
+    quant = b.get("quant")
+    if quant == "fp8":
+        b_mode = 1 if K % 16 == 0 and b_offset % 16 == 0 else 3
+    elif quant == "nvfp4":
+        b_mode = 2 if K % 64 == 0 and b_offset % 16 == 0 else 3
+    elif b["dtype"] == dtype and K % 8 == 0 and _chunked(b["k"], b["n"] + b["batch"], b_offset, 8):
+        b_mode = 0
+    else:
+        b_mode = 3
+    return a_chunks, b_mode
+
+
+def smem_bytes(K: int, bm: int, bn: int, split: int, stages: int, a_mode: int, b_mode: int) -> int:
+    """Dynamic shared memory of a configuration; mirrors MmaShape in gemm_mma.cuh."""
+    lds, kts = BK + 8, math.ceil(math.ceil(K / BK) / split)
+    a_elems = bm * (kts * BK + 8) if a_mode == 1 else stages * bm * lds
+    b_elems = stages * bn * lds
+    raw = {1: bn * BK, 2: bn * BK // 32 * (16 + 4)}.get(b_mode, 0)
+    return max((a_elems + b_elems) * 2 + stages * raw, bm * (bn + 8) * 4)
+
+
+def estimate(p: dict, bm: int, bn: int, split: int, a_mode: int, b_mode: int, smem: int) -> float:
+    """Modelled seconds of one launch: the busiest multiprocessor's blocks (tensor work or bytes, whichever
+    dominates, plus fixed costs per wave of resident blocks), bounded below by HBM and L2 traffic."""
+    M, N, K, nb = p["M"], p["N"], p["K"], math.prod(p["batch"])
+    kc = math.ceil(math.ceil(K / BK) / split) * BK
+    blocks = math.ceil(M / bm) * math.ceil(N / bn) * nb * split
+    resident = max(1, min(4, SMEM_PER_SM // (smem + 2048)))
+    per_sm = math.ceil(blocks / SMS)
+    a_item = ITEMSIZE[p["a"]["dtype"]]
+    b_bits = VALUE_BITS.get(p["b"].get("quant"), 8 * ITEMSIZE[p["b"]["dtype"]])
+    a_bytes = min(bm, M) * kc * a_item * (4 if a_mode == 2 else 1)  # element loads: a quarter of the rate
+    b_bytes = min(bn, N) * kc * b_bits / 8 * (4 if b_mode == 3 else 1)
+    t_block = max(2 * bm * bn * kc / TC_FLOPS_PER_BLOCK, (a_bytes + b_bytes) / SM_BYTES_PER_S)
+    if b_mode in (1, 2):
+        t_block += bn * kc / DECODE_VALUES_PER_S
+    t_sm = per_sm * t_block + math.ceil(per_sm / resident) * BLOCK_FIXED_S
+    unique = nb * M * K * a_item + (1 if p["b"]["batch"] == [[1, 0]] else nb) * K * N * b_bits / 8
+    t = max(t_sm, unique / HBM_BYTES_PER_S, blocks * (a_bytes + b_bytes) / L2_BYTES_PER_S)
+    return t + (CLUSTER_FIXED_S if split > 1 else 0.0)
+
+
+def config(p: dict, a_offset: int, b_offset: int, dtype: str) -> dict | None:
+    """The cheapest configuration by the cost model, or None where the tensor-core path does not apply
+    (operand type not 16-bit, a grid beyond CUDA's limits)."""
+    if dtype not in OPERAND_DTYPES or p.get("gated"):
+        return None
+    M, N, K, nb = p["M"], p["N"], p["K"], math.prod(p["batch"])
+    a_chunks, b_mode = staging(p, a_offset, b_offset, dtype)
+    kt = math.ceil(K / BK)
+    best = None
+    for bm, bn in TILES:
+        if math.ceil(M / bm) > 65535:
+            continue
+        for split in range(1, min(MAX_SPLIT, kt) + 1):
+            if nb * split > 65535:
+                break
+            kts = math.ceil(kt / split)
+            if split > 1 and (kts - 1) * split >= kt:  # an empty split
+                continue
+            for a_mode in ([1, 2] if p["ln"] and a_chunks else [2] if p["ln"] or not a_chunks else [0]):
+                stages = next((s for s in range(min(4, max(2, kts + 1)), 1, -1)
+                               if smem_bytes(K, bm, bn, split, s, a_mode, b_mode) <= SMEM_CAP), None)
+                if stages is None:
+                    continue
+                smem = smem_bytes(K, bm, bn, split, stages, a_mode, b_mode)
+                t = estimate(p, bm, bn, split, a_mode, b_mode, smem)
+                padded = math.ceil(M / bm) * bm * math.ceil(N / bn) * bn  # ties: least padding, then big tiles
+                key = (round(t * 1e8), split, padded, -bm * bn)
+                if best is None or key < best[0]:
+                    best = (key, {"dtype": dtype, "bm": bm, "bn": bn, "split": split, "stages": stages,
+                                  "a_mode": a_mode, "b_mode": b_mode})
+    return best[1] if best else None
+
+
+def launch_config(p: dict) -> tuple[tuple[int, int, int], tuple[int, int, int], int]:
+    c = p["mma"]
+    grid = (math.ceil(p["N"] / c["bn"]), math.ceil(p["M"] / c["bm"]), math.prod(p["batch"]) * c["split"])
+    smem = smem_bytes(p["K"], c["bm"], c["bn"], c["split"], c["stages"], c["a_mode"], c["b_mode"])
+    return grid, (THREADS, 1, 1), smem
+
+
+def members(p: dict) -> tuple[str, str]:
+    """The struct P members gemm_mma<P> reads besides the GEMM family's common ones: shapes and modes, and
+    the operand accessors (chunk addresses for cp.async, element loads for the generic path)."""
+    c, a, b, K = p["mma"], p["a"], p["b"], p["K"]
+    a_row = f'{atoms_code("(long)bat", a["batch"])} + {atoms_code("(long)m", a["m"])}'
+    a_k = atoms_code("(long)k", a["k"])
+    b_row = f'{atoms_code("(long)bat", b["batch"])} + {atoms_code("(long)n", b["n"])}'
+    b_k = atoms_code("(long)k", b["k"])
+    quant = b.get("quant")
+    if quant == "fp8":
+        load_bq = f"return e4m3_to_float(g.b[(long)n * {K} + k].x);"
+    elif quant == "nvfp4":
+        load_bq = (f"const unsigned byte = g.b[(long)n * {K // 2} + k / 2].x;\n"
+                   f"    return e2m1_to_float((k & 1) ? byte >> 4 : byte & 15u) * "
+                   f"e4m3_to_float(g.b_block[(long)n * {K // 16} + k / 16]);")
+    else:
+        load_bq = f"return to_float(g.b[{b_row} + {b_k}]);"
+    b_row_ptr = "nullptr" if quant else f"g.b + ({b_row})"
+    shape = f"""using T = {CTYPES[c["dtype"]]};
+  static constexpr int M = {p["M"]}, N = {p["N"]}, K = {K};
+  static constexpr int BM = {c["bm"]}, BN = {c["bn"]}, SPLIT = {c["split"]}, STAGES = {c["stages"]};
+  static constexpr int A_MODE = {c["a_mode"]}, B_MODE = {c["b_mode"]};
+  static constexpr bool A_M_INNER = {"true" if _inner_is(a["m"]) else "false"};
+  static constexpr bool B_N_INNER = {"true" if _inner_is(b["n"]) else "false"};"""
+    t = CTYPES[c["dtype"]]
+    b_t = t if not quant else CTYPES[b["dtype"]]
+    loads = f"""__device__ static const {CTYPES[a["dtype"]]}* a_row(const Args& g, int bat, int m) {{ return g.a + ({a_row}); }}
+  __device__ static long a_kofs(int k) {{ return {a_k}; }}
+  __device__ static float load_a(const Args& g, int bat, int m, int k) {{ return to_float(g.a[{a_row} + {a_k}]); }}
+  __device__ static const {b_t}* b_row(const Args& g, int bat, int n) {{ return {b_row_ptr}; }}
+  __device__ static long b_kofs(int k) {{ return {b_k}; }}
+  __device__ static float load_bq(const Args& g, int bat, int k, int n) {{
+    {load_bq}
+  }}"""
+    return shape, loads

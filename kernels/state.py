@@ -1,0 +1,124 @@
+"""State family: the small kernels that keep an engine's persistent state (engine_format/SPEC.md §11).
+
+`pos` is a device int32 scalar in the arena: the number of tokens already in the engine's caches. Kernels read
+it at run time, so one captured CUDA graph serves every position.
+
+params: {"op": ...}
+  positions  out[i] = pos + i for i < T                         T, out_dtype           args: pos, out
+  write      dst[o, pos + t, i] = src[o, t, i] for t < n         T, S, outer, inner,     args: pos, [length],
+             (n = length[0], or T without a length input;       dtype, pairs: [{atoms}],      src0, dst0,
+             rows at pos + t >= S are skipped)                   has_length                    src1, dst1, ...
+             each src is a view ((size, stride) atoms over [outer, T, inner]); each dst a contiguous
+             [outer, S, inner] cache (the KV-cache write of a decoder: new K and V rows at the position)
+  advance    pos += count (a constant), or pos += length[0]      count (null: length)  args: pos, [length]
+The entry's last launch is its advance, so every kernel before it sees the position the run started at."""
+
+import math
+
+import numpy as np
+
+from flashrt.errors import EngineFormatError
+from flashrt.kernels.dtypes import CTYPES
+from flashrt.kernels.memory import Pointer, load_atoms, raw, store
+from flashrt.kernels.source import atoms_code
+
+FAMILY = "state"
+MAX_BLOCKS = 1 << 16
+
+
+def arg_spec(p: dict) -> list[tuple[str, str]]:
+    if p["op"] == "positions":
+        return [("pos", "ptr"), ("out", "ptr")]
+    length = [("length", "ptr")] if (p["op"] == "write" and p["has_length"]) or \
+        (p["op"] == "advance" and p["count"] is None) else []
+    if p["op"] == "advance":
+        return [("pos", "ptr")] + length
+    pairs = [arg for i in range(len(p["pairs"])) for arg in ((f"src{i}", "ptr"), (f"dst{i}", "ptr"))]
+    return [("pos", "ptr")] + length + pairs
+
+
+def launch_config(p: dict):
+    if p["op"] == "positions":
+        return (math.ceil(p["T"] / 256), 1, 1), (256, 1, 1), 0
+    if p["op"] == "advance":
+        return (1, 1, 1), (32, 1, 1), 0
+    total = p["outer"] * p["T"] * p["inner"]
+    return (max(1, min(MAX_BLOCKS, math.ceil(total / 256))), len(p["pairs"]), 1), (256, 1, 1), 0
+
+
+def cuda_source(p: dict, symbol: str) -> str:
+    if p["op"] == "positions":
+        to = CTYPES[p["out_dtype"]]
+        value = f"({to})(*pos + i)" if p["out_dtype"] in ("int64", "int32") else f"from_float<{to}>((float)(*pos + i))"
+        return f'''#include "common.cuh"
+
+extern "C" __global__ void __launch_bounds__(256) {symbol}(const int* __restrict__ pos, {to}* __restrict__ out) {{
+  const int i = blockIdx.x * 256 + threadIdx.x;
+  if (i < {p["T"]}) out[i] = {value};
+}}
+'''
+    if p["op"] == "advance":
+        step = str(p["count"]) if p["count"] is not None else "*length"
+        length = ", const int* __restrict__ length" if p["count"] is None else ""
+        return f'''extern "C" __global__ void {symbol}(int* __restrict__ pos{length}) {{
+  if (threadIdx.x == 0) *pos += {step};
+}}
+'''
+    ct = CTYPES[p["dtype"]]
+    T, S, outer, inner = p["T"], p["S"], p["outer"], p["inner"]
+    params = ["const int* __restrict__ pos"] + (["const int* __restrict__ length"] if p["has_length"] else [])
+    cases = []
+    for j, pair in enumerate(p["pairs"]):
+        params += [f"const {ct}* __restrict__ src{j}", f"{ct}* __restrict__ dst{j}"]
+        cases.append(f"    case {j}: dst{j}[d] = src{j}[{atoms_code('i', pair['atoms'])}]; break;")
+    n = "min(*length, " + str(T) + ")" if p["has_length"] else str(T)
+    return f'''#include "common.cuh"
+
+extern "C" __global__ void __launch_bounds__(256) {symbol}({", ".join(params)}) {{
+  const int p = *pos, n = {n};
+  for (long i = (long)blockIdx.x * 256 + threadIdx.x; i < {outer * T * inner}L; i += (long)gridDim.x * 256) {{
+    const long t = (i / {inner}L) % {T}L, o = i / {T * inner}L;
+    if (t >= n || p + t >= {S}L) continue;
+    const long d = (o * {S}L + p + t) * {inner}L + i % {inner}L;
+    switch (blockIdx.y) {{
+{chr(10).join(cases)}
+    }}
+  }}
+}}
+'''
+
+
+def read_int(ptr: Pointer) -> int:
+    return int(raw(ptr, 4).view(np.int32)[0])
+
+
+def _write_int(ptr: Pointer, value: int) -> None:
+    raw(ptr, 4)  # bounds
+    if not ptr.buffer.flags.writeable:
+        raise EngineFormatError(f"kernel argument '{ptr.name}' is state but points into the read-only weights")
+    ptr.buffer[ptr.offset:ptr.offset + 4] = np.frombuffer(np.int32(value).tobytes(), np.uint8)
+
+
+def reference(p: dict, args: dict) -> None:
+    pos = read_int(args["pos"])
+    if p["op"] == "positions":
+        store(args["out"], p["out_dtype"], np.arange(pos, pos + p["T"], dtype=np.float64).astype(np.float32))
+        return
+    if p["op"] == "advance":
+        _write_int(args["pos"], pos + (p["count"] if p["count"] is not None else read_int(args["length"])))
+        return
+    T, S, outer, inner, dtype = p["T"], p["S"], p["outer"], p["inner"], p["dtype"]
+    n = min(read_int(args["length"]), T) if p["has_length"] else T
+    rows = max(0, min(n, S - pos)) if pos >= 0 else 0
+    if rows == 0:
+        return
+    item = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
+    for j, pair in enumerate(p["pairs"]):
+        src = load_atoms(args[f"src{j}"], dtype, pair["atoms"], [outer, T, inner])
+        dst = args[f"dst{j}"]
+        if dst.extent < outer * S * inner * item:
+            raise EngineFormatError(f"kernel argument 'dst{j}': the relocation grants {dst.extent} bytes, the "
+                                    f"[{outer}, {S}, {inner}] {dtype} cache needs {outer * S * inner * item}")
+        for o in range(outer):
+            start = ((o * S + pos) * inner) * item
+            store(Pointer(dst.buffer, dst.offset + start, rows * inner * item, dst.name), dtype, src[o, :rows])
