@@ -475,6 +475,10 @@ def _compare(model, kind, eng, engine_path, inputs, device, per_region, config) 
             value = out.get("value")
             base = {"name": value, "region": r.get("name"), "kind": r.get("kind"), "precision": r.get("precision"),
                     "launch": max(r["launches"]) if r.get("launches") else None}
+            if value not in known and "/merged" in str(value):
+                result["regions"].append(dict(base, skipped="several source MatMuls merged into one GEMM (aot/passes.py"
+                                                           " merge_sibling_matmuls); their values are its slices"))
+                continue
             if value not in known:
                 result["regions"].append(dict(base, skipped="not a value of the source model"))
                 continue

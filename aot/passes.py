@@ -313,6 +313,68 @@ def eliminate_common_subexpressions(graph: Graph) -> tuple[int, int]:
     return before - len(kept), n_constants
 
 
+def merge_sibling_matmuls(graph: Graph) -> int:
+    """x @ W1, x @ W2, ... (constant 2-D weights, each with or without a constant bias Add of its own) ->
+    x @ [W1 | W2 | ...] (+ [b1 | b2 | ...]) and last-axis Slices: one GEMM instead of several, and a separate
+    gate / up pair becomes the split form the gated GEMV fuses. Returns the number of MatMuls merged away."""
+    users = graph.consumers()
+    merged = 0
+    for x in list(graph.values):
+        if x in graph.constants:
+            continue
+        mms = [n for n in users.get(x, []) if n.op == "MatMul" and n.inputs[0] == x and n.inputs[1] in graph.constants
+               and graph.constants[n.inputs[1]].ndim == 2 and graph.constants[n.inputs[1]].dtype.kind == "f"
+               and n.outputs[0] not in graph.outputs]
+        if len(mms) < 2 or len({graph.constants[n.inputs[1]].dtype for n in mms}) != 1:
+            continue
+        biases = []
+        for n in mms:
+            nxt = users.get(n.outputs[0], [])
+            b = None
+            if len(nxt) == 1 and nxt[0].op == "Add" and nxt[0].outputs[0] not in graph.outputs:
+                other = [i for i in nxt[0].inputs if i != n.outputs[0]]
+                n_out = graph.constants[n.inputs[1]].shape[1]
+                if len(other) == 1 and other[0] in graph.constants and \
+                        graph.constants[other[0]].reshape(-1).shape == (n_out,):
+                    b = nxt[0]
+            biases.append(b)
+        if any(b is None for b in biases) and not all(b is None for b in biases):
+            continue
+        weights = [graph.constants[n.inputs[1]] for n in mms]
+        y0 = graph.values[mms[0].outputs[0]]
+        total = sum(w.shape[1] for w in weights)
+        w_cat = _const(graph, f"{mms[0].inputs[1]}/merged", np.concatenate(weights, axis=1))
+        y = _tmp(graph, f"{mms[0].outputs[0]}/merged", mms[0].outputs[0], y0.shape[:-1] + (total,))
+        first = min(graph.nodes.index(n) for n in mms)
+        new = [Node("MatMul", f"{mms[0].name}/merged", [x, w_cat], [y], {}, [s for n in mms for s in n.source])]
+        tails = mms
+        if biases[0] is not None:
+            b_cat = _const(graph, f"{mms[0].name}/merged_bias", np.concatenate(
+                [graph.constants[[i for i in b.inputs if i != n.outputs[0]][0]].reshape(-1)
+                 for n, b in zip(mms, biases)]).astype(np.float32))
+            yb = _tmp(graph, f"{y}/bias", y)
+            new.append(Node("Add", f"{mms[0].name}/merged_bias", [y, b_cat], [yb], {},
+                            [s for b in biases for s in b.source]))
+            y, tails = yb, biases
+        off = 0
+        slices = []
+        for n, tail, w in zip(mms, tails, weights):
+            starts = _const(graph, f"{n.name}/start", np.array([off], np.int64))
+            ends = _const(graph, f"{n.name}/end", np.array([off + w.shape[1]], np.int64))
+            axes = _const(graph, f"{n.name}/axis", np.array([-1], np.int64))
+            slices.append(Node("Slice", f"{n.name}/slice", [y, starts, ends, axes], [tail.outputs[0]], {},
+                               list(n.source)))
+            off += w.shape[1]
+        drop = {id(n) for n in mms} | {id(b) for b in biases if b is not None}
+        rest = [n for n in graph.nodes if id(n) not in drop]
+        at = sum(1 for n in graph.nodes[:first] if id(n) not in drop)
+        graph.nodes = rest[:at] + new + slices + rest[at:]
+        merged += len(mms) - 1
+        users = graph.consumers()
+    graph.remove_dead()
+    return merged
+
+
 def run_passes(graph: Graph) -> dict[str, int]:
     """The graph passes in order; returns what common-subexpression elimination removed (the engine's
     provenance records it). CSE runs last: the raising passes match single-user chains that merging could break
@@ -321,5 +383,6 @@ def run_passes(graph: Graph) -> dict[str, int]:
     lower_gemm(graph)
     raise_gelu(graph)
     raise_rmsnorm(graph)
+    merge_sibling_matmuls(graph)
     nodes, constants = eliminate_common_subexpressions(graph)
     return {"nodes_removed": nodes, "constants_removed": constants}

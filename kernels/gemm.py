@@ -126,6 +126,12 @@ def problem_struct(p: dict, kind: str) -> tuple[str, list[str], list[str]]:
     return to_float(g.a[{atoms_code("(long)m", a["m"])} + {atoms_code("(long)k", a["k"])}]);
   }}
   __device__ static const TW* weights(const Args& g) {{ return g.b; }}"""
+    value = "" if kind != "mma" else f"""
+  __device__ static float value(const Args& g, int bat, int m, int n, float acc) {{  // the epilogue, unstored
+    const long o = ((long)bat * M + m) * N + n;
+    {body_text}
+    return {result};
+  }}"""
     struct = f'''namespace {{
 struct P {{
   struct Args {{ {" ".join(fields)} }};
@@ -143,7 +149,7 @@ struct P {{
     const long o = ((long)bat * M + m) * N + n;
     {body_text}
     g.c[o] = from_float<{CTYPES[p["out_dtype"]]}>({result});
-  }}
+  }}{value}
 }};
 }}  // namespace
 '''

@@ -156,6 +156,8 @@ def members(p: dict) -> tuple[str, str]:
   static constexpr int M = {p["M"]}, N = {p["N"]}, K = {K};
   static constexpr int BM = {c["bm"]}, BN = {c["bn"]}, SPLIT = {c["split"]}, STAGES = {c["stages"]};
   static constexpr int A_MODE = {c["a_mode"]}, B_MODE = {c["b_mode"]};
+  using OutT = {CTYPES[p["out_dtype"]]};
+  static constexpr bool B_CONST = {"true" if c.get("b_const") else "false"};
   static constexpr bool A_M_INNER = {"true" if _inner_is(a["m"]) else "false"};
   static constexpr bool B_N_INNER = {"true" if _inner_is(b["n"]) else "false"};"""
     t = CTYPES[c["dtype"]]

@@ -44,8 +44,11 @@ def test_regions_fuse_and_map_to_source_nodes(engines):
     regions = m["regions"]
     assert len(ef.launches) < m["provenance"]["compute_nodes"], "fusion launches fewer kernels than compute nodes"
     ops = ["+".join(r["ops"]) for r in regions]
-    # LayerNorm recomputed in the QKV GEMMs' prologue; GELU's erf decomposition raised and fused; residual fused
-    assert ops.count("LayerNormalization+MatMul+Add") == 6
+    # q, k, v projections of one input merged into one GEMM (with their biases) that recomputes the LayerNorm in
+    # its prologue; GELU's erf decomposition raised and fused; residual fused
+    assert ops.count("LayerNormalization+MatMul+Add") == 2
+    qkv = next(r for r in regions if "+".join(r["ops"]) == "LayerNormalization+MatMul+Add")
+    assert all(any(f"attn.{p}.matmul" in n for n in qkv["source_nodes"]) for p in "qkv")
     assert ops.count("LayerNormalization+MatMul+Add+Gelu") == 2
     assert ops.count("MatMul+Add+Add") == 4
     assert all(r["source_nodes"] for r in regions)

@@ -77,6 +77,9 @@ def test_one_launch_list_serves_every_position(decoder):
     e = eng.file.entry("decode")
     kinds = [eng.file.kernels[launch.kernel].family for launch in eng.file.launches[e.first:e.first + e.count]]
     assert kinds[-1] == "state" and kinds.count("attention") == model.c["layers"]
+    kernels = [eng.file.kernels[launch.kernel] for launch in eng.file.launches[e.first:e.first + e.count]]
+    # separate q/k/v projections merged into one GEMV, separate gate/up into the gated (SwiGLU) GEMV
+    assert sum(k.family == "gemv" and bool(k.params.get("gated")) for k in kernels) == model.c["layers"]
     prompt = dec.example_prompt(model, 20)
     tokens, ref = dec.greedy(model, prompt, 3)
     eng.run({"input_ids": prompt[:, :8].numpy()}, entry="prefill")

@@ -104,6 +104,9 @@ __device__ __forceinline__ unsigned cluster_rank() {
 __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 }
+__device__ __forceinline__ void cluster_sync_relaxed() {
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\nbarrier.cluster.wait.aligned;\n" ::: "memory");
+}
 __device__ __forceinline__ unsigned cluster_addr(const void* p, unsigned rank) {
   unsigned r;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(smem_addr(p)), "r"(rank));
@@ -158,9 +161,6 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
   unsigned char* const Braw = reinterpret_cast<unsigned char*>(Bs + S::B_ELEMS);
   __shared__ float row_mean[BM], row_rstd[BM], part_mean[BM], part_m2[BM];
 
-#if FRT_MMA_DIAG == 1
-  return;
-#endif
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int wm = warp / WARPS_N, wn = warp % WARPS_N;
   int rank = 0;
@@ -325,6 +325,16 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
     __syncthreads();
   };
 
+  // Programmatic dependent launch (a no-op without it): the next kernel may start its own constant-weight
+  // prologue now; this one prefetches its weight tiles before waiting for the kernels that write A.
+  griddep_launch_dependents();
+  if constexpr (P::B_CONST) {
+#pragma unroll
+    for (int i = 0; i < ST - 1; ++i)
+      if (i < nkt) load_b_tile(kt0 + i, i);
+  }
+  griddep_wait();
+
   if constexpr (P::LN && P::A_MODE == 2)
     stats([&](int r, int j, float mean, bool sq) {
       float acc = 0.f;
@@ -344,11 +354,12 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
       mma::cp_async16(As + r * LDP + kk, ok ? P::a_row(g, bat, m) + P::a_kofs(k) : g.a, ok);
     }
   }
+  // commit group i holds A tile i (group 0 also the panel and any prefetched weight tiles), and B tile i
 #pragma unroll
   for (int i = 0; i < ST - 1; ++i) {
     if (i < nkt) {
       if constexpr (P::A_MODE != 1) load_a_tile(kt0 + i, i);
-      load_b_tile(kt0 + i, i);
+      if constexpr (!P::B_CONST) load_b_tile(kt0 + i, i);
     }
     mma::cp_async_commit();
   }
@@ -397,20 +408,12 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
       for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.f;
 
   // ---- main loop ----------------------------------------------------------------------------------
-#if FRT_MMA_DIAG == 2
-  for (int i = 0; i < 0; ++i) {
-#else
   for (int i = 0; i < nkt; ++i) {
-#endif
     const int s = i % ST;
     mma::cp_async_wait<ST - 2>();
     decode_b(s);
     __syncthreads();  // tile i visible to all; every warp is done with the stage the next load overwrites
-#if FRT_MMA_DIAG == 4
-    if (false) {
-#else
     if (i + ST - 1 < nkt) {
-#endif
       if constexpr (P::A_MODE != 1) load_a_tile(kt0 + i + ST - 1, (i + ST - 1) % ST);
       load_b_tile(kt0 + i + ST - 1, (i + ST - 1) % ST);
     }
@@ -435,13 +438,7 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
 #pragma unroll
       for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-        for (int ni = 0; ni < NI; ++ni) {
-#if FRT_MMA_DIAG == 3
-          acc[mi][ni][0] += __uint_as_float(af[mi][0] ^ bfr[ni][0]);
-#else
-          mma::mma16816<T>(acc[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
-#endif
-        }
+        for (int ni = 0; ni < NI; ++ni) mma::mma16816<T>(acc[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
     }
   }
 
@@ -459,10 +456,15 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
     }
   if constexpr (SPLIT > 1) mma::cluster_sync();
   else __syncthreads();
-  constexpr int GROUPS = BM * BN / 4;  // float4 groups of the tile; this block finishes 1/SPLIT of them
-  for (int q = rank * GROUPS / SPLIT + tid; q < (rank + 1) * GROUPS / SPLIT; q += 128) {
-    const int r = q / (BN / 4), c = (q % (BN / 4)) * 4, m = m0 + r, n = n0 + c;
-    if (m >= P::M || n >= P::N) continue;
+  // This block finishes 1/SPLIT of the tile's float4 groups: all epilogue values first (their input loads
+  // issue together), then the stores.
+  constexpr int GROUPS = BM * BN / 4, PER_THREAD = ((GROUPS + SPLIT - 1) / SPLIT + 127) / 128;
+  const int q0 = rank * GROUPS / SPLIT, q1 = (rank + 1) * GROUPS / SPLIT;
+  float out[PER_THREAD][4];
+#pragma unroll
+  for (int i = 0; i < PER_THREAD; ++i) {
+    const int q = q0 + tid + 128 * i, r = q / (BN / 4), c = (q % (BN / 4)) * 4, m = m0 + r, n = n0 + c;
+    if (q >= q1 || m >= P::M || n >= P::N) continue;
     float4 v;
     if constexpr (SPLIT > 1) {
       v = mma::ld_cluster_f4(mma::cluster_addr(red + r * S::RED_LD + c, 0));
@@ -476,9 +478,29 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
     const float vals[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int j = 0; j < 4; ++j)
-      if (n + j < P::N) P::epilogue(g, bat, m, n + j, vals[j] * P::row_scale(g, n + j));
+      out[i][j] = n + j < P::N ? P::value(g, bat, m, n + j, vals[j] * P::row_scale(g, n + j)) : 0.f;
   }
-  if constexpr (SPLIT > 1) mma::cluster_sync();  // no block leaves while another still reads its tile
+#pragma unroll
+  for (int i = 0; i < PER_THREAD; ++i) {
+    const int q = q0 + tid + 128 * i, r = q / (BN / 4), c = (q % (BN / 4)) * 4, m = m0 + r, n = n0 + c;
+    if (q >= q1 || m >= P::M || n >= P::N) continue;
+    using OutT = typename P::OutT;
+    OutT* dst = g.c + ((long)bat * P::M + m) * P::N + n;
+    if constexpr (sizeof(OutT) == 2 && P::N % 4 == 0) {  // 8-byte aligned: one store of 4 values
+      unsigned h[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) h[j] = from_float<OutT>(out[i][j]).x;
+      // C is a buffer of its own (256-byte aligned) and n % 4 == 0: dst is 8-byte aligned
+      asm volatile("st.global.v2.b32 [%0], {%1, %2};\n" ::"l"(dst), "r"(h[0] | h[1] << 16), "r"(h[2] | h[3] << 16)
+                   : "memory");
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        if (n + j < P::N) dst[j] = from_float<OutT>(out[i][j]);
+    }
+  }
+  // no block leaves while another still reads its tile (the reads completed before their arrive)
+  if constexpr (SPLIT > 1) mma::cluster_sync_relaxed();
 }
 
 #undef MMA_FOR_CHUNKS
