@@ -34,7 +34,7 @@ def test_minilm_calibrated_meets_cosine_target(minilm_ref, tmp_path, precision):
     kept = [r for r in reasons if r.startswith("bf16: calibrated sensitivity")]
     quantized = [r for r in reasons if r.startswith(f"{precision} weight + fp8 activation: calibrated sensitivity")]
     assert kept and quantized, reasons  # some GEMMs pay for quantization, some do not
-    assert len(kept) + len(quantized) == 36, reasons  # 6 layers x (Q, K, V, O, FFN up, FFN down)
+    assert len(kept) + len(quantized) == 24, reasons  # 6 layers x (merged QKV, O, FFN up, FFN down)
 
 
 def test_min_cosine_needs_calib(minilm_ref, tmp_path):  # noqa: F811
