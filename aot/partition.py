@@ -538,7 +538,7 @@ class Partitioner:
             params["R"], params["S"] = gemv.choose_config(rows, N, K, vec)
             params["M"], params["batch"] = rows, []
             params["a"] = {**a_atoms, "batch": [[1, 0]], "m": _atoms(a_atoms["batch"] + a_atoms["m"])}
-        elif mma := gemm_mma.config(params, a.offset, b.offset, self.act):
+        elif mma := gemm_mma.config(params, a.offset, b.offset, self.act, b.buffer.kind == "weight"):
             params["mma"] = mma  # 16-bit activations: the tensor-core GEMM (kernels/gemm_mma.py)
         self.calls.append(KernelCall(name, family, params, args + list(epi_inputs) + [out], ops, _unique(source),
                                      reason))

@@ -4,6 +4,7 @@ model's choice and a grid of alternative tiles / split-K factors (each checked a
   python3 benchmarks/gemm_sweep.py [--out DIR] [--quick]      (on the GPU machine; writes DIR/gemm_sweep.json)"""
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -14,7 +15,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 from test_gpu_gemm import RESIDUAL, RMS, SILU, GemmLauncher, check_close, make_args, problem, reference  # noqa: E402
 
-from flashrt.kernels import gemm, gemm_mma  # noqa: E402
+from flashrt.kernels import gemm_mma  # noqa: E402
 
 # name: (M, N, K, norm prologue, epilogue) -- the GEMMs of one layer (bench workloads, batch 1)
 SHAPES = {
@@ -35,22 +36,18 @@ def variants(M: int, N: int, K: int, ln, expr, quant, quick: bool) -> list[dict]
     if quick:
         return out
     kt = -(-K // gemm_mma.BK)
-    for bm, bn in gemm_mma.TILES:
-        if bm > 2 * M + 16 and bm > 16:
+    for (bm, bn), split, wg in itertools.product(gemm_mma.TILES, (1, 2, 3, 4, 6, 8), (1, 2)):
+        if (bm > 2 * M + 16 and bm > 16) or split > kt or (bm, bn) in ((16, 128), (128, 32)):
             continue
-        for split in (1, 2, 3, 4, 6, 8):
-            if split > kt:
-                continue
-            for a_mode in ([1] if ln else [0]):
-                cfg = {"bm": bm, "bn": bn, "split": split, "a_mode": a_mode}
-                p = problem(M, N, K, ln=ln, quant=quant, expr=expr)
-                stages = next((s for s in (4, 3, 2) if gemm_mma.smem_bytes(K, bm, bn, split, s, a_mode,
-                                                                          p["mma"]["b_mode"]) <= 200 * 1024), None)
-                if stages is None:
-                    continue
-                p["mma"].update(cfg, stages=stages)
-                if p["mma"] != chosen["mma"]:
-                    out.append(p)
+        p = problem(M, N, K, ln=ln, quant=quant, expr=expr)
+        a_mode = 1 if ln else 0
+        stages = next((s for s in (4, 3, 2) if gemm_mma.smem_bytes(K, bm, bn, split, s, a_mode, p["mma"]["b_mode"], wg)
+                       <= 200 * 1024), None)
+        if stages is None:
+            continue
+        p["mma"].update(bm=bm, bn=bn, split=split, a_mode=a_mode, stages=stages, wg=wg)
+        if p["mma"] != chosen["mma"]:
+            out.append(p)
     return out
 
 
@@ -80,8 +77,7 @@ def main() -> None:
                     print("MISMATCH", name, p["mma"], str(e)[:200], flush=True)
                 t = launcher.time(fn, p, host)
                 c = p["mma"]
-                smem = gemm.launch_config(p)[2]
-                est = gemm_mma.estimate(p, c["bm"], c["bn"], c["split"], c["a_mode"], c["b_mode"], smem)
+                est = gemm_mma.estimate(p, c)
                 rows.append({"shape": name, "quant": quant or "bf16", "M": M, "N": N, "K": K, "chosen": i == 0,
                              "mma": c, "us": t * 1e6, "est_us": est * 1e6, "tflops": 2 * M * N * K / t / 1e12,
                              "ok": ok})

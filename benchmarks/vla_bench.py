@@ -34,6 +34,7 @@ def main() -> int:
     ap.add_argument("--scale", default="full", choices=sorted(vla.CONFIGS))
     ap.add_argument("--layers", type=int, help="cut every stack to this many layers (full widths kept)")
     ap.add_argument("--precisions", nargs="+", default=["bf16", "fp8"])
+    ap.add_argument("--vocab", type=int, help="cut the prefix vocabulary (the embedding table) to this size")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", HERE))
     a = ap.parse_args()
@@ -41,11 +42,14 @@ def main() -> int:
     if a.layers:
         for stack in ("vision", "prefix", "expert"):
             cfg[stack]["layers"] = a.layers
+    if a.vocab:
+        cfg["prefix"]["vocab"] = a.vocab
     vla.CONFIGS["bench"] = cfg
     model = vla.make_model("bench")
     inputs = vla.example_inputs(model)
     nparam = sum(p.numel() for p in model.parameters())
-    label = f"{a.scale}" + (f", {a.layers} layers per stack" if a.layers else "")
+    label = f"{a.scale}" + (f", {a.layers} layers per stack" if a.layers else "") + \
+        (f", vocab {a.vocab}" if a.vocab else "")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()

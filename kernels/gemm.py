@@ -173,10 +173,11 @@ def cuda_source(p: dict, symbol: str) -> str:
         struct, params, names = problem_struct(p, "mma")
         split = p["mma"]["split"]
         cluster = f" __cluster_dims__(1, 1, {split})" if split > 1 else ""
+        threads = gemm_mma.WARP_GROUP * p["mma"].get("wg", 1)
         return f'''#include "gemm_mma.cuh"
 
 {struct}
-extern "C" __global__ void __launch_bounds__({gemm_mma.THREADS}){cluster} {symbol}({", ".join(params)}) {{
+extern "C" __global__ void __launch_bounds__({threads}){cluster} {symbol}({", ".join(params)}) {{
   const P::Args g{{{", ".join(names)}}};
   gemm_mma<P>(g);
 }}

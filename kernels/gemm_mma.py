@@ -2,12 +2,15 @@
 shape, split-K and pipeline depth, chosen per problem by a small cost model of a 132-SM GPU, and the
 generated struct members the template reads.
 
-params["mma"] = {dtype, bm, bn, split, stages, a_mode, b_mode}:
+params["mma"] = {dtype, bm, bn, split, stages, wg, a_mode, b_mode, b_const}:
   dtype      the mma operand type ("bfloat16" | "float16"); the reference rounds A' and B' to it
   bm, bn     block tile (BK = 64); split: blocks of one cluster sharing a tile's K (1..8)
+  wg         warp groups of 4 warps (1 or 2) that take turns over a tile's k-steps
   a_mode     0 cp.async chunks, 1 norm prologue on a shared-memory A panel, 2 element loads
-  b_mode     0 cp.async chunks, 1 fp8, 2 nvfp4 (raw bytes decoded in shared memory), 3 element loads"""
+  b_mode     0 cp.async chunks, 1 fp8, 2 nvfp4 (raw bytes decoded in shared memory), 3 element loads
+  b_const    B is a constant weight: its first tiles load before the kernel waits for its predecessor"""
 
+import itertools
 import math
 
 from flashrt.kernels.dtypes import CTYPES, ITEMSIZE
@@ -15,8 +18,10 @@ from flashrt.kernels.source import atoms_code
 
 OPERAND_DTYPES = ("bfloat16", "float16")
 BK = 64
-THREADS = 128
-MAX_SPLIT = 8  # the portable thread-block cluster size
+WARP_GROUP = 128  # threads
+# Split-K cluster sizes: powers of two up to the portable cluster size 8. A cluster's blocks share a GPC (about
+# 16 SMs on an H100 / H200): sizes 3, 5, 6 leave SMs idle and measured 20-60% slower than 2, 4, 8.
+SPLITS = (1, 2, 4, 8)
 # Dynamic shared memory per block: below every target's opt-in limit (sm_120: 99 KB), with room for the
 # kernel's static arrays.
 SMEM_CAP = 96 * 1024
@@ -24,16 +29,21 @@ SMEM_PER_SM = 228 * 1024
 TILES = [(16, 64), (16, 128), (32, 32), (32, 64), (32, 128), (64, 32), (64, 64), (64, 128), (128, 32), (128, 64)]
 VALUE_BITS = {"fp8": 8, "nvfp4": 4}
 
-# Cost model of the target GPU (H100 / H200 class), in seconds: per-block tensor and L2->SM rates of a
-# 4-warp block, the GPU's HBM and L2 rates, a block's fixed cost (pipeline fill, epilogue), a cluster's.
+# Cost model of the target GPU (H100 / H200 class), fitted to kernel timings on an H200 (benchmarks/gemm_sweep.py).
+# A lone 4-warp block is latency-bound: a k-step costs its tensor work or its bytes at per-block rates, whichever
+# is larger; blocks resident together on a multiprocessor overlap up to its throughput; a second warp group
+# hides part of the latency. Per block: a fixed cost (launch, pipeline fill, epilogue), a cluster's, outputs.
 SMS = 132
-TC_FLOPS_PER_BLOCK = 3e12
-SM_BYTES_PER_S = 80e9
-HBM_BYTES_PER_S = 3.5e12
-L2_BYTES_PER_S = 8e12
+TC_FLOPS_PER_BLOCK = 1e12
+SM_BYTES_PER_BLOCK = 80e9
+TC_FLOPS_PER_SM = 5e12
+SM_BYTES_PER_SM = 100e9
+WG2_GAIN = 1.2  # latency-bound k-step speedup of two warp groups
+KSTEP_FIXED_S = 0.03e-6
 BLOCK_FIXED_S = 1.5e-6
-CLUSTER_FIXED_S = 0.4e-6
-DECODE_VALUES_PER_S = 128 * 1.2e9  # quantized values a block decodes into shared memory per second
+CLUSTER_FIXED_S = 2e-6
+OUTPUTS_PER_S = 2e9  # epilogue outputs per second of a block
+DECODE_VALUES_PER_S = 2.4e10  # quantized values a block decodes into shared memory per second
 
 
 def _chunked(k_atoms: list, other_atoms: list, offset: int, vec: int) -> bool:
@@ -64,74 +74,83 @@ def staging(p: dict, a_offset: int, b_offset: int, dtype: str) -> tuple[bool, in
     return a_chunks, b_mode
 
 
-def smem_bytes(K: int, bm: int, bn: int, split: int, stages: int, a_mode: int, b_mode: int) -> int:
+def smem_bytes(K: int, bm: int, bn: int, split: int, stages: int, a_mode: int, b_mode: int, wg: int = 1) -> int:
     """Dynamic shared memory of a configuration; mirrors MmaShape in gemm_mma.cuh."""
     lds, kts = BK + 8, math.ceil(math.ceil(K / BK) / split)
     a_elems = bm * (kts * BK + 8) if a_mode == 1 else stages * bm * lds
     b_elems = stages * bn * lds
     raw = {1: bn * BK, 2: bn * BK // 32 * (16 + 4)}.get(b_mode, 0)
-    return max((a_elems + b_elems) * 2 + stages * raw, bm * (bn + 8) * 4)
+    return max((a_elems + b_elems) * 2 + stages * raw, wg * bm * (bn + 8) * 4)
 
 
-def estimate(p: dict, bm: int, bn: int, split: int, a_mode: int, b_mode: int, smem: int) -> float:
-    """Modelled seconds of one launch: the busiest multiprocessor's blocks (tensor work or bytes, whichever
-    dominates, plus fixed costs per wave of resident blocks), bounded below by HBM and L2 traffic."""
+def estimate(p: dict, c: dict) -> float:
+    """Modelled seconds of one launch of configuration c: the busiest multiprocessor's waves of resident blocks."""
     M, N, K, nb = p["M"], p["N"], p["K"], math.prod(p["batch"])
-    kc = math.ceil(math.ceil(K / BK) / split) * BK
+    bm, bn, split, wg = c["bm"], c["bn"], c["split"], c.get("wg", 1)
+    kts = math.ceil(math.ceil(K / BK) / split)
     blocks = math.ceil(M / bm) * math.ceil(N / bn) * nb * split
-    resident = max(1, min(4, SMEM_PER_SM // (smem + 2048)))
+    smem = smem_bytes(K, bm, bn, split, c["stages"], c["a_mode"], c["b_mode"], wg)
+    # blocks resident together; norm-panel blocks measured no overlap (their panel load, statistics and
+    # cluster barriers serialize), so they count as one at a time
+    resident = 1 if c["a_mode"] == 1 else max(1, min(16 // (4 * wg), SMEM_PER_SM // (smem + 2048)))
     per_sm = math.ceil(blocks / SMS)
+    together = min(per_sm, resident)
     a_item = ITEMSIZE[p["a"]["dtype"]]
     b_bits = VALUE_BITS.get(p["b"].get("quant"), 8 * ITEMSIZE[p["b"]["dtype"]])
-    a_bytes = min(bm, M) * kc * a_item * (4 if a_mode == 2 else 1)  # element loads: a quarter of the rate
-    b_bytes = min(bn, N) * kc * b_bits / 8 * (4 if b_mode == 3 else 1)
-    t_block = max(2 * bm * bn * kc / TC_FLOPS_PER_BLOCK, (a_bytes + b_bytes) / SM_BYTES_PER_S)
-    if b_mode in (1, 2):
-        t_block += bn * kc / DECODE_VALUES_PER_S
-    t_sm = per_sm * t_block + math.ceil(per_sm / resident) * BLOCK_FIXED_S
-    unique = nb * M * K * a_item + (1 if p["b"]["batch"] == [[1, 0]] else nb) * K * N * b_bits / 8
-    t = max(t_sm, unique / HBM_BYTES_PER_S, blocks * (a_bytes + b_bytes) / L2_BYTES_PER_S)
-    return t + (CLUSTER_FIXED_S if split > 1 else 0.0)
+    a_bytes = min(bm, M) * BK * a_item * (4 if c["a_mode"] == 2 else 1)  # element loads: a quarter of the rate
+    b_bytes = min(bn, N) * BK * b_bits / 8 * (4 if c["b_mode"] == 3 else 1)
+    flops = 2 * bm * bn * BK
+    t_lat = max(flops / TC_FLOPS_PER_BLOCK, (a_bytes + b_bytes) / SM_BYTES_PER_BLOCK) / (WG2_GAIN if wg == 2 else 1)
+    t_thr = together * max(flops / TC_FLOPS_PER_SM, (a_bytes + b_bytes) / SM_BYTES_PER_SM)
+    t_step = max(t_lat, t_thr) + KSTEP_FIXED_S
+    if c["b_mode"] in (1, 2):
+        t_step += together * bn * BK / DECODE_VALUES_PER_S / wg
+    t_wave = kts * t_step + together * bm * bn / split / OUTPUTS_PER_S + BLOCK_FIXED_S
+    if c["a_mode"] == 1 or (c["a_mode"] == 2 and p["ln"]):  # the panel, or the statistics pass, before k-step 1
+        t_wave += together * a_bytes * kts / SM_BYTES_PER_SM
+    return math.ceil(per_sm / together) * t_wave + (CLUSTER_FIXED_S if split > 1 else 0.0)
 
 
-def config(p: dict, a_offset: int, b_offset: int, dtype: str) -> dict | None:
+def config(p: dict, a_offset: int, b_offset: int, dtype: str, b_const: bool = False) -> dict | None:
     """The cheapest configuration by the cost model, or None where the tensor-core path does not apply
-    (operand type not 16-bit, a grid beyond CUDA's limits)."""
+    (operand type not 16-bit, a grid beyond CUDA's limits). b_const: B is a constant weight, so the kernel
+    may prefetch it before waiting for the previous kernel (programmatic dependent launch)."""
     if dtype not in OPERAND_DTYPES or p.get("gated"):
         return None
     M, N, K, nb = p["M"], p["N"], p["K"], math.prod(p["batch"])
     a_chunks, b_mode = staging(p, a_offset, b_offset, dtype)
     kt = math.ceil(K / BK)
     best = None
-    for bm, bn in TILES:
-        if math.ceil(M / bm) > 65535:
-            continue
-        for split in range(1, min(MAX_SPLIT, kt) + 1):
-            if nb * split > 65535:
-                break
-            kts = math.ceil(kt / split)
-            if split > 1 and (kts - 1) * split >= kt:  # an empty split
+    # under a norm prologue the panel (a_mode 1) wherever it fits; element loads (2) only where it never does
+    for a_mode in ([1, 2] if p["ln"] and a_chunks else [2] if p["ln"] or not a_chunks else [0]):
+        for (bm, bn), wg in itertools.product(TILES, (1, 2)):
+            if math.ceil(M / bm) > 65535:
                 continue
-            for a_mode in ([1, 2] if p["ln"] and a_chunks else [2] if p["ln"] or not a_chunks else [0]):
+            for split in (s for s in SPLITS if s <= kt and nb * s <= 65535):
+                kts = math.ceil(kt / split)
+                if split > 1 and (kts - 1) * split >= kt:  # an empty split
+                    continue
                 stages = next((s for s in range(min(4, max(2, kts + 1)), 1, -1)
-                               if smem_bytes(K, bm, bn, split, s, a_mode, b_mode) <= SMEM_CAP), None)
+                               if smem_bytes(K, bm, bn, split, s, a_mode, b_mode, wg) <= SMEM_CAP), None)
                 if stages is None:
                     continue
-                smem = smem_bytes(K, bm, bn, split, stages, a_mode, b_mode)
-                t = estimate(p, bm, bn, split, a_mode, b_mode, smem)
+                c = {"dtype": dtype, "bm": bm, "bn": bn, "split": split, "stages": stages, "wg": wg,
+                     "a_mode": a_mode, "b_mode": b_mode, "b_const": b_const or bool(p["b"].get("quant"))}
                 padded = math.ceil(M / bm) * bm * math.ceil(N / bn) * bn  # ties: least padding, then big tiles
-                key = (round(t * 1e8), split, padded, -bm * bn)
+                key = (round(estimate(p, c) * 1e8), split, padded, -bm * bn, -wg)
                 if best is None or key < best[0]:
-                    best = (key, {"dtype": dtype, "bm": bm, "bn": bn, "split": split, "stages": stages,
-                                  "a_mode": a_mode, "b_mode": b_mode})
+                    best = (key, c)
+        if best is not None:
+            break
     return best[1] if best else None
 
 
 def launch_config(p: dict) -> tuple[tuple[int, int, int], tuple[int, int, int], int]:
     c = p["mma"]
     grid = (math.ceil(p["N"] / c["bn"]), math.ceil(p["M"] / c["bm"]), math.prod(p["batch"]) * c["split"])
-    smem = smem_bytes(p["K"], c["bm"], c["bn"], c["split"], c["stages"], c["a_mode"], c["b_mode"])
-    return grid, (THREADS, 1, 1), smem
+    wg = c.get("wg", 1)
+    smem = smem_bytes(p["K"], c["bm"], c["bn"], c["split"], c["stages"], c["a_mode"], c["b_mode"], wg)
+    return grid, (WARP_GROUP * wg, 1, 1), smem
 
 
 def members(p: dict) -> tuple[str, str]:
@@ -155,14 +174,14 @@ def members(p: dict) -> tuple[str, str]:
     shape = f"""using T = {CTYPES[c["dtype"]]};
   static constexpr int M = {p["M"]}, N = {p["N"]}, K = {K};
   static constexpr int BM = {c["bm"]}, BN = {c["bn"]}, SPLIT = {c["split"]}, STAGES = {c["stages"]};
+  static constexpr int WG = {c.get("wg", 1)};
   static constexpr int A_MODE = {c["a_mode"]}, B_MODE = {c["b_mode"]};
   using OutT = {CTYPES[p["out_dtype"]]};
   static constexpr bool B_CONST = {"true" if c.get("b_const") else "false"};
   static constexpr bool A_M_INNER = {"true" if _inner_is(a["m"]) else "false"};
   static constexpr bool B_N_INNER = {"true" if _inner_is(b["n"]) else "false"};"""
-    t = CTYPES[c["dtype"]]
-    b_t = t if not quant else CTYPES[b["dtype"]]
-    loads = f"""__device__ static const {CTYPES[a["dtype"]]}* a_row(const Args& g, int bat, int m) {{ return g.a + ({a_row}); }}
+    a_t, b_t = CTYPES[a["dtype"]], CTYPES[b["dtype"]]
+    loads = f"""__device__ static const {a_t}* a_row(const Args& g, int bat, int m) {{ return g.a + ({a_row}); }}
   __device__ static long a_kofs(int k) {{ return {a_k}; }}
   __device__ static float load_a(const Args& g, int bat, int m, int k) {{ return to_float(g.a[{a_row} + {a_k}]); }}
   __device__ static const {b_t}* b_row(const Args& g, int bat, int n) {{ return {b_row_ptr}; }}

@@ -125,13 +125,14 @@ class GemmaRMSNorm(nn.Module):
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / THETA ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    inv_freq = 1.0 / THETA ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
     freqs = positions.float()[:, None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # no-ops at fp32 (and in the export)
     half = x.shape[-1] // 2
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
@@ -196,7 +197,7 @@ class VLA(nn.Module):
         """Each prefix layer's (K after RoPE, V) over [image tokens of every camera; prompt tokens]."""
         cams = [self.vision(images[:, i]) for i in range(images.shape[1])]
         x = torch.cat([*cams, self.embed(prompt_ids) * math.sqrt(self.c["prefix"]["hidden"])], dim=1)
-        cos, sin = rope_tables(torch.arange(x.shape[1]), self.c["prefix"]["head_dim"])
+        cos, sin = rope_tables(torch.arange(x.shape[1], device=x.device), self.c["prefix"]["head_dim"])
         kvs = []
         for layer in self.prefix:
             x, kv = layer(x, cos, sin)
@@ -205,7 +206,7 @@ class VLA(nn.Module):
 
     def velocity(self, x: torch.Tensor, t: float, kvs: list, cos, sin) -> torch.Tensor:
         e = self.c["expert"]["hidden"]
-        time = time_embedding(t, e)[:, None].expand(1, x.shape[1], e)
+        time = time_embedding(t, e).to(x.device, x.dtype)[:, None].expand(1, x.shape[1], e)
         h = self.action_time_mlp_in(torch.cat([self.action_in_proj(x), time], dim=-1))
         h = self.action_time_mlp_out(F.silu(h))
         for layer, kv in zip(self.expert, kvs):
@@ -215,7 +216,7 @@ class VLA(nn.Module):
     def forward(self, images: torch.Tensor, prompt_ids: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         kvs = self.prefix_kv(images, prompt_ids)
         S, H = self.prefix_tokens(), noise.shape[1]
-        cos, sin = rope_tables(torch.arange(S, S + H), self.c["expert"]["head_dim"])
+        cos, sin = rope_tables(torch.arange(S, S + H, device=noise.device), self.c["expert"]["head_dim"])
         steps = self.c["steps"]
         dt, x = -1.0 / steps, noise
         for i in range(steps):

@@ -5,6 +5,7 @@ the kernel does not write fails. Skipped where no GPU (or no cuda-bindings) is p
 `GemmLauncher` is also the harness of benchmarks/gemm_sweep.py (timing over a CUDA graph)."""
 
 import ctypes
+import itertools
 
 import numpy as np
 import pytest
@@ -33,6 +34,7 @@ def problem(M: int, N: int, K: int, batch=(), ln=None, quant=None, expr=None, a=
     if quant:
         b = {"dtype": {"fp8": "fp8_e4m3", "nvfp4": "nvfp4"}[quant], "quant": quant, "batch": [[1, 0]],
              "k": [[K, 1]], "n": [[N, K]]}
+    weight = b is None
     b = b or {"dtype": dtype, "batch": [[1, 0]], "k": [[K, 1]], "n": [[N, K]]}
     expr = expr or [["acc"]]
     epi = []
@@ -42,7 +44,7 @@ def problem(M: int, N: int, K: int, batch=(), ln=None, quant=None, expr=None, a=
         epi = [{"dtype": dtype, "atoms": [[nb * M * N, 1]]}]
     p = {"M": M, "N": N, "K": K, "batch": list(batch), "a": a, "b": b, "ln": ln, "out_dtype": dtype,
          "epi_inputs": epi, "expr": expr}
-    p["mma"] = {**gemm_mma.config(p, 0, 0, dtype), **(config or {})}
+    p["mma"] = {**gemm_mma.config(p, 0, 0, dtype, b_const=weight), **(config or {})}
     return p
 
 
@@ -210,8 +212,17 @@ def cases() -> list[tuple[str, dict]]:
         out.append((f"split{split} M50 K4096 N1024", problem(50, 1024, 4096, expr=RESIDUAL, config={"split": split})))
         out.append((f"split{split} rms M50 K1024 N2560",
                     problem(50, 2560, 1024, ln=RMS, config={"split": split, "stages": 2})))
-    for bm, bn in gemm_mma.TILES:
-        out.append((f"tile {bm}x{bn} M197 K1000 N1000", problem(197, 1000, 1000, config={"bm": bm, "bn": bn})))
+    for (bm, bn), wg in itertools.product(gemm_mma.TILES, (1, 2)):
+        out.append((f"tile {bm}x{bn} wg{wg} M197 K1000 N1000",
+                    problem(197, 1000, 1000, config={"bm": bm, "bn": bn, "wg": wg})))
+    for wg in (1, 2):  # both warp-group counts through the norm panel, split-K, the quantized and generic paths
+        out.append((f"wg{wg} rms split3 M50 K1024 N2560",
+                    problem(50, 2560, 1024, ln=LN, expr=BIAS_GELU, config={"wg": wg, "split": 3, "stages": 2})))
+        out.append((f"wg{wg} fp8 split4 M50 K4096 N1024",
+                    problem(50, 1024, 4096, quant="fp8", expr=RESIDUAL, config={"wg": wg, "split": 4})))
+        out.append((f"wg{wg} nvfp4 M197 K768 N2304", problem(197, 2304, 768, quant="nvfp4", config={"wg": wg})))
+        out.append((f"wg{wg} generic rms M16 K1024 N768",
+                    problem(16, 768, 1024, ln=RMS, config={"wg": wg, "a_mode": 2, "b_mode": 3, "bm": 16})))
     # attention-style batched views: scores Q K^T ([12, 197, 64] x [12, 64, 197]) and P V, heads interleaved
     q = {"dtype": "bfloat16", "batch": [[12, 64]], "m": [[197, 768]], "k": [[64, 1]]}
     kt = {"dtype": "bfloat16", "batch": [[12, 64]], "k": [[64, 1]], "n": [[197, 768]]}

@@ -4,9 +4,11 @@
 // quantized weight decoded exactly to T (fp8: the E4M3 value; nvfp4: E2M1 x its E4M3 block scale), whose
 // per-row fp8 scale / nvfp4 global scale row_scale(n) multiplies the f32 sum.
 //
-// 128 threads = 4 warps as WARPS_M x WARPS_N; a block computes a BM x BN tile over its share of K in BK = 64
-// steps. Shared tiles are row-major [rows][BK + 8] (k contiguous; the 16-byte pad makes ldmatrix conflict
-// free): A as [m][k], B as [n][k], so plain (non-transposed) ldmatrix yields both mma fragments.
+// WG groups of 4 warps (128 * WG threads); each group's warps tile the block's BM x BN outputs as
+// WARPS_M x WARPS_N, and the groups take turns over the 16-wide k-steps of every BK = 64 tile (their partial
+// tiles are summed in the epilogue): two groups give a multiprocessor 8 warps to hide latency with.
+// Shared tiles are row-major [rows][BK + 8] (k contiguous; the 16-byte pad makes ldmatrix conflict free):
+// A as [m][k], B as [n][k], so plain (non-transposed) ldmatrix yields both mma fragments.
 // Operand staging (compile-time modes chosen in Python):
 //   A_MODE 0  cp.async of 16-byte chunks (8 contiguous, aligned elements) into a STAGES-deep ring
 //          1  norm prologue: the block's whole A panel (BM x its K range) in shared memory via cp.async,
@@ -16,7 +18,8 @@
 //          raw ring, decoded into the T tile by the threads that issued them      3  element loads
 // Split-K: SPLIT blocks of a thread-block cluster (along z) share a tile; each reduces its K range, then the
 // partial tiles are summed through distributed shared memory, each block running the epilogue on 1/SPLIT of
-// the tile. Norm statistics are combined the same way (Chan's parallel mean / M2 merge).
+// the tile. Norm statistics are combined the same way (Chan's parallel mean / M2 merge); split-K needs sm_90+.
+// Programmatic dependent launch ready: constant weight tiles (B_CONST) load before griddepcontrol.wait.
 #pragma once
 #include "common.cuh"
 
@@ -133,24 +136,25 @@ struct MmaShape {
   static constexpr int RAW_STAGE = P::B_MODE == 1 ? BN * BK : P::B_MODE == 2 ? NVFP4_CHUNKS * (16 + 4) : 0;
   static constexpr int RED_LD = BN + 8;                              // f32 partial tile row stride
   static constexpr int PIPE_BYTES = (A_ELEMS + B_ELEMS) * 2 + ST * RAW_STAGE;
-  static constexpr int RED_BYTES = BM * RED_LD * 4;
+  static constexpr int RED_BYTES = P::WG * BM * RED_LD * 4;      // one partial tile per warp group
   static constexpr int SMEM_BYTES = PIPE_BYTES > RED_BYTES ? PIPE_BYTES : RED_BYTES;
 };
 
-// for (c = tid; c < TOTAL; c += 128) with a compile-time trip count, so the loop unrolls
-#define MMA_FOR_CHUNKS(c, TOTAL)                                               \
-  _Pragma("unroll") for (int c##_i = 0; c##_i < ((TOTAL) + 127) / 128; ++c##_i) \
-    if (const int c = threadIdx.x + c##_i * 128; (TOTAL) % 128 == 0 || c < (TOTAL))
+// for (c = tid; c < TOTAL; c += THREADS) with a compile-time trip count, so the loop unrolls
+#define MMA_FOR_CHUNKS(c, TOTAL)                                                          \
+  _Pragma("unroll") for (int c##_i = 0; c##_i < ((TOTAL) + THREADS - 1) / THREADS; ++c##_i) \
+    if (const int c = threadIdx.x + c##_i * THREADS; (TOTAL) % THREADS == 0 || c < (TOTAL))
 
 template <class P>
 __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
   using T = typename P::T;
   using S = MmaShape<P>;
   constexpr int BM = S::BM, BN = S::BN, BK = S::BK, ST = S::ST, LDS = S::LDS, LDP = S::LDP;
+  constexpr int WG = P::WG, THREADS = 128 * WG, KS_PER_WG = BK / 16 / WG;
   constexpr int WARPS_M = BM == 16 ? 1 : 2, WARPS_N = 4 / WARPS_M;
   constexpr int WTM = BM / WARPS_M, WTN = BN / WARPS_N, MI = WTM / 16, NI = WTN / 8;
   constexpr int SPLIT = P::SPLIT;
-  static_assert(MI >= 1 && NI % 2 == 0 && WTM % 16 == 0 && BM <= 128 && ST >= 2, "tile shape");
+  static_assert(MI >= 1 && NI % 2 == 0 && WTM % 16 == 0 && BM <= 128 && ST >= 2 && (WG == 1 || WG == 2), "shape");
   static_assert(P::LN ? P::A_MODE != 0 : P::A_MODE != 1, "a norm prologue stages A in mode 1 or 2");
 #if __CUDA_ARCH__ < 900
   static_assert(SPLIT == 1, "split-K reduces through thread-block clusters: sm_90 or newer");
@@ -161,7 +165,7 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
   unsigned char* const Braw = reinterpret_cast<unsigned char*>(Bs + S::B_ELEMS);
   __shared__ float row_mean[BM], row_rstd[BM], part_mean[BM], part_m2[BM];
 
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int tid = threadIdx.x, warp = tid / 32 % 4, wg = tid / 128, lane = tid % 32;
   const int wm = warp / WARPS_N, wn = warp % WARPS_N;
   int rank = 0;
   if constexpr (SPLIT > 1) rank = mma::cluster_rank();
@@ -170,18 +174,25 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
   const int kbeg = kt0 * BK, kend = min(kt1 * BK, P::K);
 
   // ---- stage loads --------------------------------------------------------------------------------
-  // 16-byte chunks of a BK-wide tile: thread t copies column (t % 8) * 8 of rows t / 8 + 16 i, so its row
-  // addresses (views may decompose m / n over several atoms) are computed once, before the K loop.
-  constexpr int A_CH = P::A_MODE == 0 ? BM / 16 : 1, B_CH = P::B_MODE == 0 ? BN / 16 : 1;
+  // 16-byte chunks of a BK-wide tile: thread t copies column (t % 8) * 8 of rows t / 8 + RSTEP i, so its
+  // row addresses (views may decompose m / n over several atoms) are computed once, before the K loop.
+  constexpr int RSTEP = THREADS / 8;
+  constexpr int A_CH = P::A_MODE == 0 ? (BM + RSTEP - 1) / RSTEP : 1, B_CH = P::B_MODE == 0 ? (BN + RSTEP - 1) / RSTEP : 1;
   const int ck = (tid % 8) * 8, cr = tid / 8;
   const T* a_rows[A_CH];
   const T* b_rows[B_CH];
   if constexpr (P::A_MODE == 0)
 #pragma unroll
-    for (int i = 0; i < A_CH; ++i) a_rows[i] = m0 + cr + 16 * i < P::M ? P::a_row(g, bat, m0 + cr + 16 * i) : nullptr;
+    for (int i = 0; i < A_CH; ++i) {
+      const int r = cr + RSTEP * i;
+      a_rows[i] = r < BM && m0 + r < P::M ? P::a_row(g, bat, m0 + r) : nullptr;
+    }
   if constexpr (P::B_MODE == 0)
 #pragma unroll
-    for (int i = 0; i < B_CH; ++i) b_rows[i] = n0 + cr + 16 * i < P::N ? P::b_row(g, bat, n0 + cr + 16 * i) : nullptr;
+    for (int i = 0; i < B_CH; ++i) {
+      const int r = cr + RSTEP * i;
+      b_rows[i] = r < BN && n0 + r < P::N ? P::b_row(g, bat, n0 + r) : nullptr;
+    }
 
   auto load_a_tile = [&](int kt, int s) {  // A_MODE 0 / 2: tile kt into ring stage s
     T* dst = As + s * BM * LDS;
@@ -192,10 +203,11 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
 #pragma unroll
       for (int i = 0; i < A_CH; ++i) {
         const bool ok = a_rows[i] != nullptr && k < P::K;
-        mma::cp_async16(dst + (cr + 16 * i) * LDS + ck, ok ? a_rows[i] + ko : g.a, ok);
+        if (BM % RSTEP == 0 || cr + RSTEP * i < BM)
+          mma::cp_async16(dst + (cr + RSTEP * i) * LDS + ck, ok ? a_rows[i] + ko : g.a, ok);
       }
     } else {
-      for (int e = tid; e < BM * BK; e += 128) {
+      for (int e = tid; e < BM * BK; e += THREADS) {
         const int r = P::A_M_INNER ? e % BM : e / BK, kk = P::A_M_INNER ? e / BM : e % BK;
         const int m = m0 + r, k = k0 + kk;
         float v = 0.f;
@@ -217,7 +229,8 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
 #pragma unroll
       for (int i = 0; i < B_CH; ++i) {
         const bool ok = b_rows[i] != nullptr && k < P::K;
-        mma::cp_async16(dst + (cr + 16 * i) * LDS + ck, ok ? b_rows[i] + ko : g.b, ok);
+        if (BN % RSTEP == 0 || cr + RSTEP * i < BN)
+          mma::cp_async16(dst + (cr + RSTEP * i) * LDS + ck, ok ? b_rows[i] + ko : g.b, ok);
       }
     } else if constexpr (P::B_MODE == 1) {  // fp8 rows of K bytes: 16-byte chunks of 16 values
       MMA_FOR_CHUNKS(c, BN * BK / 16) {
@@ -235,7 +248,7 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
                        ok ? (const void*)(g.b_block + ((long)n * P::K + k0) / 16) : (const void*)g.b_block, ok);
       }
     } else {
-      for (int e = tid; e < BN * BK; e += 128) {
+      for (int e = tid; e < BN * BK; e += THREADS) {
         const int r = P::B_N_INNER ? e % BN : e / BK, kk = P::B_N_INNER ? e / BN : e % BK;
         const int n = n0 + r, k = k0 + kk;
         dst[r * LDS + kk] = from_float<T>(n < P::N && k < P::K ? P::load_bq(g, bat, k, n) : 0.f);
@@ -288,7 +301,7 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
   // rank order (Chan et al.), so every block of the cluster gets the same statistics.
   // sum(r, j, mean, sq): thread j of TPR's partial sum over row r of (x - mean), or of (x - mean)^2 if sq
   auto stats = [&](auto sum) {
-    constexpr int TPR = 128 / BM;  // threads per row, consecutive lanes
+    constexpr int TPR = THREADS / BM;  // threads per row, consecutive lanes (at most 16: one warp's)
     const int r = tid / TPR, j = tid % TPR;
     const bool ok = m0 + r < P::M;
     float s = 0.f;
@@ -338,7 +351,7 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
   if constexpr (P::LN && P::A_MODE == 2)
     stats([&](int r, int j, float mean, bool sq) {
       float acc = 0.f;
-      for (int k = kbeg + j; k < kend; k += 128 / BM) {
+      for (int k = kbeg + j; k < kend; k += THREADS / BM) {
         const float d = P::load_a(g, bat, m0 + r, k) - mean;
         acc += sq ? d * d : d;
       }
@@ -348,7 +361,7 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
   // ---- prologue: the A panel (A_MODE 1) and the first ST - 1 tiles ----------------------------------
   constexpr int CPR = S::KTS * BK / 8;  // 16-byte chunks per panel row
   if constexpr (P::A_MODE == 1) {
-    for (int c = tid; c < BM * CPR; c += 128) {
+    for (int c = tid; c < BM * CPR; c += THREADS) {
       const int r = c / CPR, kk = (c % CPR) * 8, m = m0 + r, k = kbeg + kk;
       const bool ok = m < P::M && k < kend;
       mma::cp_async16(As + r * LDP + kk, ok ? P::a_row(g, bat, m) + P::a_kofs(k) : g.a, ok);
@@ -369,7 +382,7 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
     __syncthreads();
     stats([&](int r, int j, float mean, bool sq) {
       float acc = 0.f;
-      for (int c = j; c * 8 < kend - kbeg; c += 128 / BM) {  // the panel is zero past kend
+      for (int c = j; c * 8 < kend - kbeg; c += THREADS / BM) {  // the panel is zero past kend
         const uint4 v = *reinterpret_cast<const uint4*>(As + r * LDP + c * 8);
         const unsigned w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
@@ -380,7 +393,7 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
       }
       return acc;
     });
-    for (int c = tid; c < BM * CPR; c += 128) {
+    for (int c = tid; c < BM * CPR; c += THREADS) {
       const int r = c % BM, kk = (c / BM) * 8, k = kbeg + kk;  // neighbours share a column: gamma stays cached
       if (m0 + r >= P::M || k >= kend) continue;
       uint4* p = reinterpret_cast<uint4*>(As + r * LDP + kk);
@@ -423,7 +436,8 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
     const T* a_base = P::A_MODE == 1 ? As + i * BK : As + s * BM * LDS;
     const T* b_base = Bs + s * BN * LDS;
 #pragma unroll
-    for (int ks = 0; ks < BK / 16; ++ks) {
+    for (int kq = 0; kq < KS_PER_WG; ++kq) {
+      const int ks = wg * KS_PER_WG + kq;
       unsigned af[MI][4], bfr[NI][2];
 #pragma unroll
       for (int mi = 0; mi < MI; ++mi)
@@ -446,24 +460,36 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
   mma::cp_async_wait<0>();
   __syncthreads();
   float* red = reinterpret_cast<float*>(smem);
+  float* red_wg = red + wg * BM * S::RED_LD;
 #pragma unroll
   for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
     for (int ni = 0; ni < NI; ++ni) {
       const int r = wm * WTM + mi * 16 + lane / 4, c = wn * WTN + ni * 8 + 2 * (lane % 4);
-      *reinterpret_cast<float2*>(red + r * S::RED_LD + c) = make_float2(acc[mi][ni][0], acc[mi][ni][1]);
-      *reinterpret_cast<float2*>(red + (r + 8) * S::RED_LD + c) = make_float2(acc[mi][ni][2], acc[mi][ni][3]);
+      *reinterpret_cast<float2*>(red_wg + r * S::RED_LD + c) = make_float2(acc[mi][ni][0], acc[mi][ni][1]);
+      *reinterpret_cast<float2*>(red_wg + (r + 8) * S::RED_LD + c) = make_float2(acc[mi][ni][2], acc[mi][ni][3]);
     }
+  if constexpr (WG == 2) {  // the second group's partial tile into the first's
+    __syncthreads();
+    for (int q = tid; q < BM * BN / 4; q += THREADS) {
+      const int r = q / (BN / 4), c = (q % (BN / 4)) * 4;
+      float4* d = reinterpret_cast<float4*>(red + r * S::RED_LD + c);
+      const float4 o = *reinterpret_cast<const float4*>(red + (BM + r) * S::RED_LD + c);
+      float4 v = *d;
+      v.x += o.x; v.y += o.y; v.z += o.z; v.w += o.w;
+      *d = v;
+    }
+  }
   if constexpr (SPLIT > 1) mma::cluster_sync();
   else __syncthreads();
   // This block finishes 1/SPLIT of the tile's float4 groups: all epilogue values first (their input loads
   // issue together), then the stores.
-  constexpr int GROUPS = BM * BN / 4, PER_THREAD = ((GROUPS + SPLIT - 1) / SPLIT + 127) / 128;
+  constexpr int GROUPS = BM * BN / 4, PER_THREAD = ((GROUPS + SPLIT - 1) / SPLIT + THREADS - 1) / THREADS;
   const int q0 = rank * GROUPS / SPLIT, q1 = (rank + 1) * GROUPS / SPLIT;
   float out[PER_THREAD][4];
 #pragma unroll
   for (int i = 0; i < PER_THREAD; ++i) {
-    const int q = q0 + tid + 128 * i, r = q / (BN / 4), c = (q % (BN / 4)) * 4, m = m0 + r, n = n0 + c;
+    const int q = q0 + tid + THREADS * i, r = q / (BN / 4), c = (q % (BN / 4)) * 4, m = m0 + r, n = n0 + c;
     if (q >= q1 || m >= P::M || n >= P::N) continue;
     float4 v;
     if constexpr (SPLIT > 1) {
@@ -482,22 +508,27 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
   }
 #pragma unroll
   for (int i = 0; i < PER_THREAD; ++i) {
-    const int q = q0 + tid + 128 * i, r = q / (BN / 4), c = (q % (BN / 4)) * 4, m = m0 + r, n = n0 + c;
+    const int q = q0 + tid + THREADS * i, r = q / (BN / 4), c = (q % (BN / 4)) * 4, m = m0 + r, n = n0 + c;
     if (q >= q1 || m >= P::M || n >= P::N) continue;
     using OutT = typename P::OutT;
     OutT* dst = g.c + ((long)bat * P::M + m) * P::N + n;
-    if constexpr (sizeof(OutT) == 2 && P::N % 4 == 0) {  // 8-byte aligned: one store of 4 values
-      unsigned h[4];
+    // 16-bit C with N % 4 == 0: one 8-byte store of 4 values where C is 8-byte aligned (always, unless a
+    // caller bound an odd pointer)
+    bool stored = false;
+    if constexpr (sizeof(OutT) == 2 && P::N % 4 == 0) {
+      if ((reinterpret_cast<unsigned long long>(g.c) & 7) == 0) {
+        unsigned h[4];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) h[j] = from_float<OutT>(out[i][j]).x;
-      // C is a buffer of its own (256-byte aligned) and n % 4 == 0: dst is 8-byte aligned
-      asm volatile("st.global.v2.b32 [%0], {%1, %2};\n" ::"l"(dst), "r"(h[0] | h[1] << 16), "r"(h[2] | h[3] << 16)
-                   : "memory");
-    } else {
+        for (int j = 0; j < 4; ++j) h[j] = from_float<OutT>(out[i][j]).x;
+        asm volatile("st.global.v2.b32 [%0], {%1, %2};\n" ::"l"(dst), "r"(h[0] | h[1] << 16), "r"(h[2] | h[3] << 16)
+                     : "memory");
+        stored = true;
+      }
+    }
+    if (!stored)
 #pragma unroll
       for (int j = 0; j < 4; ++j)
         if (n + j < P::N) dst[j] = from_float<OutT>(out[i][j]);
-    }
   }
   // no block leaves while another still reads its tile (the reads completed before their arrive)
   if constexpr (SPLIT > 1) mma::cluster_sync_relaxed();
