@@ -187,7 +187,7 @@ def build_engine(model: str, targets: list[str], output: str | None = None, shap
         raise BuildError("--calib applies to stateless builds; it cannot be combined with --max-context")
     if max_context is not None:
         entries, state, caches, sha, merged = _stateful_entries(model, safetensors, shapes, precision, max_context,
-                                                                prefill_len, stage)
+                                                                prefill_len, stage, archs)
         persistent = list(state.values())
     else:
         if prefill_len:
@@ -198,9 +198,9 @@ def build_engine(model: str, targets: list[str], output: str | None = None, shap
         merged = run_passes(graph)
         if calib is not None:
             stage("calibrate")
-            calibrate_and_plan(graph, calib, precision, min_cosine)
+            calibrate_and_plan(graph, calib, precision, min_cosine, archs)
         stage("partition")
-        entries, state, persistent = [Entry("main", partition(graph, precision))], None, []
+        entries, state, persistent = [Entry("main", partition(graph, precision, targets=archs))], None, []
         caches = []
     stage("memory")
     programs = [e.program for e in entries]
@@ -247,7 +247,8 @@ def build_engine(model: str, targets: list[str], output: str | None = None, shap
 
 
 def _stateful_entries(model: str, safetensors: bool, shapes: dict | None, precision: str, max_context: int,
-                      prefill_len: int, stage) -> tuple[list[Entry], dict[str, Buffer], list[StateTensor], str, int]:
+                      prefill_len: int, stage, targets: list[str]
+                      ) -> tuple[list[Entry], dict[str, Buffer], list[StateTensor], str, int]:
     """Import the decoder once per entry point and partition each against shared weights and state."""
     if safetensors:
         raise BuildError("--max-context: stateful builds take an ONNX decoder exported with KV-cache inputs "
@@ -271,7 +272,7 @@ def _stateful_entries(model: str, safetensors: bool, shapes: dict | None, precis
         stage(f"partition ({name})")
         length = Buffer(f"__length_{name}", "state", "int32", 1) if name == "prefill" else None
         entry = EntryState(position, length, tokens)
-        program = partition(graph, precision, shared, entry)
+        program = partition(graph, precision, shared, entry, targets)
         infos.update({c.name: c for c in caches})
         axes = {}
         for n, _, shape in program.inputs + program.outputs:

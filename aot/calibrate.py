@@ -1,9 +1,8 @@
 """Static FP8 activation calibration (--calib inputs.npz): run the graph in float32 on the CPU (numpy, the same
 op semantics constant folding uses) over representative inputs, record the amax of every GEMM's activation
-operand (the A of each MatMul with a constant 2-D weight), and insert a fake quantization with scale
-amax / 448 on it: Div(x, s) -> FakeQuantE4M3 -> Mul(s), so the engine computes FP8-activation numerics. The
-partitioner fuses these elementwise ops into the producing kernel's epilogue where it can; otherwise (a norm
-recomputed in a GEMM prologue, an attention output) they run as their own elementwise kernel."""
+operand (the A of each MatMul with a constant 2-D weight), and insert FakeQuantFP8(x, s) = e4m3(x / s) * s
+with s = amax / 448 on it. The GEMMs reading it apply it to A as they stage it (after a fused norm), so the
+engine computes exact FP8-activation numerics with no extra kernel."""
 
 import math
 
@@ -11,6 +10,7 @@ import numpy as np
 
 from flashrt.aot.importers.onnx_ops import fold, np_dtype
 from flashrt.aot.ir import Graph, Node, Value
+from flashrt.aot.partition import integer_derived
 from flashrt.errors import ModelError
 from flashrt.kernels.quant import FP8_MAX
 
@@ -50,12 +50,14 @@ def load_calib(path: str, graph: Graph) -> list[dict[str, np.ndarray]]:
 
 
 def gemm_activations(graph: Graph) -> dict[str, list[Node]]:
-    """The activation operand of each GEMM with a constant 2-D weight -> those GEMMs."""
+    """The activation operand of each GEMM with a constant 2-D weight -> those GEMMs. Values computed from
+    integers alone (positions and RoPE angles, kept float32 by the partitioner) are left exact."""
     out: dict[str, list[Node]] = {}
+    exact = integer_derived(graph)
     for n in graph.nodes:
-        if n.op == "MatMul" and n.inputs[0] not in graph.constants and graph.values[n.inputs[0]].dtype in \
-                ("float32", "float16", "bfloat16") and n.inputs[1] in graph.constants \
-                and graph.constants[n.inputs[1]].ndim == 2:
+        if n.op == "MatMul" and n.inputs[0] not in graph.constants and n.inputs[0] not in exact \
+                and graph.values[n.inputs[0]].dtype in ("float32", "float16", "bfloat16") \
+                and n.inputs[1] in graph.constants and graph.constants[n.inputs[1]].ndim == 2:
             out.setdefault(n.inputs[0], []).append(n)
     return out
 
@@ -93,21 +95,15 @@ def insert_fake_quant(graph: Graph, amax: dict[str, float], targets: dict[str, l
         a = amax.get(value, 0.0)
         if not (a > 0 and math.isfinite(a)):
             continue  # an all-zero (or non-finite) activation has no scale to calibrate
-        scale = np.array(np.float32(a / FP8_MAX))
         v = graph.values[value]
-        names = [_fresh(graph, f"{value}/fp8_{s}") for s in ("scale", "div", "round", "dq")]
-        graph.constants[names[0]] = scale
-        graph.values[names[0]] = Value(names[0], "float32", ())
-        for nm in names[1:]:
-            graph.values[nm] = Value(nm, v.dtype, v.shape)
-        src = [s for g in gemms for s in g.source]
-        first = gemms[0]
-        new_nodes[id(first)] = [
-            Node("Div", f"{value}/fp8_div", [value, names[0]], [names[1]], {}, src),
-            Node("FakeQuantE4M3", f"{value}/fp8_round", [names[1]], [names[2]], {}, src),
-            Node("Mul", f"{value}/fp8_dq", [names[2], names[0]], [names[3]], {}, src)]
+        scale, out = _fresh(graph, f"{value}/fp8_scale"), _fresh(graph, f"{value}/fp8")
+        graph.constants[scale] = np.array(np.float32(a / FP8_MAX))
+        graph.values[scale] = Value(scale, "float32", ())
+        graph.values[out] = Value(out, v.dtype, v.shape)
+        new_nodes[id(gemms[0])] = [Node("FakeQuantFP8", f"{value}/fp8", [value, scale], [out], {"scale": "tensor"},
+                                        [s for g in gemms for s in g.source])]
         for g in gemms:
-            g.inputs[0] = names[3]
+            g.inputs[0] = out
         inserted += 1
     graph.nodes = _insert_before(graph.nodes, new_nodes, targets)
     return inserted

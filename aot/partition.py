@@ -4,7 +4,9 @@ of a buffer (aot/views.py).
 Fusion rules:
 - MatMul + the elementwise ops that consume only its result (bias, activation, scale, mask, residual add:
   any elementwise DAG over the GEMM's output) -> one GEMM with an epilogue expression; a LayerNorm or
-  RMSNorm whose only users are GEMMs is recomputed in their prologue and launches nothing.
+  RMSNorm whose only users are GEMMs is recomputed in their prologue and launches nothing; so is an FP8
+  quantization of a GEMM input (FakeQuantFP8, from the model's Q/DQ pairs or --calib): the GEMM rounds A to
+  E4M3 as it stages it (norm + quant in one prologue), whatever produced A.
 - Elementwise DAGs over one iteration space (Where, comparisons and Casts included) -> one kernel.
 - Reshape / Flatten / Squeeze / Unsqueeze / Identity / Transpose / Expand / Slice / Split and Gather of a
   constant index are views: no launch. GEMM operands, epilogue and elementwise inputs read any view, so the
@@ -21,6 +23,7 @@ from flashrt.aot.importers.onnx_ops import REDUCE_OPS, gathernd_index
 from flashrt.aot.ir import Graph, Node
 from flashrt.aot.quantize import quantize_fp8, quantize_nvfp4
 from flashrt.aot.state import CACHE_WRITE, POSITIONS
+from flashrt.aot.targets import fp8_mma, sm_number
 from flashrt.aot.views import Buffer, TensorRef
 from flashrt.errors import ModelError
 from flashrt.kernels import attention as attention_kernel
@@ -39,7 +42,8 @@ UNARY = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Erf": "erf", "Ne
 BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Pow": "pow", "Max": "max", "Min": "min",
           "Equal": "eq", "Less": "lt", "Greater": "gt", "LessOrEqual": "le", "GreaterOrEqual": "ge",
           "And": "and", "Or": "or"}
-ELEMENTWISE = set(UNARY) | set(BINARY) | {"Gelu", "Where", "Cast", "CastLike", "LeakyRelu", "HardSigmoid"}
+ELEMENTWISE = set(UNARY) | set(BINARY) | {"Gelu", "Where", "Cast", "CastLike", "LeakyRelu", "HardSigmoid",
+                                          "FakeQuantFP8"}
 NORMS = {"LayerNormalization", "RMSNormalization"}
 MAX_EXPR = 96
 
@@ -93,15 +97,24 @@ class Group:
     nodes: list[Node]
     prologue: Node | None = None  # a fused LayerNorm/RMSNorm for gemm
     halves: tuple[str, str] | None = None  # gated: the gate and up values
+    quant: Node | None = None  # a fused FakeQuantFP8 of the GEMM's A (after the prologue's norm)
 
 
 class Partitioner:
-    def __init__(self, graph: Graph, precision: str, shared: Shared | None = None, entry: EntryState | None = None):
+    def __init__(self, graph: Graph, precision: str, shared: Shared | None = None, entry: EntryState | None = None,
+                 targets: list[str] | None = None):
         if precision not in ACT_DTYPES:
             raise ModelError(f"precision {precision!r} is not one of {sorted(ACT_DTYPES)}")
         self.g = graph
         self.precision = precision
         self.act = ACT_DTYPES[precision]
+        # E4M3 mma.sync on every target (sm_89+), and where it is native rather than widened to f16 by ptxas
+        support = {t: fp8_mma(t) for t in targets or []}
+        self.fp8_mma = "none" not in support.values()
+        self.no_fp8 = sorted(t for t, v in support.items() if v == "none")
+        self.fp8_native = bool(support) and set(support.values()) == {"native"}
+        self.clusters = all(sm_number(t) >= 90 for t in targets or [])  # thread-block clusters
+        self.not_native = sorted(t for t, v in support.items() if v != "native")
         self.warnings: list[str] = list(graph.prequantized.warnings) if graph.prequantized else []
         self.users = graph.consumers()
         self.outputs = set(graph.outputs)
@@ -113,7 +126,7 @@ class Partitioner:
         self.quant_weights: dict[tuple, tuple[Buffer, list[Buffer]]] = \
             shared.quant_weights if shared else {}  # (data, its scale tensors)
         self.cache_written: set[int] = set()
-        self.exact = self._integer_derived()
+        self.exact = integer_derived(graph)
         self.calls: list[KernelCall] = []
         self.buffers: list[Buffer] = []
         self.output_buffers: dict[str, Buffer] = {}
@@ -124,22 +137,11 @@ class Partitioner:
             return "float32"
         return self.act if dtype in FLOAT_DTYPES else dtype
 
-    def _integer_derived(self) -> set[str]:
-        """Float values computed by arithmetic on integer tensors and constants alone -- positions cast to float
-        and the RoPE angles and cos/sin made from them. They stay float32 at every precision: bf16 holds
-        integers exactly only up to 256, and cos(position x frequency) needs the position's every bit."""
-        values, exact = self.g.values, set()
-        for n in self.g.nodes:
-            if n.op in ("Gather", "GatherND"):
-                continue
-            ins = [i for i in n.inputs if i and i not in self.g.constants]
-            if ins and all(i in exact or values[i].dtype not in FLOAT_DTYPES for i in ins):
-                exact.update(o for o in n.outputs if o and values[o].dtype in FLOAT_DTYPES)
-        return exact
-
     # ---- planning -------------------------------------------------------------------------------
 
     def _fusable(self, node: Node, shape: tuple) -> bool:
+        if node.op == "FakeQuantFP8" and (node.attrs.get("scale") == "row" or self._quant_prologue_ok(node)):
+            return False  # the GEMMs reading it quantize A themselves, exactly (no bf16 round trip)
         return node.op in ELEMENTWISE and self.g.values[node.outputs[0]].shape == shape
 
     def _grow(self, seed: Node, assigned: set, shape: tuple) -> list[Node]:
@@ -167,15 +169,26 @@ class Partitioner:
                 best = sorted(members, key=lambda n: self.index[id(n)])
         return best
 
+    def _gemm_inputs_only(self, value: str) -> bool:
+        """value is read only as the A operand of MatMuls (or through a fusable FP8 quantization of it)."""
+        users = self.users.get(value, [])
+        return value not in self.outputs and bool(users) and all(
+            (u.op == "MatMul" and u.inputs[0] == value and u.inputs[1] != value)
+            or (u.op == "FakeQuantFP8" and u.inputs[0] == value and self._quant_prologue_ok(u)) for u in users)
+
     def _norm_prologue_ok(self, norm: Node) -> bool:
-        y = norm.outputs[0]
-        users = self.users.get(y, [])
         x = self.g.values[norm.inputs[0]]
         axis = norm.attrs.get("axis", -1) % len(x.shape)
-        return (axis == len(x.shape) - 1 and y not in self.outputs and bool(users)
+        return (axis == len(x.shape) - 1 and self._gemm_inputs_only(norm.outputs[0])
                 and not any(o and self.users.get(o) for o in norm.outputs[1:])
-                and all(u.op == "MatMul" and u.inputs[0] == y and u.inputs[1] != y for u in users)
                 and all(i in self.g.constants for i in norm.inputs[1:] if i))
+
+    def _quant_prologue_ok(self, fq: Node) -> bool:
+        """A FakeQuantFP8 that the GEMMs reading it apply to A themselves: its only users are MatMuls' A."""
+        y = fq.outputs[0]
+        users = self.users.get(y, [])
+        return (y not in self.outputs and bool(users) and fq.inputs[0] not in self.g.constants
+                and all(u.op == "MatMul" and u.inputs[0] == y and u.inputs[1] != y for u in users))
 
     def _gated_tail(self, mm: Node, assigned: set) -> tuple[list[Node], str, str] | None:
         """For y = x @ [Wg | Wu] split into halves g, u that only an elementwise DAG combines (SwiGLU, GeGLU):
@@ -245,6 +258,7 @@ class Partitioner:
         assigned: set[int] = set()
         groups: list[Group] = []
         fused_norm: dict[str, Node] = {}
+        fused_quant: dict[str, Node] = {}
         for node in self.g.nodes:
             if id(node) in assigned:
                 continue
@@ -256,6 +270,13 @@ class Partitioner:
             if op in VIEW_OPS or (op == "Gather" and node.inputs[1] in self.g.constants
                                   and self.g.constants[node.inputs[1]].ndim == 0):
                 group = Group("view", [node])
+            elif op == "FakeQuantFP8" and self._quant_prologue_ok(node):
+                fused_quant[node.outputs[0]] = node
+                assigned.add(id(node))
+                continue
+            elif op == "FakeQuantFP8" and node.attrs.get("scale") == "row":
+                raise ModelError(f"node '{node.name}' (FakeQuantFP8, per-row scales): flashrt applies per-row "
+                                 "FP8 quantization only inside the GEMMs that read it; this one has other users")
             elif op in NORMS:
                 if len(node.outputs) > 1 and any(o and (self.users.get(o) or o in self.outputs)
                                                  for o in node.outputs[1:]):
@@ -270,16 +291,19 @@ class Partitioner:
                 group = Group("softmax", [node])
             elif op == "MatMul" and (gated := self._gated_tail(node, assigned)):
                 tail, gate, up = gated
-                group = Group("gated", [node] + tail, fused_norm.get(node.inputs[0]))
-                group.halves = (gate, up)
+                quant = fused_quant.get(node.inputs[0])
+                group = Group("gated", [node] + tail, fused_norm.get(quant.inputs[0] if quant else node.inputs[0]),
+                              (gate, up), quant)
             elif op == "MatMul":
                 shape = self.g.values[node.outputs[0]].shape
                 members = self._grow(node, assigned, shape)
-                attention = None if node.inputs[0] in fused_norm else self._attention_tail(members)
+                quant = fused_quant.get(node.inputs[0])
+                a_in = quant.inputs[0] if quant else node.inputs[0]
+                attention = None if a_in in fused_norm or quant else self._attention_tail(members)
                 if attention:
                     group = Group("attention", members + attention)
                 else:
-                    group = Group("gemm", members, fused_norm.get(node.inputs[0]))
+                    group = Group("gemm", members, fused_norm.get(a_in), quant=quant)
             elif op in ELEMENTWISE:
                 group = Group("eltwise", self._grow(node, assigned, self.g.values[node.outputs[0]].shape))
             elif op == "GatherND":
@@ -412,6 +436,9 @@ class Partitioner:
                 out = emit("mul", emit("mul", x, emit("const", 0.5)), t)
             elif n.op == "Gelu":
                 out = emit("gelu", operand(n.inputs[0]))
+            elif n.op == "FakeQuantFP8":  # static scale (per-row ones are fused into GEMMs only)
+                x, scale = operand(n.inputs[0]), operand(n.inputs[1])
+                out = emit("mul", emit("e4m3", emit("div", x, scale)), scale)
             elif n.op == "LeakyRelu":
                 x = operand(n.inputs[0])
                 neg = emit("lt", x, emit("const", 0.0))
@@ -507,11 +534,13 @@ class Partitioner:
 
     def _gemm_call(self, name: str, a: TensorRef, a_atoms: dict, b: TensorRef, b_atoms: dict, mnk: tuple,
                    batch: tuple, norm: Node | None, expr: list, epi_inputs: list[TensorRef], out: TensorRef,
-                   ops: list[str], source: list[str], gated: bool = False, quant: tuple = ((), "")) -> None:
+                   ops: list[str], source: list[str], gated: bool = False, quant: tuple = ((), ""),
+                   aq: tuple[str, TensorRef | None] | None = None) -> None:
+        """aq: A's FP8 quantization ("tensor" and its scale, or "row" and None)."""
         M, N, K = mnk
         kshape = tuple(batch) + (M, N)
         quant_refs, reason = quant
-        args = [a, b] + list(quant_refs)
+        args = [a, b] + list(quant_refs) + ([aq[1]] if aq and aq[1] is not None else [])
         norm_params = None
         if norm is not None:
             gamma = np.broadcast_to(self.g.constants[norm.inputs[1]], (K,))
@@ -525,6 +554,8 @@ class Partitioner:
         params = {"M": M, "N": N, "K": K, "batch": list(batch), "out_dtype": out.dtype, "expr": expr,
                   "a": a_atoms, "b": b_atoms, "ln": norm_params,
                   "epi_inputs": [{"dtype": r.dtype, "atoms": r.atoms_over(kshape)} for r in epi_inputs]}
+        if aq:
+            params["aq"] = aq[0]
         family = "gemm"
         rows = math.prod(batch) * M
         vec = gemv.VALUES_PER_16B.get(b_atoms["dtype"], 1)
@@ -538,19 +569,20 @@ class Partitioner:
             params["R"], params["S"] = gemv.choose_config(rows, N, K, vec)
             params["M"], params["batch"] = rows, []
             params["a"] = {**a_atoms, "batch": [[1, 0]], "m": _atoms(a_atoms["batch"] + a_atoms["m"])}
-        elif mma := gemm_mma.config(params, a.offset, b.offset, self.act, b.buffer.kind == "weight"):
+        elif mma := gemm_mma.config(params, a.offset, b.offset, self.act, b.buffer.kind == "weight", self.fp8_mma,
+                                    self.clusters):
             params["mma"] = mma  # 16-bit activations: the tensor-core GEMM (kernels/gemm_mma.py)
         self.calls.append(KernelCall(name, family, params, args + list(epi_inputs) + [out], ops, _unique(source),
                                      reason))
 
     def emit_gemm(self, group: Group) -> None:
         mm, epi = group.nodes[0], group.nodes[1:]
-        norm = group.prologue
-        a = self.ref(norm.inputs[0] if norm else mm.inputs[0], self.act)
+        norm, fq = group.prologue, group.quant
+        a = self.ref(norm.inputs[0] if norm else fq.inputs[0] if fq else mm.inputs[0], self.act)
         if len(a.shape) == 1:
             a = a.reshape((1,) + a.shape)
         w = self.g.constants.get(mm.inputs[1])
-        quant, b_atoms = ((), ""), None
+        quant, b_atoms, fmt = ((), ""), None, None
         if mm.outputs[0] in self.exact:  # positions x frequencies: full precision (see _integer_derived)
             a = self.ref(mm.inputs[0], "float32")
             if w is not None and w.ndim == 2:
@@ -577,6 +609,8 @@ class Partitioner:
         batch = tuple(np.broadcast_shapes(a.shape[:-2], b_shape[:-2]))
         M, K, N = a.shape[-2], a.shape[-1], b_shape[-1]
         kshape = batch + (M, N)
+        aq, reason = self.plan_activation(mm, fq, fmt, math.prod(a.shape[:-1]), quant[1])
+        quant = (quant[0], reason)
         last = (epi[-1] if epi else mm).outputs[0]
         expr, inputs = self._expression(epi, mm.outputs[0]) if epi else ([["acc"]], [])
         onnx_shape = self.g.values[last].shape
@@ -585,12 +619,12 @@ class Partitioner:
         epi_refs = [r.expand(onnx_shape).reshape(kshape) if onnx_shape != kshape else r for r in inputs]
         out_buf = self.new_output(last)
         out = TensorRef.contiguous_view(out_buf, kshape)
-        nodes = ([norm] if norm else []) + group.nodes
+        nodes = [n for n in (norm, fq) if n] + group.nodes
         a_atoms = {"dtype": a.dtype, "batch": a.batch_atoms(batch), "m": a.dim_atoms(-2), "k": a.dim_atoms(-1)}
         if b_atoms is None:
             b_atoms = {"dtype": b.dtype, "batch": b.batch_atoms(batch), "k": b.dim_atoms(-2), "n": b.dim_atoms(-1)}
         self._gemm_call(mm.name, a, a_atoms, b, b_atoms, (M, N, K), batch, norm, expr, epi_refs, out,
-                        [n.op for n in nodes], [s for n in nodes for s in n.source], quant=quant)
+                        [n.op for n in nodes], [s for n in nodes for s in n.source], quant=quant, aq=aq)
         self.refs[last] = TensorRef.contiguous_view(out_buf, onnx_shape)
 
     def plan_weight(self, mm: Node, K: int, N: int, rows: int) -> tuple[str, str]:
@@ -612,8 +646,12 @@ class Partitioner:
         fp8_ok, nvfp4_ok = K % 16 == 0, K % 32 == 0
         if self.precision == "auto":
             if rows > gemv.MAX_M:
-                return self.act, (f"bf16: compute-bound GEMM (M={rows}); weight-only dequantization on CUDA cores "
-                                  "costs more than the bytes it saves")
+                if self.fp8_native and fp8_ok:
+                    return "fp8", (f"fp8 weight + fp8 activation: compute-bound GEMM (M={rows}) on native E4M3 "
+                                   "tensor cores: twice the bf16 rate, half the operand bytes")
+                where = f"not native on {', '.join(self.not_native)}" if self.not_native else "not known native"
+                return self.act, (f"bf16: compute-bound GEMM (M={rows}); E4M3 mma is {where} (full-rate FP8 "
+                                  "there needs wgmma / tcgen05, not generated yet), so fp8 would not pay")
             if nvfp4_ok and mb >= 4:
                 return "nvfp4", (f"nvfp4: weight-streaming GEMV (M={rows}), {mb:.1f} MB of bf16 weights -> "
                                  f"{mb * 0.5625 / 2:.1f} MB; large enough to pay for the block-scale dequantization")
@@ -634,6 +672,30 @@ class Partitioner:
         why = f"FP8 weights need K to be a multiple of 16; K={K}"
         self.warnings.append(f"node '{mm.name}': {why}; keeping {self.act}")
         return self.act, f"{self.act} (fallback): {why}"
+
+    def plan_activation(self, mm: Node, fq: Node | None, fmt: str | None, rows: int,
+                        reason: str) -> tuple[tuple[str, TensorRef | None] | None, str]:
+        """A GEMM's FP8 activation quantization ("tensor" + its scale, or "row"; None: A as it is) and the reason.
+        The model's (Q/DQ, --calib) where it has one. Else, at --precision fp8 / auto, per-row scales computed
+        in the kernel for tensor-core GEMMs with an fp8 weight where every target multiplies E4M3 natively:
+        elsewhere they would cost accuracy and gain no speed (GEMVs at M <= 8 stream weights; E4M3 mma.sync
+        is widened to f16 on sm_90 / sm_100 / sm_110)."""
+        if fq is not None:
+            if fq.attrs.get("scale") == "row":
+                return ("row", None), reason
+            scale = np.reshape(self.g.constants[fq.inputs[1]], (1,))
+            return ("tensor", self.weight(fq.inputs[1], "float32", scale)), reason
+        planned = self.g.weight_plan is not None and mm.inputs[1] in self.g.weight_plan
+        if fmt != "fp8" or rows <= gemv.MAX_M or self.precision not in ("fp8", "auto") or planned:
+            return None, reason
+        if self.no_fp8:
+            why = f"{', '.join(self.no_fp8)} lack FP8 tensor-core instructions (sm_89+)"
+            self.warnings.append(f"node '{mm.name}': {why}; activations stay {self.act}")
+            return None, f"{reason}; {self.act} activations: {why}"
+        if not self.fp8_native:
+            where = ", ".join(self.not_native) or "an unnamed target"
+            return None, f"{reason}; {self.act} activations: E4M3 mma is not native on {where}"
+        return ("row", None), f"{reason}; fp8 activations (per-row scales computed in the kernel)"
 
     def quant_weight(self, name: str, w_nk: np.ndarray, fmt: str) -> tuple[TensorRef, list[TensorRef], dict]:
         """A constant weight [rows, K] quantized to fmt: (the data ref, its scale refs, the B operand params)."""
@@ -665,14 +727,15 @@ class Partitioner:
 
     def emit_gated(self, group: Group) -> None:
         """x @ [Wg | Wu] -> act(g) * u (any elementwise DAG of the halves) as one gated GEMV."""
-        mm, norm = group.nodes[0], group.prologue
+        mm, norm, fq = group.nodes[0], group.prologue, group.quant
         dag = [n for n in group.nodes[1:] if n.op not in ("Split", "Slice")]
         gate, up = group.halves
-        a = self.ref(norm.inputs[0] if norm else mm.inputs[0], self.act)
+        a = self.ref(norm.inputs[0] if norm else fq.inputs[0] if fq else mm.inputs[0], self.act)
         w = self.g.constants[mm.inputs[1]]
         K, F = w.shape[0], w.shape[1] // 2
         rows = math.prod(a.shape[:-1])
         fmt, reason = self.plan_weight(mm, K, 2 * F, rows)
+        aq, reason = self.plan_activation(mm, fq, fmt, rows, reason)
         if fmt in QUANT_FORMATS:
             b, quant_refs, b_atoms = self.quant_weight(mm.inputs[1], np.ascontiguousarray(w.T), fmt)
         else:
@@ -688,10 +751,10 @@ class Partitioner:
         onnx_shape = self.g.values[last].shape
         epi_refs = [r.expand(onnx_shape).reshape((rows, F)) for r in inputs]
         a_atoms = {"dtype": a2.dtype, "batch": [[1, 0]], "m": a2.dim_atoms(0), "k": a2.dim_atoms(1)}
-        nodes = ([norm] if norm else []) + group.nodes
+        nodes = [n for n in (norm, fq) if n] + group.nodes
         self._gemm_call(mm.name, a2, a_atoms, b, b_atoms, (rows, F, K), (), norm, expr, epi_refs, out,
                         [n.op for n in nodes], [s for n in nodes for s in n.source], gated=True,
-                        quant=(quant_refs, reason))
+                        quant=(quant_refs, reason), aq=aq)
         self.refs[last] = TensorRef.contiguous_view(out_buf, onnx_shape)
 
     def emit_conv(self, group: Group) -> None:
@@ -735,6 +798,7 @@ class Partitioner:
         score_shape = batch + (T, S)
         out = self.new_output_ref(m2.outputs[0])
         tq, kw, cl = attention_kernel.choose_config(T, S, math.prod(batch))
+        cl = cl if self.clusters else 1  # key splits over a cluster need sm_90+
         params = {"BH": math.prod(batch), "T": T, "S": S, "HD": hd, "VD": vd, "TQ": tq, "KW": kw, "CL": cl,
                   "q": {"dtype": q.dtype, "bh": q.batch_atoms(batch), "t": q.dim_atoms(-2), "d": q.dim_atoms(-1)},
                   "k": {"dtype": kt.dtype, "bh": kt.batch_atoms(batch), "d": kt.dim_atoms(-2), "s": kt.dim_atoms(-1)},
@@ -946,6 +1010,20 @@ class Partitioner:
         return Program(self.calls, inputs, outputs, self.buffers, compute, self.warnings)
 
 
+def integer_derived(graph: Graph) -> set[str]:
+    """Float values computed by arithmetic on integer tensors and constants alone -- positions cast to float
+    and the RoPE angles and cos/sin made from them. They stay float32 at every precision: bf16 holds
+    integers exactly only up to 256, and cos(position x frequency) needs the position's every bit."""
+    values, exact = graph.values, set()
+    for n in graph.nodes:
+        if n.op in ("Gather", "GatherND"):
+            continue
+        ins = [i for i in n.inputs if i and i not in graph.constants]
+        if ins and all(i in exact or values[i].dtype not in FLOAT_DTYPES for i in ins):
+            exact.update(o for o in n.outputs if o and values[o].dtype in FLOAT_DTYPES)
+    return exact
+
+
 def _atoms(atoms: list[list[int]]) -> list[list[int]]:
     return [a for a in atoms if a[0] != 1] or [[1, 0]]
 
@@ -957,5 +1035,6 @@ def _digest(arr: np.ndarray) -> str:
     return hashlib.sha256(str((a.dtype.str, a.shape)).encode() + a.tobytes()).hexdigest()
 
 
-def partition(graph: Graph, precision: str, shared: Shared | None = None, entry: EntryState | None = None) -> Program:
-    return Partitioner(graph, precision, shared, entry).run()
+def partition(graph: Graph, precision: str, shared: Shared | None = None, entry: EntryState | None = None,
+              targets: list[str] | None = None) -> Program:
+    return Partitioner(graph, precision, shared, entry, targets).run()

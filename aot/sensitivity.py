@@ -155,7 +155,8 @@ def plan_units(graph: Graph, samples: list[dict[str, np.ndarray]], units: list[U
     return decisions, {"all_quantized": all_quantized, "planned": planned, "kept": kept, "total": n}
 
 
-def calibrate_and_plan(graph: Graph, path: str, precision: str, min_cosine: float | None = None) -> dict:
+def calibrate_and_plan(graph: Graph, path: str, precision: str, min_cosine: float | None = None,
+                       archs: list[str] | None = None) -> dict:
     """--calib with a cosine target: choose per activation (and the GEMM weights reading it) whether to
     quantize; insert the static FP8 activation scales of the chosen ones (aot/calibrate.py) and record the
     weight choices in graph.weight_plan for the partitioner. Returns plan_units' summary."""
@@ -174,7 +175,7 @@ def calibrate_and_plan(graph: Graph, path: str, precision: str, min_cosine: floa
     samples = load_calib(path, graph)
     targets = gemm_activations(graph)
     amax = activation_amax(graph, samples, set(targets))
-    planner = Partitioner(graph, precision)
+    planner = Partitioner(graph, precision, targets=archs)
     units = []
     for value, gemms in targets.items():
         a = amax.get(value, 0.0)

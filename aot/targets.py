@@ -31,3 +31,18 @@ def resolve_target(name: str) -> str:
 def arch_number(arch: str) -> str:
     """'sm_90a' -> '90a'."""
     return arch[3:]
+
+
+def sm_number(arch: str) -> int:
+    """'sm_90a' -> 90, 'sm_110a' -> 110."""
+    return int(re.match(r"\d+", arch_number(arch)).group())
+
+
+def fp8_mma(arch: str) -> str:
+    """How an E4M3 mma.sync (m16n8k32) runs on arch, read off ptxas's SASS: "native" (QMMA: sm_89, sm_120,
+    sm_121), "converted" (sm_90, sm_100, sm_103, sm_110: ptxas widens the fragments to f16 for HMMA; FP8 at full
+    rate there takes wgmma / tcgen05, which flashrt does not generate yet), or "none" (before sm_89)."""
+    sm = sm_number(arch)
+    if sm < 89:
+        return "none"
+    return "native" if sm == 89 or sm // 10 == 12 else "converted"

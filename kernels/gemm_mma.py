@@ -3,7 +3,8 @@ shape, split-K and pipeline depth, chosen per problem by a small cost model of a
 generated struct members the template reads.
 
 params["mma"] = {dtype, bm, bn, split, stages, wg, a_mode, b_mode, b_const}:
-  dtype      the mma operand type ("bfloat16" | "float16"); the reference rounds A' and B' to it
+  dtype      the mma operand type: "bfloat16" | "float16" (the reference rounds A' and B' to it), or "e4m3"
+             (FP8 activations, params["aq"], times an fp8 weight: both exact, mma.sync m16n8k32)
   bm, bn     block tile (BK = 64); split: blocks of one cluster sharing a tile's K (1..8)
   wg         warp groups of 4 warps (1 or 2) that take turns over a tile's k-steps
   a_mode     0 cp.async chunks, 1 norm prologue on a shared-memory A panel, 2 element loads
@@ -17,6 +18,7 @@ from flashrt.kernels.dtypes import CTYPES, ITEMSIZE
 from flashrt.kernels.source import atoms_code
 
 OPERAND_DTYPES = ("bfloat16", "float16")
+MMA_DTYPES = OPERAND_DTYPES + ("e4m3",)
 BK = 64
 WARP_GROUP = 128  # threads
 # Split-K cluster sizes: powers of two up to the portable cluster size 8. A cluster's blocks share a GPC (about
@@ -74,13 +76,16 @@ def staging(p: dict, a_offset: int, b_offset: int, dtype: str) -> tuple[bool, in
     return a_chunks, b_mode
 
 
-def smem_bytes(K: int, bm: int, bn: int, split: int, stages: int, a_mode: int, b_mode: int, wg: int = 1) -> int:
+def smem_bytes(K: int, bm: int, bn: int, split: int, stages: int, a_mode: int, b_mode: int, wg: int = 1,
+               fp8: bool = False) -> int:
     """Dynamic shared memory of a configuration; mirrors MmaShape in gemm_mma.cuh."""
     lds, kts = BK + 8, math.ceil(math.ceil(K / BK) / split)
-    a_elems = bm * (kts * BK + 8) if a_mode == 1 else stages * bm * lds
-    b_elems = stages * bn * lds
-    raw = {1: bn * BK, 2: bn * BK // 32 * (16 + 4)}.get(b_mode, 0)
-    return max((a_elems + b_elems) * 2 + stages * raw, wg * bm * (bn + 8) * 4)
+    lds8 = BK + 16
+    a_elems = bm * (kts * BK + 8) if a_mode == 1 else 0 if fp8 and a_mode == 2 else stages * bm * lds
+    b_elems = 0 if fp8 else stages * bn * lds
+    a8 = 0 if not fp8 else bm * (kts * BK + 16) if a_mode == 1 else stages * bm * lds8
+    raw = {1: bn * (lds8 if fp8 else BK), 2: bn * BK // 32 * (16 + 4)}.get(b_mode, 0)
+    return max((a_elems + b_elems) * 2 + stages * raw + a8, wg * bm * (bn + 8) * 4)
 
 
 def estimate(p: dict, c: dict) -> float:
@@ -89,7 +94,8 @@ def estimate(p: dict, c: dict) -> float:
     bm, bn, split, wg = c["bm"], c["bn"], c["split"], c.get("wg", 1)
     kts = math.ceil(math.ceil(K / BK) / split)
     blocks = math.ceil(M / bm) * math.ceil(N / bn) * nb * split
-    smem = smem_bytes(K, bm, bn, split, c["stages"], c["a_mode"], c["b_mode"], wg)
+    fp8 = c["dtype"] == "e4m3"
+    smem = smem_bytes(K, bm, bn, split, c["stages"], c["a_mode"], c["b_mode"], wg, fp8)
     # blocks resident together; norm-panel blocks measured no overlap (their panel load, statistics and
     # cluster barriers serialize), so they count as one at a time
     resident = 1 if c["a_mode"] == 1 else max(1, min(16 // (4 * wg), SMEM_PER_SM // (smem + 2048)))
@@ -103,38 +109,46 @@ def estimate(p: dict, c: dict) -> float:
     t_lat = max(flops / TC_FLOPS_PER_BLOCK, (a_bytes + b_bytes) / SM_BYTES_PER_BLOCK) / (WG2_GAIN if wg == 2 else 1)
     t_thr = together * max(flops / TC_FLOPS_PER_SM, (a_bytes + b_bytes) / SM_BYTES_PER_SM)
     t_step = max(t_lat, t_thr) + KSTEP_FIXED_S
-    if c["b_mode"] in (1, 2):
+    if c["b_mode"] == 2 or (c["b_mode"] == 1 and not fp8):  # weights decoded into the shared T tile
         t_step += together * bn * BK / DECODE_VALUES_PER_S / wg
+    if p.get("aq"):  # A' quantized to E4M3 as it is staged
+        t_step += together * bm * BK / DECODE_VALUES_PER_S / wg
     t_wave = kts * t_step + together * bm * bn / split / OUTPUTS_PER_S + BLOCK_FIXED_S
     if c["a_mode"] == 1 or (c["a_mode"] == 2 and p["ln"]):  # the panel, or the statistics pass, before k-step 1
         t_wave += together * a_bytes * kts / SM_BYTES_PER_SM
     return math.ceil(per_sm / together) * t_wave + (CLUSTER_FIXED_S if split > 1 else 0.0)
 
 
-def config(p: dict, a_offset: int, b_offset: int, dtype: str, b_const: bool = False) -> dict | None:
+def config(p: dict, a_offset: int, b_offset: int, dtype: str, b_const: bool = False,
+           fp8_mma: bool = False, clusters: bool = True) -> dict | None:
     """The cheapest configuration by the cost model, or None where the tensor-core path does not apply
     (operand type not 16-bit, a grid beyond CUDA's limits). b_const: B is a constant weight, so the kernel
-    may prefetch it before waiting for the previous kernel (programmatic dependent launch)."""
+    may prefetch it before waiting for the previous kernel (programmatic dependent launch). fp8_mma: every
+    target has E4M3 mma.sync (sm_89+), so FP8 activations times an fp8 weight multiply as E4M3. clusters:
+    every target has thread-block clusters (sm_90+), which split-K reduces through."""
     if dtype not in OPERAND_DTYPES or p.get("gated"):
         return None
     M, N, K, nb = p["M"], p["N"], p["K"], math.prod(p["batch"])
     a_chunks, b_mode = staging(p, a_offset, b_offset, dtype)
+    fp8 = fp8_mma and bool(p.get("aq")) and p["b"].get("quant") == "fp8" and b_mode == 1
     kt = math.ceil(K / BK)
     best = None
-    # under a norm prologue the panel (a_mode 1) wherever it fits; element loads (2) only where it never does
-    for a_mode in ([1, 2] if p["ln"] and a_chunks else [2] if p["ln"] or not a_chunks else [0]):
+    # a norm prologue or per-row FP8 scales need A's whole rows first: the panel (a_mode 1) wherever it fits,
+    # element loads (2) only where it never does
+    whole_rows = bool(p["ln"]) or p.get("aq") == "row"
+    for a_mode in ([1, 2] if whole_rows and a_chunks else [2] if whole_rows or not a_chunks else [0]):
         for (bm, bn), wg in itertools.product(TILES, (1, 2)):
             if math.ceil(M / bm) > 65535:
                 continue
-            for split in (s for s in SPLITS if s <= kt and nb * s <= 65535):
+            for split in (s for s in SPLITS if s <= kt and nb * s <= 65535 and (clusters or s == 1)):
                 kts = math.ceil(kt / split)
                 if split > 1 and (kts - 1) * split >= kt:  # an empty split
                     continue
                 stages = next((s for s in range(min(4, max(2, kts + 1)), 1, -1)
-                               if smem_bytes(K, bm, bn, split, s, a_mode, b_mode, wg) <= SMEM_CAP), None)
+                               if smem_bytes(K, bm, bn, split, s, a_mode, b_mode, wg, fp8) <= SMEM_CAP), None)
                 if stages is None:
                     continue
-                c = {"dtype": dtype, "bm": bm, "bn": bn, "split": split, "stages": stages, "wg": wg,
+                c = {"dtype": "e4m3" if fp8 else dtype, "bm": bm, "bn": bn, "split": split, "stages": stages, "wg": wg,
                      "a_mode": a_mode, "b_mode": b_mode, "b_const": b_const or bool(p["b"].get("quant"))}
                 padded = math.ceil(M / bm) * bm * math.ceil(N / bn) * bn  # ties: least padding, then big tiles
                 key = (round(estimate(p, c) * 1e8), split, padded, -bm * bn, -wg)
@@ -149,7 +163,8 @@ def launch_config(p: dict) -> tuple[tuple[int, int, int], tuple[int, int, int], 
     c = p["mma"]
     grid = (math.ceil(p["N"] / c["bn"]), math.ceil(p["M"] / c["bm"]), math.prod(p["batch"]) * c["split"])
     wg = c.get("wg", 1)
-    smem = smem_bytes(p["K"], c["bm"], c["bn"], c["split"], c["stages"], c["a_mode"], c["b_mode"], wg)
+    smem = smem_bytes(p["K"], c["bm"], c["bn"], c["split"], c["stages"], c["a_mode"], c["b_mode"], wg,
+                      c["dtype"] == "e4m3")
     return grid, (WARP_GROUP * wg, 1, 1), smem
 
 
@@ -171,7 +186,10 @@ def members(p: dict) -> tuple[str, str]:
     else:
         load_bq = f"return to_float(g.b[{b_row} + {b_k}]);"
     b_row_ptr = "nullptr" if quant else f"g.b + ({b_row})"
-    shape = f"""using T = {CTYPES[c["dtype"]]};
+    fp8 = c["dtype"] == "e4m3"
+    stage = (a["dtype"] if a["dtype"] in OPERAND_DTYPES else "bfloat16") if fp8 else c["dtype"]
+    shape = f"""using T = {CTYPES[stage]};  // the type A is staged in
+  static constexpr bool FP8 = {"true" if fp8 else "false"};
   static constexpr int M = {p["M"]}, N = {p["N"]}, K = {K};
   static constexpr int BM = {c["bm"]}, BN = {c["bn"]}, SPLIT = {c["split"]}, STAGES = {c["stages"]};
   static constexpr int WG = {c.get("wg", 1)};

@@ -137,7 +137,8 @@ _GEMM = Dict(
      "b": Dict({"dtype": Dtype, "batch": ATOMS, "k": ATOMS, "n": ATOMS}),
      "ln": Nullable(Dict({"eps": Num(0.0, 1e30), "has_beta": Bool}, {"rms": Bool})),
      "epi_inputs": List(Dict(OPERAND)), "expr": EXPR, "out_dtype": Dtype},
-    {"gated": Bool, "mma": Dict({"dtype": Enum("bfloat16", "float16")})})  # mma.dtype: the reference rounds to it
+    {"gated": Bool, "mma": Dict({"dtype": Enum("bfloat16", "float16", "e4m3")}),  # the reference rounds to it
+     "aq": Nullable(Enum("tensor", "row"))})
 
 
 # ------------------------------------------------------------------------------------------ relations / caps
@@ -171,6 +172,8 @@ def _expr(p: dict, n_inputs: int, allow_acc: bool, elements: int) -> None:
 
 def _gemm(p: dict) -> None:
     p = _GEMM(p, "")
+    if p.get("mma", {}).get("dtype") == "e4m3" and not p.get("aq"):
+        raise _Bad(".mma.dtype", "= 'e4m3' needs FP8 activations (params.aq)")
     M, N, K, batch = p["M"], p["N"], p["K"], p["batch"]
     nb = math.prod(batch)
     width = 2 * N if p.get("gated") else N

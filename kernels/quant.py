@@ -5,9 +5,16 @@
   nvfp4   NVFP4 as TensorRT / ModelOpt define it: E2M1 values packed two per byte (the first value in the
           low nibble), one E4M3 scale per 16 consecutive values along K, one float32 global scale:
           W[n, k] = e2m1(q[n, k]) * e4m3(block[n, k // 16]) * global
-Weights are stored [N, K] (K contiguous), as the GEMV streams them."""
+Weights are stored [N, K] (K contiguous), as the GEMV streams them.
+
+Activations (a GEMM's A operand, quantized by the GEMM itself while it stages A; see kernels/gemm.py's `aq`):
+  fp8 tensor   one static float32 scale s (from calibration, or the model's QuantizeLinear):  A' = e4m3(A / s) * s
+  fp8 row      one scale per row, computed at run time: s[m] = max_k |A[m, k]| / 448 (1 for an all-zero row)
+The GEMM multiplies the E4M3 values and applies s (per row) to the float32 sums."""
 
 import numpy as np
+
+from flashrt.kernels.expr import _e4m3
 
 NVFP4_BLOCK = 16
 FP8_MAX = 448.0
@@ -25,6 +32,23 @@ def _e4m3_table() -> np.ndarray:
 
 E4M3 = _e4m3_table()
 E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+
+
+ACT_QUANT = ("tensor", "row")
+
+
+def act_row_scales(x: np.ndarray) -> np.ndarray:
+    """Per-row FP8 scales of x [..., K]: max |x| over the last axis (NaN ignored, as CUDA's fmaxf does) / 448,
+    1 where the row is all zero. Shape [..., 1]."""
+    amax = np.fmax.reduce(np.abs(np.asarray(x, np.float32)), axis=-1, keepdims=True)
+    return np.where(amax > 0, amax / np.float32(FP8_MAX), np.float32(1)).astype(np.float32)
+
+
+def fake_quant_act(x: np.ndarray, scale) -> np.ndarray:
+    """e4m3(x / scale) * scale in float32: an activation as an FP8 GEMM sees it (scale broadcasts)."""
+    x, scale = np.asarray(x, np.float32), np.asarray(scale, np.float32)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        return (_e4m3(x / scale) * scale).astype(np.float32)
 
 
 def dequant_fp8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:

@@ -189,6 +189,9 @@ def test_every_mode_compiles_without_spills(arch):
              gemm_params(50, 1024, 1024, ln=RMS, dtype="float16")]
     for p in cases:
         p["mma"] = gemm_mma.config(p, 0, 0, p["a"]["dtype"])
+    for aq, ln, fp8 in [("tensor", None, True), ("row", RMS, True), ("row", None, False), ("tensor", RMS, False)]:
+        p = {**gemm_params(197, 768, 3072, ln=ln, quant="fp8"), "aq": aq}  # FP8 activations, E4M3 mma or bf16
+        cases.append({**p, "mma": gemm_mma.config(p, 0, 0, "bfloat16", fp8_mma=fp8)})
     big = gemm_params(256, 1024, 1024)  # the largest register tiles: 64 x 32 and 32 x 64 per warp
     cases += [{**big, "mma": {**gemm_mma.config(big, 0, 0, "bfloat16"), "bm": bm, "bn": bn, "wg": wg}}
               for bm, bn in ((128, 64), (64, 128), (16, 64)) for wg in (1, 2)]

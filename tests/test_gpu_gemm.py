@@ -25,10 +25,11 @@ RESIDUAL = [["acc"], ["in", 0], ["add", 0, 1]]
 
 
 def problem(M: int, N: int, K: int, batch=(), ln=None, quant=None, expr=None, a=None, b=None, dtype="bfloat16",
-            config=None) -> dict:
+            config=None, aq=None, fp8_mma=False) -> dict:
     """GEMM family params: A [batch, M, K] and B stored [N, K] (a weight) unless views are given; the epilogue
     inputs follow from the expression (bias [N] for BIAS_GELU, a residual [batch, M, N] for RESIDUAL);
-    config overrides fields of the chosen mma configuration."""
+    aq: FP8 activations ("tensor" | "row"), multiplied as E4M3 with an fp8 weight when fp8_mma; config
+    overrides fields of the chosen mma configuration (no mma key: the SIMT tiled kernel, as for float32)."""
     nb = int(np.prod(batch)) if batch else 1
     a = a or {"dtype": dtype, "batch": [[nb, M * K]] if batch else [[1, 0]], "m": [[M, K]], "k": [[K, 1]]}
     if quant:
@@ -43,8 +44,10 @@ def problem(M: int, N: int, K: int, batch=(), ln=None, quant=None, expr=None, a=
     elif expr is RESIDUAL:
         epi = [{"dtype": dtype, "atoms": [[nb * M * N, 1]]}]
     p = {"M": M, "N": N, "K": K, "batch": list(batch), "a": a, "b": b, "ln": ln, "out_dtype": dtype,
-         "epi_inputs": epi, "expr": expr}
-    p["mma"] = {**gemm_mma.config(p, 0, 0, dtype, b_const=weight), **(config or {})}
+         "epi_inputs": epi, "expr": expr, "aq": aq}
+    mma = gemm_mma.config(p, 0, 0, dtype, b_const=weight, fp8_mma=fp8_mma)
+    if mma:
+        p["mma"] = {**mma, **(config or {})}
     return p
 
 
@@ -73,6 +76,8 @@ def make_args(p: dict, seed: int) -> dict[str, np.ndarray]:
         out.update(b=packed.reshape(-1), b_block=block.reshape(-1), b_global=np.array([g], np.float32).view(np.uint8))
     else:
         out["b"] = values(_extent(b["batch"] + b["k"] + b["n"]), b["dtype"], 0.05)
+    if p.get("aq") == "tensor":  # A' up to ~4 sigma in range, the rest saturates at +-448
+        out["a_scale"] = np.array([4.0 / 448], np.float32).view(np.uint8)
     if p["ln"]:
         out["ln_gamma"] = values(K, "float32", 0.2, 1.0)
         if p["ln"]["has_beta"]:
@@ -238,6 +243,25 @@ def cases() -> list[tuple[str, dict]]:
     out.append(("fp16 operands", problem(50, 1024, 1024, ln=RMS, dtype="float16", expr=SILU)))
     out.append(("generic A and B loads", problem(50, 768, 1024, expr=RESIDUAL, config={"a_mode": 2, "b_mode": 3})))
     out.append(("fp8 generic B loads", problem(50, 768, 1024, quant="fp8", config={"b_mode": 3})))
+    # FP8 activations: static / per-row scales, as E4M3 x E4M3 (fp8_mma) or staged exactly in bf16; every A path
+    for aq, fp8 in itertools.product(("tensor", "row"), (False, True)):
+        tag = f"aq-{aq}{'-e4m3' if fp8 else ''}"
+        kw = {"aq": aq, "fp8_mma": fp8, "quant": "fp8"}
+        out.append((f"{tag} M50 K4096 N1024", problem(50, 1024, 4096, expr=RESIDUAL, **kw)))
+        out.append((f"{tag} rms M50 K1024 N2560", problem(50, 2560, 1024, ln=RMS, **kw)))
+        out.append((f"{tag} layernorm split4 M197 K768 N2304",
+                    problem(197, 2304, 768, ln=LN, expr=BIAS_GELU, config={"split": 4, "stages": 2}, **kw)))
+        out.append((f"{tag} generic-A rms split2 M50 K1024 N768",
+                    problem(50, 768, 1024, ln=RMS, config={"a_mode": 2, "split": 2}, **kw)))
+        for wg in (1, 2):
+            out.append((f"{tag} wg{wg} M197 K3072 N768", problem(197, 768, 3072, config={"wg": wg}, **kw)))
+        out.append((f"{tag} K%64!=0 M50 K1040 N512", problem(50, 512, 1040, **kw)))
+        if not fp8:  # bf16 and nvfp4 weights with FP8 activations: exact E4M3 values in the bf16 mma
+            out.append((f"{tag} bf16 weight M50 K1024 N1024", problem(50, 1024, 1024, aq=aq)))
+            out.append((f"{tag} nvfp4 weight rms M50 K1024 N2560", problem(50, 2560, 1024, ln=RMS, aq=aq,
+                                                                           quant="nvfp4")))
+    for aq in ("tensor", "row"):  # the SIMT tiled kernel (float32 operands)
+        out.append((f"tiled aq-{aq} rms M40 K512 N300", problem(40, 300, 512, ln=RMS, aq=aq, dtype="float32")))
     return out
 
 
@@ -258,7 +282,7 @@ def test_mma_gemm_matches_reference(compiled, name, p):
     for seed in (0, 1):
         host = make_args(p, seed)
         got = launcher.run(fns[name], p, host)
-        check_close(got, reference(p, host), (name, p["mma"], seed))
+        check_close(got, reference(p, host), (name, p.get("mma"), seed))
 
 
 def test_mma_gemm_is_deterministic(compiled):

@@ -190,8 +190,11 @@ def test_activation_qdq_is_an_exact_fused_fake_quantization(tmp_path):
     model = save(tmp_path / "m.onnx", nodes, [w1, w2, s, zp])
     out = tmp_path / "m.frt"
     build_engine(str(model), ["sm_90a"], str(out), None, "fp32")
-    regions = read_engine(out).manifest["regions"]
-    assert len(regions) == 2 and "FakeQuantE4M3" in regions[0]["ops"]  # fused into fc1's epilogue
+    manifest = read_engine(out).manifest
+    regions = manifest["regions"]
+    # applied by fc2 to its A operand as it stages it, after fc1's ReLU epilogue wrote A: no extra kernel
+    assert len(regions) == 2 and regions[1]["ops"] == ["FakeQuantFP8", "MatMul"], regions
+    assert manifest["kernels"][regions[1]["kernel"]]["params"]["aq"] == "tensor"
     x = rng.standard_normal((4, K)).astype(np.float32) * 4
     ref = ort_unoptimized(model, {"x": x})["y"]
     np.testing.assert_allclose(run_cpu(out, x), ref, rtol=1e-4, atol=1e-4)

@@ -238,3 +238,21 @@ def test_64_teacher_forced_decode_steps(decoder, tmp_path, precision, min_cos, m
     assert min(cosines) >= min_cos, (min(cosines), int(np.argmin(cosines)))
     if min_top1 is not None:
         assert agree / 64 >= min_top1, agree
+
+
+def test_targets_before_hopper_build_without_clusters(decoder, tmp_path):
+    """A100 (sm_80) and L40S (sm_89) have no thread-block clusters or programmatic dependent launch: the decoder
+    still builds for them, with split-K and key splits over clusters turned off, and computes the same outputs."""
+    from flashrt.engine_format.reader import read_engine
+
+    model, onnx_path, reference = decoder
+    path = str(tmp_path / "pre_hopper.frt")
+    build_engine(onnx_path, ["a100", "l40s"], path, precision="fp32", max_context=MAX_CONTEXT, prefill_len=PREFILL)
+    manifest = read_engine(path).manifest
+    assert manifest["targets"] == ["sm_80", "sm_89"]
+    for k in manifest["kernels"]:
+        assert k["params"].get("CL", 1) == 1 and k["params"].get("mma", {}).get("split", 1) == 1, k["params"]
+    ids = np.array([[3, 1, 4, 1, 5]], np.int64)
+    a, b = load(path, device="cpu"), load(reference, device="cpu")
+    np.testing.assert_array_equal(a.run({"input_ids": ids}, entry="prefill")["logits"],
+                                  b.run({"input_ids": ids}, entry="prefill")["logits"])

@@ -13,7 +13,7 @@ from flashrt.errors import ModelError
 
 ELEMENTWISE_UNARY = {"Relu", "Gelu", "Sigmoid", "Tanh", "Erf", "Neg", "Exp", "Sqrt", "Reciprocal", "Abs", "Identity",
                      "Sin", "Cos", "Not", "IsNaN", "Cast", "Softplus", "HardSigmoid", "LeakyRelu", "Floor", "Ceil",
-                     "FakeQuantE4M3"}
+                     "FakeQuantFP8"}
 ELEMENTWISE_BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Equal", "Less", "Greater", "LessOrEqual",
                       "GreaterOrEqual", "And", "Or", "Mod"}
 ELEMENTWISE_OTHER = {"Where", "CastLike"}
@@ -144,7 +144,7 @@ def _split_sizes(node: Node, args: list, dim: int) -> list[int]:
 
 def fold(node: Node, args: list[np.ndarray | None]) -> list[np.ndarray]:
     """numpy evaluation of node on constant (or abstract zero) inputs."""
-    from flashrt.kernels.expr import _e4m3
+    from flashrt.kernels.quant import act_row_scales, fake_quant_act
 
     op, at = node.op, node.attrs
     a = args[0] if args else None
@@ -154,11 +154,14 @@ def fold(node: Node, args: list[np.ndarray | None]) -> list[np.ndarray]:
         unary = {"Relu": lambda x: np.where(x < 0, 0, x).astype(x.dtype), "Sigmoid": lambda x: 1 / (1 + np.exp(-x)),
                  "Tanh": np.tanh, "Neg": np.negative, "Exp": np.exp, "Sqrt": np.sqrt, "Abs": np.abs,
                  "Reciprocal": lambda x: 1 / x, "Sin": np.sin, "Cos": np.cos, "Floor": np.floor, "Ceil": np.ceil,
-                 "Softplus": lambda x: np.log1p(np.exp(x)), "FakeQuantE4M3": _e4m3,
+                 "Softplus": lambda x: np.log1p(np.exp(x)),
                  "LeakyRelu": lambda x: np.where(x < 0, x * at.get("alpha", 0.01), x),
                  "HardSigmoid": lambda x: np.clip(x * at.get("alpha", 0.2) + at.get("beta", 0.5), 0, 1)}
         if op in unary:
             return [np.asarray(unary[op](a)).astype(a.dtype)]
+        if op == "FakeQuantFP8":  # FP8 E4M3 activation quantization, kernels/quant.py
+            scale = act_row_scales(a) if at.get("scale") == "row" else args[1]
+            return [fake_quant_act(a, scale).astype(a.dtype)]
         if op in ("Erf", "Gelu"):
             from flashrt.kernels.expr import _erf, _gelu
 

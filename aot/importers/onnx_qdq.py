@@ -7,7 +7,8 @@
   engine's [N, K] orientation) so the partitioner stores them bit for bit instead of quantizing again.
 - QuantizeLinear of a constant float weight followed by DequantizeLinear is the same as above once quantized.
 - QuantizeLinear -> DequantizeLinear of an activation (float8e4m3fn, per-tensor scale, saturating) becomes
-  Div(x, s) -> FakeQuantE4M3 -> Mul(s): elementwise ops that fuse into the producing kernel.
+  FakeQuantFP8(x, s) = e4m3(x / s) * s: the GEMMs that read it quantize their A operand themselves, exactly;
+  elsewhere it is an elementwise op fused into the producing kernel.
 - trt::TRT_FP4DynamicQuantize (dynamic per-16-block NVFP4 activations) needs a block amax, a reduction no
   elementwise epilogue can compute: it is rejected, naming the node.
 Semantics follow the ONNX spec (DequantizeLinear-23: y = x * scale, the scale repeated block_size times along
@@ -185,7 +186,7 @@ class _Rewriter:
     # ---- activations ------------------------------------------------------------------------------
 
     def activation_qdq(self, node) -> None:
-        """QuantizeLinear -> DequantizeLinear on a run-time tensor: Div, FakeQuantE4M3, Mul."""
+        """QuantizeLinear -> DequantizeLinear on a run-time tensor: one FakeQuantFP8 (Identity for more DQs)."""
         from onnx import helper
 
         scale = self.const(node.input[1])
@@ -210,12 +211,12 @@ class _Rewriter:
                 self.fail(d, "its scale differs from its QuantizeLinear's; flashrt fuses equal-scale pairs")
             self._check_zero_point(d)
         base = self.name(node)
-        s_name, t1, t2 = f"{base}/fq_scale", f"{base}/fq_div", f"{base}/fq_round"
+        s_name = f"{base}/fq_scale"
         self.new_inits.append(self.np.from_array(np.array(s, np.float32), s_name))
-        nodes = [helper.make_node("Div", [node.input[0], s_name], [t1], name=f"{base}/div"),
-                 helper.make_node("FakeQuantE4M3", [t1], [t2], name=f"{base}/fake_quant")]
+        nodes = [helper.make_node("FakeQuantFP8", [node.input[0], s_name], [dqs[0].output[0]], name=f"{base}/fp8")]
         for i, d in enumerate(dqs):
-            nodes.append(helper.make_node("Mul", [t2, s_name], [d.output[0]], name=f"{base}/mul_{i}"))
+            if i:
+                nodes.append(helper.make_node("Identity", [dqs[0].output[0]], [d.output[0]], name=f"{base}/dq_{i}"))
             self.dead.add(id(d))
         self.dead.add(id(node))
         self.new_nodes[id(node)] = nodes

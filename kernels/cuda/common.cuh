@@ -22,6 +22,24 @@ __device__ __forceinline__ float e2m1_to_float(unsigned v) {
   return (v & 8u) ? -mag : mag;
 }
 
+// FP8 E4M3 rounding of a float (ties to even, saturating at +-448, NaN kept), as kernels/expr.py's _e4m3:
+// ilogbf is floor(log2 |c|) (hugely negative for 0); ldexpf and rintf are exact
+__device__ __forceinline__ float e4m3_round(float x) {
+  const float c = fminf(fmaxf(x, -448.f), 448.f);
+  const int s = max(ilogbf(c), -6) - 3;
+  return x != x ? x : ldexpf(rintf(ldexpf(c, -s)), s);
+}
+// The FP8 scale of an activation row from its max |x| (kernels/quant.py act_row_scales)
+__device__ __forceinline__ float act_row_scale(float amax) { return amax > 0.f ? amax / 448.f : 1.f; }
+#if __CUDA_ARCH__ >= 890
+// two floats -> two E4M3 bytes (lo in the low byte), round to nearest even, saturating
+__device__ __forceinline__ unsigned short e4m3x2_bits(float lo, float hi) {
+  unsigned short r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+#endif
+
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(bf16_t v) { return __uint_as_float(((unsigned)v.x) << 16); }
 __device__ __forceinline__ float to_float(f16_t v) {
@@ -117,7 +135,14 @@ __device__ __forceinline__ float warp_max(float v) {
 
 // Programmatic dependent launch (sm_90+): no-ops unless the launch allows the next kernel to start early.
 // A kernel reads nothing an earlier kernel wrote, and writes nothing, before griddep_wait().
-__device__ __forceinline__ void griddep_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+// Before sm_90 there is no such launch, and these compile to nothing.
+__device__ __forceinline__ void griddep_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
 __device__ __forceinline__ void griddep_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
 }

@@ -1,4 +1,5 @@
-// Tiled SIMT GEMM with fused prologue (LayerNorm or RMSNorm over K) and a generated elementwise epilogue.
+// Tiled SIMT GEMM with fused prologue (LayerNorm or RMSNorm over K, then FP8 quantization of A' when P::AQ)
+// and a generated elementwise epilogue.
 //   C[b, m, n] = P::epilogue(b, m, n, sum_k A'(b, m, k) * B(b, k, n))
 // 256 threads as 16 x 16, each computing TM x TN outputs: a (16*TM) x (16*TN) tile per block.
 // P is a generated struct: compile-time shapes and the strided, dtype-converting loads and stores.
@@ -10,26 +11,37 @@ __device__ __forceinline__ void gemm_tile(const typename P::Args& g) {
   constexpr int TM = P::TM, TN = P::TN, BM = 16 * TM, BN = 16 * TN, BK = 16;
   __shared__ float As[BK][BM + 1];  // transposed tile of A: As[k][m]
   __shared__ float Bs[BK][BN];
-  __shared__ float row_mean[BM], row_rstd[BM];
+  __shared__ float row_mean[BM], row_rstd[BM], row_qs[BM];  // norm statistics, FP8 scale of A' (P::AQ)
   const int bat = blockIdx.z, m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 
-  if constexpr (P::LN) {  // LayerNorm statistics of this block's rows, one warp per row
+  if constexpr (P::LN || P::AQ) {  // per-row statistics of this block's rows, one warp per row
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int r = warp; r < BM; r += 8) {
       const int m = m0 + r;
-      float mean = 0.f, rstd = 0.f;
+      float mean = 0.f, rstd = 0.f, qs = P::a_scale(g);
       if (m < P::M) {
-        if constexpr (!P::RMS) {
-          float s = 0.f;
-          for (int k = lane; k < P::K; k += 32) s += P::load_a(g, bat, m, k);
-          mean = warp_sum(s) / P::K;
+        if constexpr (P::LN) {
+          if constexpr (!P::RMS) {
+            float s = 0.f;
+            for (int k = lane; k < P::K; k += 32) s += P::load_a(g, bat, m, k);
+            mean = warp_sum(s) / P::K;
+          }
+          float q = 0.f;
+          for (int k = lane; k < P::K; k += 32) { float d = P::load_a(g, bat, m, k) - mean; q += d * d; }
+          rstd = 1.f / sqrtf(warp_sum(q) / P::K + P::EPS);
         }
-        float q = 0.f;
-        for (int k = lane; k < P::K; k += 32) { float d = P::load_a(g, bat, m, k) - mean; q += d * d; }
-        rstd = 1.f / sqrtf(warp_sum(q) / P::K + P::EPS);
+        if constexpr (P::AQ == 2) {  // max |A'| of the row, A' normalized
+          float amax = 0.f;
+          for (int k = lane; k < P::K; k += 32) {
+            float v = P::load_a(g, bat, m, k);
+            if constexpr (P::LN) v = (v - mean) * rstd * P::ln_gamma(g, k) + P::ln_beta(g, k);
+            amax = fmaxf(amax, fabsf(v));
+          }
+          qs = act_row_scale(warp_max(amax));
+        }
       }
-      if (lane == 0) { row_mean[r] = mean; row_rstd[r] = rstd; }
+      if (lane == 0) { row_mean[r] = mean; row_rstd[r] = rstd; row_qs[r] = qs; }
     }
     __syncthreads();
   }
@@ -47,6 +59,7 @@ __device__ __forceinline__ void gemm_tile(const typename P::Args& g) {
       if (m < P::M && k < P::K) {
         v = P::load_a(g, bat, m, k);
         if constexpr (P::LN) v = (v - row_mean[mm]) * row_rstd[mm] * P::ln_gamma(g, k) + P::ln_beta(g, k);
+        if constexpr (P::AQ) v = e4m3_round(v / row_qs[mm]) * row_qs[mm];
       }
       As[kk][mm] = v;
     }

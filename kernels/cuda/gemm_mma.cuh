@@ -20,6 +20,11 @@
 // partial tiles are summed through distributed shared memory, each block running the epilogue on 1/SPLIT of
 // the tile. Norm statistics are combined the same way (Chan's parallel mean / M2 merge); split-K needs sm_90+.
 // Programmatic dependent launch ready: constant weight tiles (B_CONST) load before griddepcontrol.wait.
+// FP8 activations (P::AQ, kernels/quant.py): A' is rounded to E4M3 after division by its scale (static per
+// tensor, or each row's max |A'| / 448, reduced over the cluster) as it is staged; the scale multiplies the
+// f32 sums. With an fp8 weight too (P::FP8) both operands enter mma.sync m16n8k32 as E4M3 bytes (native on
+// sm_89 / sm_120; ptxas widens the fragments to f16 for HMMA on sm_90 / sm_100 / sm_110); otherwise the E4M3
+// values are staged exactly in T.
 #pragma once
 #include "common.cuh"
 
@@ -61,6 +66,15 @@ template <> __device__ __forceinline__ void mma16816<f16_t>(float (&c)[4], const
                : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+
+#if __CUDA_ARCH__ >= 890
+__device__ __forceinline__ void mma16832_e4m3(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  asm volatile("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+#endif
 
 // two floats -> two T packed (lo in the low half), round to nearest even
 template <class T> __device__ __forceinline__ unsigned pack2(float lo, float hi);
@@ -130,12 +144,17 @@ struct MmaShape {
   static constexpr int KT = (P::K + BK - 1) / BK;                    // k-tiles of the whole K
   static constexpr int KTS = (KT + P::SPLIT - 1) / P::SPLIT;         // at most this many per split
   static constexpr int LDP = KTS * BK + 8;                           // A panel row stride (A_MODE 1)
-  static constexpr int A_ELEMS = P::A_MODE == 1 ? BM * LDP : ST * BM * LDS;
-  static constexpr int B_ELEMS = ST * BN * LDS;
+  // FP8: E4M3 byte tiles with rows of BK + 16 bytes (16-byte aligned, ldmatrix conflict free); A is staged in
+  // T first (the cp.async ring or the norm panel) unless it is loaded element by element
+  static constexpr int LDS8 = BK + 16, LDP8 = KTS * BK + 16;
+  static constexpr int A_ELEMS = P::A_MODE == 1 ? BM * LDP : (P::FP8 && P::A_MODE == 2) ? 0 : ST * BM * LDS;
+  static constexpr int B_ELEMS = P::FP8 ? 0 : ST * BN * LDS;
+  static constexpr int A8_BYTES = !P::FP8 ? 0 : P::A_MODE == 1 ? BM * LDP8 : ST * BM * LDS8;
   static constexpr int NVFP4_CHUNKS = BN * BK / 32;                  // 16-byte chunks of an nvfp4 tile
-  static constexpr int RAW_STAGE = P::B_MODE == 1 ? BN * BK : P::B_MODE == 2 ? NVFP4_CHUNKS * (16 + 4) : 0;
+  static constexpr int RAW_LD = P::FP8 ? LDS8 : BK;                  // fp8 weight row stride in the raw ring
+  static constexpr int RAW_STAGE = P::B_MODE == 1 ? BN * RAW_LD : P::B_MODE == 2 ? NVFP4_CHUNKS * (16 + 4) : 0;
   static constexpr int RED_LD = BN + 8;                              // f32 partial tile row stride
-  static constexpr int PIPE_BYTES = (A_ELEMS + B_ELEMS) * 2 + ST * RAW_STAGE;
+  static constexpr int PIPE_BYTES = (A_ELEMS + B_ELEMS) * 2 + ST * RAW_STAGE + A8_BYTES;
   static constexpr int RED_BYTES = P::WG * BM * RED_LD * 4;      // one partial tile per warp group
   static constexpr int SMEM_BYTES = PIPE_BYTES > RED_BYTES ? PIPE_BYTES : RED_BYTES;
 };
@@ -155,15 +174,23 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
   constexpr int WTM = BM / WARPS_M, WTN = BN / WARPS_N, MI = WTM / 16, NI = WTN / 8;
   constexpr int SPLIT = P::SPLIT;
   static_assert(MI >= 1 && NI % 2 == 0 && WTM % 16 == 0 && BM <= 128 && ST >= 2 && (WG == 1 || WG == 2), "shape");
-  static_assert(P::LN ? P::A_MODE != 0 : P::A_MODE != 1, "a norm prologue stages A in mode 1 or 2");
+  static_assert(P::LN || P::AQ == 2 ? P::A_MODE != 0 : P::A_MODE != 1,
+                "a norm prologue or per-row FP8 scales stage A in mode 1 or 2");
+  static_assert(!P::FP8 || (P::AQ && P::B_MODE == 1), "FP8 mma: FP8 activations times an fp8 weight");
 #if __CUDA_ARCH__ < 900
   static_assert(SPLIT == 1, "split-K reduces through thread-block clusters: sm_90 or newer");
+#endif
+#if __CUDA_ARCH__ < 890
+  static_assert(!P::FP8, "E4M3 mma: sm_89 or newer");
 #endif
   extern __shared__ __align__(128) unsigned char smem[];
   T* const As = reinterpret_cast<T*>(smem);
   T* const Bs = As + S::A_ELEMS;
   unsigned char* const Braw = reinterpret_cast<unsigned char*>(Bs + S::B_ELEMS);
+  unsigned char* const A8 = Braw + ST * S::RAW_STAGE;  // FP8: A as E4M3 bytes (ring, or the panel)
   __shared__ float row_mean[BM], row_rstd[BM], part_mean[BM], part_m2[BM];
+  __shared__ float row_qs[BM], part_amax[BM];  // per-row FP8 scales of A' (P::AQ == 2)
+  const float a_qs = P::a_scale(g);           // the static FP8 scale of A' (P::AQ == 1)
 
   const int tid = threadIdx.x, warp = tid / 32 % 4, wg = tid / 128, lane = tid % 32;
   const int wm = warp / WARPS_N, wn = warp % WARPS_N;
@@ -215,7 +242,14 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
           v = P::load_a(g, bat, m, k);
           if constexpr (P::LN) v = (v - row_mean[r]) * row_rstd[r] * P::ln_gamma(g, k) + P::ln_beta(g, k);
         }
-        dst[r * LDS + kk] = from_float<T>(v);
+        if constexpr (P::AQ) v = v / (P::AQ == 1 ? a_qs : row_qs[r]);
+        if constexpr (P::FP8) {
+#if __CUDA_ARCH__ >= 890
+          A8[s * BM * S::LDS8 + r * S::LDS8 + kk] = (unsigned char)(e4m3x2_bits(v, 0.f) & 0xffu);
+#endif
+        } else {
+          dst[r * LDS + kk] = from_float<T>(P::AQ ? e4m3_round(v) : v);
+        }
       }
     }
   };
@@ -236,7 +270,8 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
       MMA_FOR_CHUNKS(c, BN * BK / 16) {
         const int r = c / (BK / 16), kk = (c % (BK / 16)) * 16, n = n0 + r, k = k0 + kk;
         const bool ok = n < P::N && k < P::K;
-        mma::cp_async16(raw + r * BK + kk, ok ? (const void*)(g.b + (long)n * P::K + k) : (const void*)g.b, ok);
+        mma::cp_async16(raw + r * S::RAW_LD + kk, ok ? (const void*)(g.b + (long)n * P::K + k) : (const void*)g.b,
+                        ok);
       }
     } else if constexpr (P::B_MODE == 2) {  // nvfp4 rows of K/2 bytes: chunks of 32 values + their 2 scales
       MMA_FOR_CHUNKS(c, S::NVFP4_CHUNKS) {
@@ -259,7 +294,7 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
   auto decode_b = [&](int s) {
     T* dst = Bs + s * BN * LDS;
     const unsigned char* raw = Braw + s * S::RAW_STAGE;
-    if constexpr (P::B_MODE == 1) {
+    if constexpr (P::B_MODE == 1 && !P::FP8) {
       MMA_FOR_CHUNKS(c, BN * BK / 16) {
         const int r = c / (BK / 16), kk = (c % (BK / 16)) * 16;
         const uint4 v = *reinterpret_cast<const uint4*>(raw + r * BK + kk);
@@ -292,6 +327,41 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
         uint4* d = reinterpret_cast<uint4*>(dst + r * LDS + half * 32);
 #pragma unroll
         for (int i = 0; i < 4; ++i) d[i] = make_uint4(o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]);
+      }
+    }
+  };
+
+  // 8 values of A' (one 16-byte chunk of T) divided by their FP8 scale: E4M3 bytes to dst8 (P::FP8), or the
+  // E4M3 values back in T to dst
+  auto quant8 = [&](float (&f)[8], float scale, T* dst, unsigned char* dst8) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) f[i] /= scale;
+    if constexpr (P::FP8) {
+#if __CUDA_ARCH__ >= 890
+      unsigned w[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+        w[i] = e4m3x2_bits(f[4 * i], f[4 * i + 1]) | (unsigned)e4m3x2_bits(f[4 * i + 2], f[4 * i + 3]) << 16;
+      *reinterpret_cast<uint2*>(dst8) = make_uint2(w[0], w[1]);
+#endif
+    } else {
+      unsigned w[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) w[i] = mma::pack2<T>(e4m3_round(f[2 * i]), e4m3_round(f[2 * i + 1]));
+      *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+  };
+  // after the wait, A_MODE 0 with a static FP8 scale: each thread quantizes the chunks it copied itself
+  auto quant_a = [&](int s) {
+    if constexpr (P::A_MODE == 0 && P::AQ == 1) {
+      T* src = As + s * BM * LDS;
+#pragma unroll
+      for (int i = 0; i < A_CH; ++i) {
+        const int r = cr + RSTEP * i;
+        if (BM % RSTEP != 0 && r >= BM) continue;
+        float f[8];
+        unpack(*reinterpret_cast<const uint4*>(src + r * LDS + ck), f, src);
+        quant8(f, a_qs, src + r * LDS + ck, A8 + s * BM * S::LDS8 + r * S::LDS8 + ck);
       }
     }
   };
@@ -338,6 +408,33 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
     __syncthreads();
   };
 
+  // ---- per-row FP8 scales (P::AQ == 2): max |A'| over the block's K range, merged over the cluster -------
+  // amax(r, j): thread j of TPR's partial max over row r
+  auto row_scales = [&](auto amax) {
+    constexpr int TPR = THREADS / BM;
+    const int r = tid / TPR, j = tid % TPR;
+    float a = m0 + r < P::M ? amax(r, j) : 0.f;
+#pragma unroll
+    for (int o = TPR / 2; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+    if (j == 0) part_amax[r] = a;
+    if constexpr (SPLIT > 1) {
+      mma::cluster_sync();
+      if (tid < BM) {
+        float m = 0.f;
+        for (int src = 0; src < SPLIT; ++src) {
+          float x;
+          asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(x) : "r"(mma::cluster_addr(&part_amax[tid], src)));
+          m = fmaxf(m, x);
+        }
+        row_qs[tid] = act_row_scale(m);
+      }
+    } else {
+      __syncthreads();
+      if (tid < BM) row_qs[tid] = act_row_scale(part_amax[tid]);
+    }
+    __syncthreads();
+  };
+
   // Programmatic dependent launch (a no-op without it): the next kernel may start its own constant-weight
   // prologue now; this one prefetches its weight tiles before waiting for the kernels that write A.
   griddep_launch_dependents();
@@ -356,6 +453,16 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
         acc += sq ? d * d : d;
       }
       return acc;
+    });
+  if constexpr (P::AQ == 2 && P::A_MODE == 2)
+    row_scales([&](int r, int j) {
+      float a = 0.f;
+      for (int k = kbeg + j; k < kend; k += THREADS / BM) {
+        float v = P::load_a(g, bat, m0 + r, k);
+        if constexpr (P::LN) v = (v - row_mean[r]) * row_rstd[r] * P::ln_gamma(g, k) + P::ln_beta(g, k);
+        a = fmaxf(a, fabsf(v));
+      }
+      return a;
     });
 
   // ---- prologue: the A panel (A_MODE 1) and the first ST - 1 tiles ----------------------------------
@@ -377,37 +484,58 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
     mma::cp_async_commit();
   }
 
-  if constexpr (P::A_MODE == 1) {  // statistics from the panel, then normalize it in place
+  if constexpr (P::A_MODE == 1) {  // the panel: statistics, FP8 scales, then normalized / quantized in place once
     mma::cp_async_wait<ST - 2>();  // the first group holds the panel
     __syncthreads();
-    stats([&](int r, int j, float mean, bool sq) {
-      float acc = 0.f;
-      for (int c = j; c * 8 < kend - kbeg; c += THREADS / BM) {  // the panel is zero past kend
-        const uint4 v = *reinterpret_cast<const uint4*>(As + r * LDP + c * 8);
-        const unsigned w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const float d0 = mma::unpack_lo<T>(w[i]) - mean, d1 = mma::unpack_hi<T>(w[i]) - mean;
-          acc += sq ? d0 * d0 + d1 * d1 : d0 + d1;
+    if constexpr (P::LN)
+      stats([&](int r, int j, float mean, bool sq) {
+        float acc = 0.f;
+        for (int c = j; c * 8 < kend - kbeg; c += THREADS / BM) {  // the panel is zero past kend
+          const uint4 v = *reinterpret_cast<const uint4*>(As + r * LDP + c * 8);
+          const unsigned w[4] = {v.x, v.y, v.z, v.w};
+  #pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const float d0 = mma::unpack_lo<T>(w[i]) - mean, d1 = mma::unpack_hi<T>(w[i]) - mean;
+            acc += sq ? d0 * d0 + d1 * d1 : d0 + d1;
+          }
         }
-      }
-      return acc;
-    });
+        return acc;
+      });
+    auto prime = [&](int r, int k, float x) {  // A'(r, k) from the panel's value x
+      if constexpr (P::LN) x = (x - row_mean[r]) * row_rstd[r] * P::ln_gamma(g, k) + P::ln_beta(g, k);
+      return x;
+    };
+    if constexpr (P::AQ == 2)
+      row_scales([&](int r, int j) {
+        float a = 0.f;
+        for (int c = j; c * 8 < kend - kbeg; c += THREADS / BM) {
+          float f[8];
+          unpack(*reinterpret_cast<const uint4*>(As + r * LDP + c * 8), f, As);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) a = fmaxf(a, fabsf(prime(r, kbeg + c * 8 + i, f[i])));
+        }
+        return a;
+      });
     for (int c = tid; c < BM * CPR; c += THREADS) {
       const int r = c % BM, kk = (c / BM) * 8, k = kbeg + kk;  // neighbours share a column: gamma stays cached
-      if (m0 + r >= P::M || k >= kend) continue;
-      uint4* p = reinterpret_cast<uint4*>(As + r * LDP + kk);
-      uint4 v = *p;
-      unsigned w[4] = {v.x, v.y, v.z, v.w};
-      const float mean = row_mean[r], rstd = row_rstd[r];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int ka = k + 2 * i;
-        const float x0 = (mma::unpack_lo<T>(w[i]) - mean) * rstd * P::ln_gamma(g, ka) + P::ln_beta(g, ka);
-        const float x1 = (mma::unpack_hi<T>(w[i]) - mean) * rstd * P::ln_gamma(g, ka + 1) + P::ln_beta(g, ka + 1);
-        w[i] = mma::pack2<T>(x0, x1);
+      T* p = As + r * LDP + kk;
+      unsigned char* p8 = A8 + r * S::LDP8 + kk;
+      if (m0 + r >= P::M || k >= kend) {
+        if constexpr (P::FP8) *reinterpret_cast<uint2*>(p8) = make_uint2(0u, 0u);  // the byte panel starts unset
+        continue;
       }
-      *p = make_uint4(w[0], w[1], w[2], w[3]);
+      float f[8];
+      unpack(*reinterpret_cast<const uint4*>(p), f, p);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) f[i] = prime(r, k + i, f[i]);
+      if constexpr (P::AQ) {
+        quant8(f, P::AQ == 1 ? a_qs : row_qs[r], p, p8);
+      } else {
+        unsigned w[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) w[i] = mma::pack2<T>(f[2 * i], f[2 * i + 1]);
+        *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+      }
     }
     // the main loop's first barrier orders these writes before any ldmatrix
   }
@@ -425,6 +553,7 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
     const int s = i % ST;
     mma::cp_async_wait<ST - 2>();
     decode_b(s);
+    quant_a(s);
     __syncthreads();  // tile i visible to all; every warp is done with the stage the next load overwrites
     if (i + ST - 1 < nkt) {
       if constexpr (P::A_MODE != 1) load_a_tile(kt0 + i + ST - 1, (i + ST - 1) % ST);
@@ -432,27 +561,54 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
     }
     mma::cp_async_commit();
 
-    constexpr int LDA = P::A_MODE == 1 ? LDP : LDS;
-    const T* a_base = P::A_MODE == 1 ? As + i * BK : As + s * BM * LDS;
-    const T* b_base = Bs + s * BN * LDS;
+    if constexpr (P::FP8) {  // E4M3 bytes, k-steps of 32
+#if __CUDA_ARCH__ >= 890
+      constexpr int LDA8 = P::A_MODE == 1 ? S::LDP8 : S::LDS8, KS8 = BK / 32 / WG;
+      const unsigned char* a_base = P::A_MODE == 1 ? A8 + i * BK : A8 + s * BM * S::LDS8;
+      const unsigned char* b_base = Braw + s * S::RAW_STAGE;
 #pragma unroll
-    for (int kq = 0; kq < KS_PER_WG; ++kq) {
-      const int ks = wg * KS_PER_WG + kq;
-      unsigned af[MI][4], bfr[NI][2];
+      for (int kq = 0; kq < KS8; ++kq) {
+        const int ks = wg * KS8 + kq;
+        unsigned af[MI][4], bfr[NI][2];
 #pragma unroll
-      for (int mi = 0; mi < MI; ++mi)
-        mma::ldmatrix_x4(af[mi], a_base + (wm * WTM + mi * 16 + lane % 16) * LDA + ks * 16 + (lane / 16) * 8);
+        for (int mi = 0; mi < MI; ++mi)
+          mma::ldmatrix_x4(af[mi], a_base + (wm * WTM + mi * 16 + lane % 16) * LDA8 + ks * 32 + (lane / 16) * 16);
 #pragma unroll
-      for (int ni = 0; ni < NI; ni += 2) {
-        unsigned r[4];
-        mma::ldmatrix_x4(r, b_base + (wn * WTN + ni * 8 + lane % 8 + (lane / 16) * 8) * LDS + ks * 16 +
-                                ((lane / 8) % 2) * 8);
-        bfr[ni][0] = r[0]; bfr[ni][1] = r[1]; bfr[ni + 1][0] = r[2]; bfr[ni + 1][1] = r[3];
+        for (int ni = 0; ni < NI; ni += 2) {
+          unsigned r[4];
+          mma::ldmatrix_x4(r, b_base + (wn * WTN + ni * 8 + lane % 8 + (lane / 16) * 8) * S::RAW_LD + ks * 32 +
+                                  ((lane / 8) % 2) * 16);
+          bfr[ni][0] = r[0]; bfr[ni][1] = r[1]; bfr[ni + 1][0] = r[2]; bfr[ni + 1][1] = r[3];
+        }
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < NI; ++ni) mma::mma16832_e4m3(acc[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
       }
+#endif
+    } else {
+      constexpr int LDA = P::A_MODE == 1 ? LDP : LDS;
+      const T* a_base = P::A_MODE == 1 ? As + i * BK : As + s * BM * LDS;
+      const T* b_base = Bs + s * BN * LDS;
 #pragma unroll
-      for (int mi = 0; mi < MI; ++mi)
+      for (int kq = 0; kq < KS_PER_WG; ++kq) {
+        const int ks = wg * KS_PER_WG + kq;
+        unsigned af[MI][4], bfr[NI][2];
 #pragma unroll
-        for (int ni = 0; ni < NI; ++ni) mma::mma16816<T>(acc[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
+        for (int mi = 0; mi < MI; ++mi)
+          mma::ldmatrix_x4(af[mi], a_base + (wm * WTM + mi * 16 + lane % 16) * LDA + ks * 16 + (lane / 16) * 8);
+#pragma unroll
+        for (int ni = 0; ni < NI; ni += 2) {
+          unsigned r[4];
+          mma::ldmatrix_x4(r, b_base + (wn * WTN + ni * 8 + lane % 8 + (lane / 16) * 8) * LDS + ks * 16 +
+                                  ((lane / 8) % 2) * 8);
+          bfr[ni][0] = r[0]; bfr[ni][1] = r[1]; bfr[ni + 1][0] = r[2]; bfr[ni + 1][1] = r[3];
+        }
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < NI; ++ni) mma::mma16816<T>(acc[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
+      }
     }
   }
 
@@ -502,9 +658,10 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
       v = *reinterpret_cast<const float4*>(red + r * S::RED_LD + c);
     }
     const float vals[4] = {v.x, v.y, v.z, v.w};
+    const float qs = P::AQ == 0 ? 1.f : P::AQ == 1 ? a_qs : row_qs[r];  // A's FP8 scale
 #pragma unroll
     for (int j = 0; j < 4; ++j)
-      out[i][j] = n + j < P::N ? P::value(g, bat, m, n + j, vals[j] * P::row_scale(g, n + j)) : 0.f;
+      out[i][j] = n + j < P::N ? P::value(g, bat, m, n + j, vals[j] * P::row_scale(g, n + j) * qs) : 0.f;
   }
 #pragma unroll
   for (int i = 0; i < PER_THREAD; ++i) {

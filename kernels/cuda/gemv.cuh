@@ -1,5 +1,6 @@
 // Batch-1 GEMV / small-M GEMM (M <= 8) that streams the weights once at memory bandwidth.
 //   C[m, n] = P::epilogue(m, n, sum_k A'(m, k) * W[n, k])       W stored [N, K], K contiguous
+// A' is A, normalized (P::LN) and FP8-quantized (P::AQ: e4m3(A' / s) * s) as it is staged.
 // 256 threads = 8 warps = (8 / S) row groups x S K-splits. A warp owns R weight rows (GATED: R / 2 gate rows
 // n.. and the matching up rows N + n..) over one K range; each lane reads 16 bytes of every row per step.
 // The grid is one wave, sized so that each warp issues ALL of its weight loads (R x STEPS 16-byte loads per
@@ -13,6 +14,7 @@
 // 16 bytes of weights as floats, in K order, and the factor the caller multiplies their dot product by
 // (NVFP4 values come out scaled by 2^-6)
 __device__ __forceinline__ void e4m3x4_to_float(unsigned w, float* out) {
+#if __CUDA_ARCH__ >= 890
   unsigned h[2];
   asm("{ .reg .b16 lo, hi;\n\tmov.b32 {lo, hi}, %2;\n\t"
       "cvt.rn.f16x2.e4m3x2 %0, lo;\n\tcvt.rn.f16x2.e4m3x2 %1, hi; }"
@@ -22,6 +24,10 @@ __device__ __forceinline__ void e4m3x4_to_float(unsigned w, float* out) {
     asm("{ .reg .b16 lo, hi;\n\tmov.b32 {lo, hi}, %2;\n\tcvt.f32.f16 %0, lo;\n\tcvt.f32.f16 %1, hi; }"
         : "=f"(out[2 * i]), "=f"(out[2 * i + 1]) : "r"(h[i]));
   }
+#else  // no E4M3 conversion instruction: decode in software
+#pragma unroll
+  for (int i = 0; i < 4; ++i) out[i] = e4m3_to_float((w >> (8 * i)) & 0xffu);
+#endif
 }
 __device__ __forceinline__ void widen(const uint4& v, float (&out)[8], const bf16_t* w) { unpack(v, out, w); }
 __device__ __forceinline__ void widen(const uint4& v, float (&out)[8], const f16_t* w) { unpack(v, out, w); }
@@ -117,6 +123,32 @@ __device__ __forceinline__ void gemv(const typename P::Args& g) {
       __syncthreads();
     }
   }
+  __shared__ float row_qs[M];  // FP8 scale of each activation row (P::AQ)
+  if constexpr (P::AQ) {
+    for (int m = warp; m < M; m += 8) {
+      float qs = P::a_scale(g);
+      if constexpr (P::AQ == 2) {  // max |A'| of the normalized row
+        float amax = 0.f;
+        for (int k = lane; k < K; k += 32) {
+          float v;
+          if constexpr (STAGE) {
+            v = a_s[m * K + k];
+          } else {
+            v = P::load_a(g, m, k);
+            if constexpr (P::LN) v = (v - row_mean[m]) * row_rstd[m] * P::ln_gamma(g, k) + P::ln_beta(g, k);
+          }
+          amax = fmaxf(amax, fabsf(v));
+        }
+        qs = act_row_scale(warp_max(amax));
+      }
+      if (lane == 0) row_qs[m] = qs;
+    }
+    __syncthreads();
+    if constexpr (STAGE) {  // quantize the staged activations once
+      for (int i = threadIdx.x; i < M * K; i += blockDim.x) a_s[i] = e4m3_round(a_s[i] / row_qs[i / K]) * row_qs[i / K];
+      __syncthreads();
+    }
+  }
 
   // 3. the dot products
   float acc[M][R];
@@ -142,6 +174,7 @@ __device__ __forceinline__ void gemv(const typename P::Args& g) {
           for (int j = 0; j < VEC; ++j) {
             float v = P::load_a(g, m, k + j);
             if constexpr (P::LN) v = (v - row_mean[m]) * row_rstd[m] * P::ln_gamma(g, k + j) + P::ln_beta(g, k + j);
+            if constexpr (P::AQ) v = e4m3_round(v / row_qs[m]) * row_qs[m];
             a[j] = v;
           }
         }
