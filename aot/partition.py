@@ -797,14 +797,18 @@ class Partitioner:
         expr, inputs = self._expression(epi, m1.outputs[0]) if epi else ([["acc"]], [])
         score_shape = batch + (T, S)
         out = self.new_output_ref(m2.outputs[0])
-        tq, kw, cl = attention_kernel.choose_config(T, S, math.prod(batch))
-        cl = cl if self.clusters else 1  # key splits over a cluster need sm_90+
-        params = {"BH": math.prod(batch), "T": T, "S": S, "HD": hd, "VD": vd, "TQ": tq, "KW": kw, "CL": cl,
+        params = {"BH": math.prod(batch), "T": T, "S": S, "HD": hd, "VD": vd,
                   "q": {"dtype": q.dtype, "bh": q.batch_atoms(batch), "t": q.dim_atoms(-2), "d": q.dim_atoms(-1)},
                   "k": {"dtype": kt.dtype, "bh": kt.batch_atoms(batch), "d": kt.dim_atoms(-2), "s": kt.dim_atoms(-1)},
                   "v": {"dtype": v.dtype, "bh": v.batch_atoms(batch), "s": v.dim_atoms(-2), "d": v.dim_atoms(-1)},
                   "epi_inputs": [{"dtype": r.dtype, "atoms": r.atoms_over(score_shape)} for r in inputs],
-                  "expr": expr, "out_dtype": out.dtype, "k_aligned": kt.offset % 8 == 0}
+                  "expr": expr, "out_dtype": out.dtype}
+        # key splits over a thread-block cluster need sm_90+ on every target
+        if mma := attention_kernel.mma_config(params, (q.offset, kt.offset, v.offset)):
+            params["mma"] = {**mma, "cl": mma["cl"] if self.clusters else 1}  # prefill: the tensor-core kernel
+        else:
+            tq, kw, cl = attention_kernel.choose_config(T, S, math.prod(batch))
+            params.update({"TQ": tq, "KW": kw, "CL": cl if self.clusters else 1, "k_aligned": kt.offset % 8 == 0})
         ops = [n.op for n in group.nodes]
         pos = []
         if self.entry is not None and (kt.buffer.kind == "state" or v.buffer.kind == "state"):

@@ -3,7 +3,8 @@ CUDA graph of many launches that cycle through enough copies of the operands to 
 
   python3 benchmarks/kernel_bench.py [--gemv] [--attention] [--configs] [--out DIR]
 
---configs also times alternative (R, S) / (TQ, KW, CL) choices next to the default one."""
+--configs also times alternative (R, S) / (TQ, KW, CL) choices next to the default one, and for prefill
+shapes the SIMT attention kernel and other cluster sizes next to the tensor-core one."""
 
 import argparse
 import functools
@@ -23,6 +24,7 @@ from gpu_kernel import Kernel, reference, upload  # noqa: E402  (cuda-bindings: 
 from test_attention_kernels import attention_case  # noqa: E402
 from test_gpu_gemv import SHAPES, gemv_case  # noqa: E402
 
+from flashrt.kernels import attention  # noqa: E402
 from flashrt.kernels.dtypes import to_f32  # noqa: E402
 
 L2_DEFEAT = 256 << 20  # bytes of operand copies a graph cycles through (the H200's L2 is 50 MB)
@@ -101,24 +103,34 @@ ATTENTION = {  # name: (heads, kv_heads, T, S, HD, dyn, pos, mask)
     "decode S=4096 dyn pos=4095": (16, 8, 1, 4096, 128, {"causal": True}, 4095, False),
     "expert T=50 S=866": (8, 1, 50, 866, 256, None, 0, True),
     "vit T=197": (12, 12, 197, 197, 64, None, 0, False),
+    "prefill T=128 dyn pos=0": (16, 8, 128, 512, 128, {"causal": True}, 0, False),
+    "prefill T=256 dyn pos=768": (16, 8, 256, 1024, 128, {"causal": True}, 768, False),
 }
 
 
-def attention_jobs(with_configs: bool) -> list[tuple[str, tuple[int, int, int], bool]]:
-    """(case name, (TQ, KW, CL), whether it is the default config)"""
+def attention_jobs(with_configs: bool) -> list[tuple[str, tuple, bool]]:
+    """(case name, config, whether it is the default config); a config is ("mma", CL) for the tensor-core
+    kernel or (TQ, KW, CL) for the SIMT kernel. --configs adds the SIMT kernel next to the tensor-core one and
+    other cluster sizes."""
     jobs = []
     for name, (h, kvh, T, S, HD, dyn, pos, mask) in ATTENTION.items():
         p, _ = attention_case(h, kvh, T, S, HD, dyn, pos, mask)
-        configs = [(p["TQ"], p["KW"], p["CL"])]
+        configs = [("mma", p["mma"]["cl"]) if "mma" in p else (p["TQ"], p["KW"], p["CL"])]
         if with_configs and T == 1:
             configs += [c for c in ((1, 8, 1), (1, 4, 8), (1, 2, 8), (1, 8, 4), (1, 8, 8)) if c not in configs]
+        if with_configs and "mma" in p:
+            configs += [("mma", cl) for cl in (1, 2, 4, 8) if ("mma", cl) not in configs]
+            configs.append(attention.choose_config(T, S, h))
         jobs += [(name, c, c == configs[0]) for c in configs]
     return jobs
 
 
 @functools.cache
-def attention_params(name: str, config: tuple[int, int, int]) -> tuple[dict, dict]:
-    return attention_case(*ATTENTION[name], config=config)
+def attention_params(name: str, config: tuple) -> tuple[dict, dict]:
+    if config[0] == "mma":
+        p, host = attention_case(*ATTENTION[name])
+        return {**p, "mma": {**p["mma"], "cl": config[1]}}, host
+    return attention_case(*ATTENTION[name], config=config, mma=False)
 
 
 def attention_rows(with_configs: bool) -> list[dict]:
@@ -127,7 +139,7 @@ def attention_rows(with_configs: bool) -> list[dict]:
     rows = []
     for (name, config, default), kernel in zip(jobs, kernels):
         p, host = attention_params(name, config)
-        err = rel_err(kernel, "attention", p, host, "out") if default else None
+        err = rel_err(kernel, "attention", p, host, "out")
         us, nbytes = timed(kernel, host, ("k", "v"))
         pdl = timed(kernel, host, ("k", "v"), pdl=True)[0] if default else None
         rows.append({"kernel": "attention", "shape": name, "config": list(config), "default": default,

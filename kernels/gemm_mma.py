@@ -48,7 +48,7 @@ OUTPUTS_PER_S = 2e9  # epilogue outputs per second of a block
 DECODE_VALUES_PER_S = 2.4e10  # quantized values a block decodes into shared memory per second
 
 
-def _chunked(k_atoms: list, other_atoms: list, offset: int, vec: int) -> bool:
+def chunked(k_atoms: list, other_atoms: list, offset: int, vec: int) -> bool:
     """Whether every `vec` consecutive k of the view are contiguous and 16-byte aligned: the last k atom has
     stride 1 and a size divisible by vec, every other stride and the offset are multiples of vec."""
     if not k_atoms or k_atoms[-1][1] != 1 or k_atoms[-1][0] % vec:
@@ -56,20 +56,20 @@ def _chunked(k_atoms: list, other_atoms: list, offset: int, vec: int) -> bool:
     return offset % vec == 0 and all(st % vec == 0 for _, st in list(k_atoms[:-1]) + list(other_atoms))
 
 
-def _inner_is(atoms: list) -> bool:
+def inner_is(atoms: list) -> bool:
     return bool(atoms) and atoms[-1][1] == 1
 
 
 def staging(p: dict, a_offset: int, b_offset: int, dtype: str) -> tuple[bool, int]:
     """(A can be copied in 16-byte chunks, b_mode) for the params of a GEMM with operand type dtype."""
     a, b, K = p["a"], p["b"], p["K"]
-    a_chunks = a["dtype"] == dtype and K % 8 == 0 and _chunked(a["k"], a["m"] + a["batch"], a_offset, 8)
+    a_chunks = a["dtype"] == dtype and K % 8 == 0 and chunked(a["k"], a["m"] + a["batch"], a_offset, 8)
     quant = b.get("quant")
     if quant == "fp8":
         b_mode = 1 if K % 16 == 0 and b_offset % 16 == 0 else 3
     elif quant == "nvfp4":
         b_mode = 2 if K % 64 == 0 and b_offset % 16 == 0 else 3
-    elif b["dtype"] == dtype and K % 8 == 0 and _chunked(b["k"], b["n"] + b["batch"], b_offset, 8):
+    elif b["dtype"] == dtype and K % 8 == 0 and chunked(b["k"], b["n"] + b["batch"], b_offset, 8):
         b_mode = 0
     else:
         b_mode = 3
@@ -196,8 +196,8 @@ def members(p: dict) -> tuple[str, str]:
   static constexpr int A_MODE = {c["a_mode"]}, B_MODE = {c["b_mode"]};
   using OutT = {CTYPES[p["out_dtype"]]};
   static constexpr bool B_CONST = {"true" if c.get("b_const") else "false"};
-  static constexpr bool A_M_INNER = {"true" if _inner_is(a["m"]) else "false"};
-  static constexpr bool B_N_INNER = {"true" if _inner_is(b["n"]) else "false"};"""
+  static constexpr bool A_M_INNER = {"true" if inner_is(a["m"]) else "false"};
+  static constexpr bool B_N_INNER = {"true" if inner_is(b["n"]) else "false"};"""
     a_t, b_t = CTYPES[a["dtype"]], CTYPES[b["dtype"]]
     loads = f"""__device__ static const {a_t}* a_row(const Args& g, int bat, int m) {{ return g.a + ({a_row}); }}
   __device__ static long a_kofs(int k) {{ return {a_k}; }}

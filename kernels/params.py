@@ -191,7 +191,8 @@ def _attention(p: dict) -> None:
               "k": Dict({**op, "bh": ATOMS, "d": ATOMS, "s": ATOMS}),
               "v": Dict({**op, "bh": ATOMS, "s": ATOMS, "d": ATOMS}),
               "epi_inputs": List(Dict(OPERAND)), "expr": EXPR, "out_dtype": Dtype},
-             {"dyn": Nullable(Dict({"causal": Bool}))})(p, "")
+             {"dyn": Nullable(Dict({"causal": Bool})),
+              "mma": Dict({"dtype": Enum("bfloat16", "float16")})})(p, "")  # mma.dtype: the reference rounds P to it
     BH, T, S, HD, VD = p["BH"], p["T"], p["S"], p["HD"], p["VD"]
     _elements("BH, T, HD", "Q operand", BH, T, HD)
     _elements("BH, HD, S", "K operand", BH, HD, S)

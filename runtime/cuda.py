@@ -80,11 +80,16 @@ class CUDAEngine(Engine):
         for k in engine_file.kernels:
             fn = _check(cu.cuModuleGetFunction(self._module, k.symbol.encode()), f"kernel {k.symbol}")
             self._functions.append(fn)
+        # the default dynamic shared memory limit is 48 KB minus the kernel's static shared memory: raise it for
+        # every kernel that takes dynamic shared memory, to the most any of its launches asks for
+        dynamic = {}
         for launch in engine_file.launches:
-            if launch.smem > 48 * 1024:
-                _check(cu.cuFuncSetAttribute(self._functions[launch.kernel],
+            dynamic[launch.kernel] = max(dynamic.get(launch.kernel, 0), launch.smem)
+        for kernel, smem in dynamic.items():
+            if smem:
+                _check(cu.cuFuncSetAttribute(self._functions[kernel],
                                              cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                             launch.smem), "raising the shared memory limit")
+                                             smem), "raising the shared memory limit")
         self._stream = _check(cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING), "cuStreamCreate")
         self.arena = self._alloc(engine_file.arena_bytes)
         self.weights = self._alloc(engine_file.weights_bytes)

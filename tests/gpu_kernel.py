@@ -30,6 +30,9 @@ class Kernel:
         self.module = _check(cu.cuModuleLoadData(link(tc, [obj], gpu_arch())), "cuModuleLoadData")
         self.function = _check(cu.cuModuleGetFunction(self.module, src.symbol.encode()), "cuModuleGetFunction")
         self.grid, self.block, self.smem = fam.launch_config(params)
+        if self.smem:  # the default dynamic limit is 48 KB minus the static shared memory: opt in
+            attr = cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+            _check(cu.cuFuncSetAttribute(self.function, attr, self.smem), "cuFuncSetAttribute")
         self.arg_names = [name for name, _ in fam.arg_spec(params)]
         self.stream = _check(cu.cuStreamCreate(0), "cuStreamCreate")
 

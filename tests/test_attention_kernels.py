@@ -1,50 +1,80 @@
 """The attention kernel family on the CPU: the numpy reference (the spec) against a plain per-row softmax,
 the dynamic KV length (pos, causal or not, stale cache never reaching a result), params checks, the launch
-configuration, and the CUDA source compiling for every target. `attention_case` also feeds the GPU test."""
+configurations, the tensor-core kernel's selection and its reference rounding of P, and the CUDA sources
+compiling for every target. `attention_case` and MMA_CASES also feed the GPU test."""
 
 import math
+import re
+import shutil
 
 import numpy as np
 import pytest
+from conftest import SAMPLES, rel_l2
 
 from flashrt.errors import EngineFormatError
-from flashrt.kernels import attention, params
+from flashrt.kernels import attention, gemm_mma, params
 from flashrt.kernels.dtypes import from_f32, to_f32
 from flashrt.kernels.memory import Pointer
+from flashrt.kernels.source import atoms_code
 
 SCALE = 0.125
-NAN_BF16 = np.uint16(0x7FC0)
 
 
-def attention_case(heads: int, kv_heads: int, T: int, S: int, HD: int, dyn=None, pos: int = 0, mask: bool = False,
-                   dtype: str = "bfloat16", seed: int = 0, config=None) -> tuple[dict, dict]:
+def attention_case(heads: int, kv_heads: int, T: int, S: int, HD: int, dyn=None, pos: int = 0, mask=False,
+                   dtype: str = "bfloat16", seed: int = 0, config=None, mma: bool = True,
+                   layout: str = "rows", VD: int | None = None) -> tuple[dict, dict]:
     """(params, host byte arrays) of a decoder-style attention: Q [T, heads, HD], K and V caches [S, kv_heads, HD]
-    read as per-head (GQA broadcast) views, scores scaled (and with an additive [T, S] mask), output
-    [heads, T, HD]. With dyn, cache rows no query sees hold NaN (stale data the kernel must never read)."""
+    read as per-head (GQA broadcast) views, scores scaled, output [heads, T, HD] (V's head dim VD if given).
+    mask: True or "add" adds a [T, S] float mask (broadcast over heads); "bool" keeps the scores where a
+      [heads, T, S] boolean mask is set and puts -inf elsewhere (row 0 of head 0 fully masked).
+    layout: "rows" as above; "padded": every row of Q, K, V one element longer than HD, the pad NaN (views no
+      longer 16-byte aligned along the head dim: element loads); "kt": K stored transposed, [kv_heads, HD, S].
+    With dyn, cache rows no query sees hold NaN (stale data the kernel must never read).
+    mma: the tensor-core kernel where it applies (attention.mma_config), else the SIMT kernel with `config`
+    (TQ, KW, CL) or attention.choose_config's."""
     rng = np.random.default_rng(seed)
-    ratio = heads // kv_heads
-    tq, kw, cl = config or attention.choose_config(T, S, heads)
-    p = {"BH": heads, "T": T, "S": S, "HD": HD, "VD": HD, "TQ": tq, "KW": kw, "CL": cl,
-         "q": {"dtype": dtype, "bh": [[heads, HD]], "t": [[T, heads * HD]], "d": [[HD, 1]]},
-         "k": {"dtype": dtype, "bh": [[kv_heads, HD], [ratio, 0]], "d": [[HD, 1]], "s": [[S, kv_heads * HD]]},
-         "v": {"dtype": dtype, "bh": [[kv_heads, HD], [ratio, 0]], "s": [[S, kv_heads * HD]], "d": [[HD, 1]]},
-         "epi_inputs": [], "expr": [["acc"], ["const", SCALE], ["mul", 0, 1]], "out_dtype": dtype,
-         "k_aligned": True}
-    q = rng.standard_normal((T, heads, HD)).astype(np.float32)
-    k = (rng.standard_normal((S, kv_heads, HD)) * 2).astype(np.float32)
-    v = rng.standard_normal((S, kv_heads, HD)).astype(np.float32)
-    host = {"q": from_f32(q, dtype), "k": from_f32(k, dtype), "v": from_f32(v, dtype),
-            "out": np.zeros(heads * T * HD, from_f32(np.zeros(1, np.float32), dtype).dtype)}
+    ratio, pad, VD = heads // kv_heads, int(layout == "padded"), VD or HD
+    row, vrow = HD + pad, VD + pad
+    p = {"BH": heads, "T": T, "S": S, "HD": HD, "VD": VD,
+         "q": {"dtype": dtype, "bh": [[heads, row]], "t": [[T, heads * row]], "d": [[HD, 1]]},
+         "k": {"dtype": dtype, "bh": [[kv_heads, row], [ratio, 0]], "d": [[HD, 1]], "s": [[S, kv_heads * row]]},
+         "v": {"dtype": dtype, "bh": [[kv_heads, vrow], [ratio, 0]], "s": [[S, kv_heads * vrow]], "d": [[VD, 1]]},
+         "epi_inputs": [], "expr": [["acc"], ["const", SCALE], ["mul", 0, 1]], "out_dtype": dtype}
+    if layout == "kt":
+        p["k"] = {"dtype": dtype, "bh": [[kv_heads, HD * S], [ratio, 0]], "d": [[HD, S]], "s": [[S, 1]]}
+    q = np.full((T, heads, row), np.nan, np.float32)
+    k = np.full((S, kv_heads, row), np.nan, np.float32)
+    v = np.full((S, kv_heads, vrow), np.nan, np.float32)
+    q[..., :HD] = rng.standard_normal((T, heads, HD))
+    k[..., :HD] = rng.standard_normal((S, kv_heads, HD)) * 2
+    v[..., :VD] = rng.standard_normal((S, kv_heads, VD))
+    host = {}
     if dyn is not None:
         p["dyn"] = dyn
         host["pos"] = np.array([pos], np.int32)
-        if dtype == "bfloat16":
-            host["k"][max(pos + T, 0):] = NAN_BF16
-            host["v"][max(pos + T, 0):] = NAN_BF16
-    if mask:
+        k[max(pos + T, 0):] = np.nan
+        v[max(pos + T, 0):] = np.nan
+    if layout == "kt":
+        k = np.ascontiguousarray(k.transpose(1, 2, 0))
+    host.update({"q": from_f32(q, dtype), "k": from_f32(k, dtype), "v": from_f32(v, dtype),
+                 "out": np.zeros(heads * T * VD, from_f32(np.zeros(1, np.float32), dtype).dtype)})
+    if mask in (True, "add"):
         p["epi_inputs"] = [{"dtype": "float32", "atoms": [[heads, 0], [T, S], [S, 1]]}]
         p["expr"] = [["acc"], ["const", SCALE], ["mul", 0, 1], ["in", 0], ["add", 2, 3]]
         host["e0"] = np.where(rng.random((T, S)) < 0.2, -1e4, rng.standard_normal((T, S))).astype(np.float32)
+    elif mask == "bool":
+        p["epi_inputs"] = [{"dtype": "bool", "atoms": [[heads, T * S], [T, S], [S, 1]]}]
+        p["expr"] = [["acc"], ["const", SCALE], ["mul", 0, 1], ["in", 0], ["const", float("-inf")],
+                     ["where", 3, 2, 4]]
+        keep = rng.random((heads, T, S)) < 0.7
+        keep[0, 0] = False
+        host["e0"] = keep
+    c = attention.mma_config(p) if mma else None
+    if c:
+        p["mma"] = c
+    else:
+        tq, kw, cl = config or attention.choose_config(T, S, heads)
+        p.update({"TQ": tq, "KW": kw, "CL": cl, "k_aligned": True})
     return p, host
 
 
@@ -58,23 +88,28 @@ def run_reference(p: dict, host: dict) -> np.ndarray:
 
 
 def naive(p: dict, host: dict) -> np.ndarray:
-    """Row by row in float64: softmax over exactly the keys the row sees."""
-    heads, T, HD = p["BH"], p["T"], p["HD"]
+    """Row by row in float64: softmax over exactly the keys the row sees (any attention_case layout and mask)."""
+    heads, T, S, HD, VD = p["BH"], p["T"], p["S"], p["HD"], p["VD"]
     kv_heads = p["k"]["bh"][0][0]
     q, k, v = (to_f32(host[n], p["q"]["dtype"]).astype(np.float64) for n in ("q", "k", "v"))
-    out = np.zeros((heads, T, HD))
+    if p["k"]["s"] == [[S, 1]]:  # layout "kt"
+        k = k.reshape(kv_heads, HD, S).transpose(2, 0, 1)
+    q, k, v = q[..., :HD], k[..., :HD], v[..., :VD]
+    out = np.zeros((heads, T, VD))
     for h in range(heads):
         kh = h // (heads // kv_heads)
         for t in range(T):
-            n = p["S"]
+            n = S
             if p.get("dyn"):
                 pos = int(host["pos"][0])
-                n = min(p["S"], max(0, pos + t + 1 if p["dyn"]["causal"] else pos + T))
-            if n == 0:
-                continue
+                n = min(S, max(0, pos + t + 1 if p["dyn"]["causal"] else pos + T))
             s = k[:n, kh] @ q[t, h] * SCALE
-            if p["epi_inputs"]:
+            if p["epi_inputs"] and p["epi_inputs"][0]["dtype"] == "bool":
+                s = np.where(host["e0"][h, t, :n], s, -np.inf)
+            elif p["epi_inputs"]:
                 s = s + host["e0"][t, :n]
+            if n == 0 or np.isneginf(s).all():
+                continue
             w = np.exp(s - s.max())
             out[h, t] = (w / w.sum()) @ v[:n, kh]
     return out
@@ -152,12 +187,183 @@ def test_config_fills_the_gpu_and_keeps_warps_busy(T, S, heads):
         assert blocks >= 128
 
 
+# ---------------------------------------------------------------------------------- the tensor-core kernel
+
+# name: attention_case arguments covering the tensor-core kernel's variants (register plans, staging modes,
+# clusters, masks, the dynamic length); compiled for every target here, run on the GPU by test_gpu_attention
+MMA_CASES = {
+    "expert": ((8, 1, 50, 866, 256), {"mask": True}),  # Q from shared memory, 32-key tiles, cluster of 8
+    "vit": ((12, 12, 197, 197, 64), {}),  # Q in registers, 64-key tiles, cluster of 2
+    "gqa causal prefill": ((16, 8, 100, 512, 128), {"dyn": {"causal": True}, "pos": 37}),
+    "rows see no key": ((4, 2, 32, 128, 64), {"dyn": {"causal": True}, "pos": -20}),
+    "dyn not causal": ((4, 2, 24, 256, 64), {"dyn": {"causal": False}, "pos": 100}),
+    "hd256 bool mask causal": ((8, 1, 64, 900, 256), {"mask": "bool", "dyn": {"causal": True}, "pos": 500}),
+    "f16 bool mask": ((4, 2, 40, 100, 128), {"dtype": "float16", "mask": "bool"}),
+    "odd sizes hd80": ((3, 1, 45, 301, 80), {"mask": True}),
+    "hd16": ((4, 4, 17, 17, 16), {}),
+    "padded rows": ((4, 2, 33, 70, 64), {"layout": "padded", "mask": True}),  # element loads for Q, K, V
+    "padded rows hd256": ((4, 1, 33, 70, 256), {"layout": "padded"}),
+    "K transposed": ((4, 2, 33, 70, 128), {"layout": "kt"}),  # element loads for K only
+    "hd64 vd256": ((4, 2, 40, 300, 64), {"VD": 256}),  # Q from shared memory for the O registers' sake
+    "hd256 vd64": ((4, 2, 40, 300, 256), {"VD": 64}),  # Q in registers, 32-key tiles
+}
+
+
+def mma_case(name: str) -> tuple[dict, dict]:
+    args, kwargs = MMA_CASES[name]
+    p, host = attention_case(*args, **kwargs)
+    assert "mma" in p, name
+    return p, host
+
+
+@pytest.mark.parametrize("name", list(MMA_CASES))
+def test_mma_reference_matches_naive(name):
+    """With "mma" the reference rounds P to the operand type: still within the family's tolerance of the exact
+    float64 softmax, for every layout, mask and dynamic length the GPU test runs."""
+    p, host = mma_case(name)
+    close(run_reference(p, host), naive(p, host))
+
+
+def test_mma_reference_rounds_p():
+    """out = round(e) V / sum(round(e)) with e = exp(s - max) and round() to the operand type: a P.V whose
+    weights are the 16-bit values the tensor cores multiply, normalized by their own sum."""
+    p, host = attention_case(2, 2, 16, 40, 16, dtype="float16")
+    assert p["mma"]["dtype"] == "float16"
+    q, k, v = (to_f32(host[n], "float16").astype(np.float64) for n in ("q", "k", "v"))
+    s = np.einsum("thd,shd->hts", q, k) * SCALE
+    e = np.exp(s - s.max(axis=-1, keepdims=True))
+    rounded = e.astype(np.float16).astype(np.float64)
+    want = np.einsum("hts,shd->htd", rounded, v) / rounded.sum(axis=-1, keepdims=True)
+    plain = np.einsum("hts,shd->htd", e, v) / e.sum(axis=-1, keepdims=True)
+    host["out"] = np.zeros(host["out"].size, np.float32)
+    got = run_reference({**p, "out_dtype": "float32"}, host)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+    assert np.abs(got - plain).max() > 1e-4  # the rounding is visible, so the test tells the two apart
+
+
+def test_mma_config_selects_prefill_shapes():
+    cases = {name: mma_case(name)[0]["mma"] for name in ("expert", "vit", "hd64 vd256", "hd256 vd64")}
+    assert cases["expert"] == {"dtype": "bfloat16", "warps": 4, "bk": 32, "cl": 8, "q_regs": False,
+                               "q_chunks": True, "k_chunks": True, "v_chunks": True}
+    assert (cases["vit"]["bk"], cases["vit"]["cl"], cases["vit"]["q_regs"]) == (64, 2, True)
+    assert not cases["hd64 vd256"]["q_regs"] and cases["hd256 vd64"]["q_regs"]
+    # the SIMT kernel keeps decode, float32, mixed operand types and head dims that are not multiples of 16
+    assert "mma" not in attention_case(16, 8, 8, 512, 128)[0]
+    assert "mma" in attention_case(16, 8, 16, 512, 128)[0]
+    assert "mma" not in attention_case(4, 2, 50, 100, 64, dtype="float32")[0]
+    assert "mma" not in attention_case(4, 2, 50, 100, 24)[0]
+    assert "mma" not in attention_case(4, 2, 50, 100, 320)[0]
+    p, _ = attention_case(4, 2, 50, 100, 64, mma=False)
+    assert attention.mma_config({**p, "v": {**p["v"], "dtype": "float32"}}) is None
+
+
+def test_mma_staging_follows_views_and_offsets():
+    c = mma_case("padded rows")[0]["mma"]
+    assert not (c["q_chunks"] or c["k_chunks"] or c["v_chunks"])
+    c = mma_case("K transposed")[0]["mma"]
+    assert c["q_chunks"] and not c["k_chunks"] and c["v_chunks"]
+    p, _ = attention_case(4, 2, 50, 100, 64, mma=False)
+    c = attention.mma_config(p, (0, 4, 8))  # K's view starts 8 bytes into a 16-byte chunk
+    assert c["q_chunks"] and not c["k_chunks"] and c["v_chunks"]
+
+
+@pytest.mark.parametrize("atoms", [[[866, 256]], [[2, 64], [4, 0]], [[1, 5], [3, 10], [4, 1]], [[7, 3], [5, 40]]])
+def test_in_range_offsets_drop_only_the_outer_modulo(atoms):
+    """The tensor-core kernel's Q / K / V offsets: for an index inside the view, atoms_code(in_range=True)
+    gives the offset of the default form with fewer 64-bit modulos (none at all for a single atom)."""
+    def c_eval(code: str, i: int) -> int:  # the generated C over non-negative integers, in Python
+        return eval(re.sub(r"(\d+)L", r"\1", code).replace("(long)", "").replace("/", "//"), {}, {"i": i})
+
+    fast, full = atoms_code("(long)i", atoms, in_range=True), atoms_code("(long)i", atoms)
+    assert [c_eval(fast, i) for i in range(math.prod(a[0] for a in atoms))] == \
+        [c_eval(full, i) for i in range(math.prod(a[0] for a in atoms))]
+    assert fast.count("%") == full.count("%") - 1
+    if len(atoms) == 1:
+        assert "%" not in fast
+
+
+@pytest.mark.parametrize("name", list(MMA_CASES))
+def test_mma_launch_config(name):
+    p, _ = mma_case(name)
+    c = p["mma"]
+    (gx, gy, gz), block, smem = attention.launch_config(p)
+    assert block == (32 * c["warps"], 1, 1) and 1 <= c["warps"] <= attention.MMA_MAX_WARPS
+    assert gx == math.ceil(p["T"] / (16 * c["warps"])) * c["cl"] and gy == p["BH"] and gz == 1
+    assert c["cl"] in (1, 2, 4, 8) and gx % c["cl"] == 0
+    assert smem == attention.mma_smem_bytes(p) <= gemm_mma.SMEM_CAP  # below every target's opt-in limit
+    if c["cl"] > 1:  # the cluster grew only while the grid was short of the GPU and every block had 2 tiles
+        assert gx // c["cl"] * gy * c["cl"] // 2 < attention.SMS and math.ceil(p["S"] / c["bk"]) >= 2 * c["cl"]
+
+
+def test_params_check_accepts_mma_and_rejects_a_bad_dtype():
+    p, _ = mma_case("vit")
+    params.check("attention", p)
+    with pytest.raises(EngineFormatError, match=r"params\.mma\.dtype"):
+        params.check("attention", {**p, "mma": {**p["mma"], "dtype": "float32"}})
+    with pytest.raises(EngineFormatError, match=r"params\.mma"):
+        params.check("attention", {**p, "mma": "yes"})
+
+
+def test_bf16_engine_uses_the_tensor_core_attention(tmp_path):
+    """The tiny encoder's attention (16 tokens, head dim 16): the tensor-core kernel in bf16 and fp16 engines,
+    the SIMT kernel at fp32; the bf16 engine's outputs stay close to the fp32 engine's on the CPU executor."""
+    import flashrt
+    from flashrt.aot.build import build_engine
+    from flashrt.engine_format.reader import read_engine
+
+    def attention_params(precision: str) -> tuple[str, list[dict]]:
+        path = str(tmp_path / f"enc_{precision}.frt")
+        build_engine(str(SAMPLES / "tiny_encoder.onnx"), ["h100"], path, None, precision)
+        return path, [k["params"] for k in read_engine(path).manifest["kernels"] if k["family"] == "attention"]
+
+    bf16, found = attention_params("bf16")
+    assert found and all(p["mma"]["dtype"] == "bfloat16" for p in found)
+    assert all(p["mma"]["dtype"] == "float16" for p in attention_params("fp16")[1])
+    fp32, found = attention_params("fp32")
+    assert found and not any("mma" in p for p in found)
+    a, b = flashrt.load(bf16, device="cpu"), flashrt.load(fp32, device="cpu")
+    feeds = b.example_inputs(0)
+    got, want = a.run(feeds), b.run(feeds)
+    for name in want:
+        assert rel_l2(got[name], want[name]) < 2e-2
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc")
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_100a", "sm_110a", "sm_120a"])
 def test_compiles_for_every_target_without_spills(arch):
+    """Both kernels: the SIMT one on decode (a cluster of 8) and prefill, the tensor-core one on every
+    MMA_CASES variant; no spills, and the tensor-core kernel's shared memory all dynamic (its launch size)."""
+    from flashrt.aot.codegen import build_cubins, kernel_source
+
+    simt = [attention_case(16, 8, 1, 512, 128, dyn={"causal": True})[0],
+            attention_case(8, 1, 50, 866, 256, mask=True, mma=False)[0]]
+    cases = simt + [mma_case(name)[0] for name in MMA_CASES]
+    sources = [kernel_source("attention", p) for p in cases]
+    _, resources, _ = build_cubins(sources, [arch])
+    for s, p in zip(sources, cases):
+        r = resources[arch][s.symbol]
+        assert r.get("spill_bytes", 0) == 0 and 0 < r["registers"] <= 255, (p.get("mma"), r)
+        if "mma" in p:
+            assert r["shared_bytes"] == 0, r
+
+
+@pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="no cuobjdump")
+def test_tensor_core_kernel_sass():
+    """The machine code does what the design says: HMMA for both products, ldmatrix (transposed for V),
+    16-byte cp.async where the views allow it and none where every operand needs element loads."""
+    import subprocess
+
     from flashrt.aot.codegen import compile_kernel, find_toolchain, kernel_source
 
-    tc = find_toolchain()
-    for p, _ in (attention_case(16, 8, 1, 512, 128, dyn={"causal": True}),  # decode: a cluster of 8
-                 attention_case(8, 1, 50, 866, 256, mask=True)):  # prefill with a mask, K/V one head broadcast
-        _, res, _ = compile_kernel(tc, kernel_source("attention", p), arch)
-        assert res["registers"] > 0 and res.get("spill_bytes", 0) == 0, res
+    def sass(p: dict) -> str:
+        path, _, _ = compile_kernel(find_toolchain(), kernel_source("attention", p), "sm_90a")
+        return subprocess.run(["cuobjdump", "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+
+    p = mma_case("expert")[0]
+    code = sass(p)
+    bk = p["mma"]["bk"]  # the key loop's body holds one tile's mma: HD / 16 x BK / 8 for S, BK / 16 x VD / 8 for O
+    assert code.count("HMMA.16816.F32.BF16") == p["HD"] // 16 * bk // 8 + bk // 16 * p["VD"] // 8
+    assert "LDSM.16.M88.4" in code and "LDSM.16.MT88.4" in code
+    assert "LDGSTS.E.BYPASS.128" in code
+    code = sass(mma_case("padded rows")[0])
+    assert "HMMA.16816.F32.BF16" in code and "LDGSTS" not in code

@@ -1,25 +1,30 @@
-"""On an NVIDIA GPU: the attention kernel (cluster split over the keys for decode, the dynamic KV length) on
-decode and prefill shapes, against the numpy reference, into poisoned outputs. Stale cache rows hold NaN, so a
-kernel that reads a key it must not see fails. Skipped without a GPU."""
+"""On an NVIDIA GPU: the attention kernels against the numpy reference, into poisoned (NaN) outputs. The SIMT
+kernel on decode (cluster split over the keys, the dynamic KV length) and prefill; the tensor-core kernel on
+every MMA_CASES variant (the expert and ViT shapes, odd sizes, additive and boolean masks, GQA views, element
+loads for views that are not 16-byte aligned, dynamic-length causal prefill) and every cluster size. Stale
+cache rows and row pads hold NaN, so a kernel that reads a key or element it must not see fails. Skipped
+without a GPU."""
 
 import numpy as np
 import pytest
 from conftest import requires_gpu
-from test_attention_kernels import attention_case
+from test_attention_kernels import MMA_CASES, attention_case, mma_case, naive
 
-from flashrt.kernels.dtypes import to_f32
+from flashrt.kernels.dtypes import STORAGE, to_f32
 
 pytestmark = [pytest.mark.gpu, requires_gpu]
 
 
-def check(p: dict, host: dict, tol: float = 1e-2) -> None:
+def check(p: dict, host: dict, tol: float = 1e-2) -> np.ndarray:
     from gpu_kernel import Kernel, reference
 
-    got = to_f32(Kernel("attention", p).run(host, "out").view(np.uint16), "bfloat16")
-    want = to_f32(reference("attention", p, host, "out").view(np.uint16), "bfloat16")
+    dtype = p["out_dtype"]
+    got = to_f32(Kernel("attention", p).run(host, "out").view(STORAGE[dtype]), dtype)
+    want = to_f32(reference("attention", p, host, "out").view(STORAGE[dtype]), dtype)
     assert np.isfinite(got).all()  # every output written over the NaN poison, no stale key read
     err = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
     assert err <= tol, err
+    return got.reshape(p["BH"], p["T"], p["VD"])
 
 
 @pytest.mark.parametrize("T", [1, 4, 8])
@@ -48,9 +53,34 @@ def test_decode_any_split(config):
     check(*attention_case(16, 8, 1, 300, 128, dyn={"causal": True}, pos=250, config=config))
 
 
-def test_prefill_expert():  # T = 50 over an 866-key prefix + suffix, HD 256, one K/V head broadcast over 8
-    check(*attention_case(8, 1, 50, 866, 256, mask=True))
+def test_prefill_expert_simt():  # T = 50 over an 866-key prefix + suffix, HD 256, one K/V head broadcast over 8
+    check(*attention_case(8, 1, 50, 866, 256, mask=True, mma=False))
 
 
-def test_prefill_vit():
-    check(*attention_case(12, 12, 197, 197, 64))
+def test_prefill_vit_simt():
+    check(*attention_case(12, 12, 197, 197, 64, mma=False))
+
+
+@pytest.mark.parametrize("name", list(MMA_CASES))
+def test_tensor_core(name):
+    p, host = mma_case(name)
+    got = check(p, host)
+    assert np.linalg.norm(got - naive(p, host)) <= 1e-2 * np.linalg.norm(naive(p, host)) + 1e-30
+    if name == "rows see no key":  # pos = -20: causal rows 0 .. 19 see no key and get zeros
+        assert (got[:, :20] == 0).all() and np.abs(got[:, 20:]).max() > 0
+    if name.startswith("hd256 bool"):  # row 0 of head 0 is masked everywhere: zeros
+        assert (got[0, 0] == 0).all()
+
+
+@pytest.mark.parametrize("cl", [1, 2, 4, 8])
+@pytest.mark.parametrize("name", ["expert", "vit", "gqa causal prefill"])
+def test_tensor_core_any_cluster(name, cl):
+    """Every cluster size splits the key tiles (some blocks of a cluster may get none) to the same result."""
+    p, host = mma_case(name)
+    check({**p, "mma": {**p["mma"], "cl": cl}}, host)
+
+
+@pytest.mark.parametrize("pos", [0, 1, 15, 200, 512 - 128])
+def test_tensor_core_causal_prefill_positions(pos):
+    """The stateful decoder's prefill entry: T = 128 queries at cache position pos (the last fills the cache)."""
+    check(*attention_case(16, 8, 128, 512, 128, dyn={"causal": True}, pos=pos, seed=pos))
