@@ -114,8 +114,12 @@ class Partitioner:
         self.no_fp8 = sorted(t for t, v in support.items() if v == "none")
         self.fp8_native = bool(support) and set(support.values()) == {"native"}
         self.clusters = all(sm_number(t) >= 90 for t in targets or [])  # thread-block clusters
+        self.mma = all(sm_number(t) >= 80 for t in targets or [])  # bf16 mma.sync and cp.async
         self.not_native = sorted(t for t, v in support.items() if v != "native")
         self.warnings: list[str] = list(graph.prequantized.warnings) if graph.prequantized else []
+        if self.no_fp8 and precision in ("fp8", "nvfp4", "auto"):
+            self.warnings.append(f"{', '.join(self.no_fp8)}: no FP8 instructions (sm_89+); quantized weights are "
+                                 "decoded in software there")
         self.users = graph.consumers()
         self.outputs = set(graph.outputs)
         self.index = {id(n): i for i, n in enumerate(graph.nodes)}
@@ -569,8 +573,8 @@ class Partitioner:
             params["R"], params["S"] = gemv.choose_config(rows, N, K, vec)
             params["M"], params["batch"] = rows, []
             params["a"] = {**a_atoms, "batch": [[1, 0]], "m": _atoms(a_atoms["batch"] + a_atoms["m"])}
-        elif mma := gemm_mma.config(params, a.offset, b.offset, self.act, b.buffer.kind == "weight", self.fp8_mma,
-                                    self.clusters):
+        elif self.mma and (mma := gemm_mma.config(params, a.offset, b.offset, self.act, b.buffer.kind == "weight",
+                                                  self.fp8_mma, self.clusters)):
             params["mma"] = mma  # 16-bit activations: the tensor-core GEMM (kernels/gemm_mma.py)
         self.calls.append(KernelCall(name, family, params, args + list(epi_inputs) + [out], ops, _unique(source),
                                      reason))
@@ -676,10 +680,11 @@ class Partitioner:
     def plan_activation(self, mm: Node, fq: Node | None, fmt: str | None, rows: int,
                         reason: str) -> tuple[tuple[str, TensorRef | None] | None, str]:
         """A GEMM's FP8 activation quantization ("tensor" + its scale, or "row"; None: A as it is) and the reason.
-        The model's (Q/DQ, --calib) where it has one. Else, at --precision fp8 / auto, per-row scales computed
-        in the kernel for tensor-core GEMMs with an fp8 weight where every target multiplies E4M3 natively:
-        elsewhere they would cost accuracy and gain no speed (GEMVs at M <= 8 stream weights; E4M3 mma.sync
-        is widened to f16 on sm_90 / sm_100 / sm_110)."""
+        The model's (Q/DQ, --calib) where it has one. Else, at --precision auto, per-row scales computed in the
+        kernel for the tensor-core GEMMs that plan_weight gave an fp8 weight because every target multiplies
+        E4M3 natively (elsewhere FP8 activations would cost accuracy and gain no speed: GEMVs at M <= 8 stream
+        weights, and E4M3 mma.sync is widened to f16 on sm_90 / sm_100 / sm_110). --precision fp8 keeps bf16
+        activations: it is weight quantization, within the fp8 accuracy goal (benchmarks/ACCURACY.md)."""
         if fq is not None:
             if fq.attrs.get("scale") == "row":
                 return ("row", None), reason
@@ -688,13 +693,9 @@ class Partitioner:
         planned = self.g.weight_plan is not None and mm.inputs[1] in self.g.weight_plan
         if fmt != "fp8" or rows <= gemv.MAX_M or self.precision not in ("fp8", "auto") or planned:
             return None, reason
-        if self.no_fp8:
-            why = f"{', '.join(self.no_fp8)} lack FP8 tensor-core instructions (sm_89+)"
-            self.warnings.append(f"node '{mm.name}': {why}; activations stay {self.act}")
-            return None, f"{reason}; {self.act} activations: {why}"
-        if not self.fp8_native:
-            where = ", ".join(self.not_native) or "an unnamed target"
-            return None, f"{reason}; {self.act} activations: E4M3 mma is not native on {where}"
+        if self.precision == "fp8" or not self.fp8_native:
+            return None, (f"{reason}; {self.act} activations (FP8 ones: --precision auto where every target has "
+                          "native E4M3 mma, or --calib)")
         return ("row", None), f"{reason}; fp8 activations (per-row scales computed in the kernel)"
 
     def quant_weight(self, name: str, w_nk: np.ndarray, fmt: str) -> tuple[TensorRef, list[TensorRef], dict]:
@@ -803,9 +804,11 @@ class Partitioner:
                   "v": {"dtype": v.dtype, "bh": v.batch_atoms(batch), "s": v.dim_atoms(-2), "d": v.dim_atoms(-1)},
                   "epi_inputs": [{"dtype": r.dtype, "atoms": r.atoms_over(score_shape)} for r in inputs],
                   "expr": expr, "out_dtype": out.dtype}
-        # key splits over a thread-block cluster need sm_90+ on every target
-        if mma := attention_kernel.mma_config(params, (q.offset, kt.offset, v.offset)):
-            params["mma"] = {**mma, "cl": mma["cl"] if self.clusters else 1}  # prefill: the tensor-core kernel
+        # prefill shapes on the tensor cores; key splits over a thread-block cluster need sm_90+ on every target
+        mma = attention_kernel.mma_config(params, (q.offset, kt.offset, v.offset), self.clusters) if self.mma \
+            else None
+        if mma:
+            params["mma"] = mma
         else:
             tq, kw, cl = attention_kernel.choose_config(T, S, math.prod(batch))
             params.update({"TQ": tq, "KW": kw, "CL": cl if self.clusters else 1, "k_aligned": kt.offset % 8 == 0})

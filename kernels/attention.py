@@ -63,9 +63,11 @@ def choose_config(T: int, S: int, BH: int = 1) -> tuple[int, int, int]:
     return TQ, KW, CL
 
 
-def mma_config(p: dict, offsets: tuple[int, int, int] = (0, 0, 0)) -> dict | None:
+def mma_config(p: dict, offsets: tuple[int, int, int] = (0, 0, 0), hopper: bool = True) -> dict | None:
     """params["mma"] for the tensor-core kernel, or None where the SIMT kernel runs (see the module docstring).
-    offsets: the element offsets of the Q, K^T and V views, which decide their 16-byte alignment.
+    offsets: the element offsets of the Q, K^T and V views, which decide their 16-byte alignment. hopper: every
+    target is sm_90+; before that (sm_80, sm_89: no clusters, and nvcc spills the register plans of head dims
+    above 128 and of Q held in registers) head dims stay <= 128, Q is re-read from shared memory, CL = 1.
     Up to 4 warps per block cover the queries; key tiles of 64 keys (32 above head dim 128, so that the
     accumulators and the tiles fit in registers and shared memory); then clusters of CL blocks split the key
     tiles until the grid fills the GPU, each block keeping at least 2 tiles."""
@@ -74,14 +76,14 @@ def mma_config(p: dict, offsets: tuple[int, int, int] = (0, 0, 0)) -> dict | Non
     dtype = q["dtype"]
     if T < MMA_MIN_T or dtype not in gemm_mma.OPERAND_DTYPES or k["dtype"] != dtype or v["dtype"] != dtype:
         return None
-    if HD % 16 or VD % 16 or HD > MMA_MAX_DIM or VD > MMA_MAX_DIM:
+    if HD % 16 or VD % 16 or max(HD, VD) > (MMA_MAX_DIM if hopper else 128):
         return None
     warps = min(MMA_MAX_WARPS, math.ceil(T / 16))
     bk = 64 if max(HD, VD) <= 128 else 32
     blocks, tiles, cl = BH * math.ceil(T / (16 * warps)), math.ceil(S / bk), 1
-    while cl < 8 and blocks * cl < SMS and tiles >= 4 * cl:
+    while hopper and cl < 8 and blocks * cl < SMS and tiles >= 4 * cl:
         cl *= 2
-    return {"dtype": dtype, "warps": warps, "bk": bk, "cl": cl, "q_regs": HD // 4 + VD // 2 <= 128,
+    return {"dtype": dtype, "warps": warps, "bk": bk, "cl": cl, "q_regs": hopper and HD // 4 + VD // 2 <= 128,
             "q_chunks": gemm_mma.chunked(q["d"], q["bh"] + q["t"], offsets[0], 8),
             "k_chunks": gemm_mma.chunked(k["d"], k["bh"] + k["s"], offsets[1], 8),
             "v_chunks": gemm_mma.chunked(v["d"], v["bh"] + v["s"], offsets[2], 8)}

@@ -134,7 +134,7 @@ OPERAND = {"dtype": Dtype, "atoms": ATOMS}
 _GEMM = Dict(
     {"M": DIM, "N": DIM, "K": DIM, "batch": List(DIM, max_len=MAX_VIEW_RANK - 2),
      "a": Dict({"dtype": Dtype, "batch": ATOMS, "m": ATOMS, "k": ATOMS}),
-     "b": Dict({"dtype": Dtype, "batch": ATOMS, "k": ATOMS, "n": ATOMS}),
+     "b": Dict({"dtype": Dtype, "batch": ATOMS, "k": ATOMS, "n": ATOMS}, {"quant": Enum("fp8", "nvfp4")}),
      "ln": Nullable(Dict({"eps": Num(0.0, 1e30), "has_beta": Bool}, {"rms": Bool})),
      "epi_inputs": List(Dict(OPERAND)), "expr": EXPR, "out_dtype": Dtype},
     {"gated": Bool, "mma": Dict({"dtype": Enum("bfloat16", "float16", "e4m3")}),  # the reference rounds to it
@@ -172,8 +172,9 @@ def _expr(p: dict, n_inputs: int, allow_acc: bool, elements: int) -> None:
 
 def _gemm(p: dict) -> None:
     p = _GEMM(p, "")
-    if p.get("mma", {}).get("dtype") == "e4m3" and not p.get("aq"):
-        raise _Bad(".mma.dtype", "= 'e4m3' needs FP8 activations (params.aq)")
+    if p.get("mma", {}).get("dtype") == "e4m3" and (not p.get("aq") or p.get("gated")
+                                                     or p["b"].get("quant") != "fp8"):
+        raise _Bad(".mma.dtype", "= 'e4m3' needs FP8 activations (params.aq) times an fp8 weight (params.b.quant)")
     M, N, K, batch = p["M"], p["N"], p["K"], p["batch"]
     nb = math.prod(batch)
     width = 2 * N if p.get("gated") else N

@@ -38,10 +38,11 @@ ACT_QUANT = ("tensor", "row")
 
 
 def act_row_scales(x: np.ndarray) -> np.ndarray:
-    """Per-row FP8 scales of x [..., K]: max |x| over the last axis (NaN ignored, as CUDA's fmaxf does) / 448,
-    1 where the row is all zero. Shape [..., 1]."""
-    amax = np.fmax.reduce(np.abs(np.asarray(x, np.float32)), axis=-1, keepdims=True)
-    return np.where(amax > 0, amax / np.float32(FP8_MAX), np.float32(1)).astype(np.float32)
+    """Per-row FP8 scales of x [..., K]: max |x| over the last axis (NaN ignored, as the kernels' fmaxf from 0
+    does) / 448, and 1 where that is 0 (an all-zero row, or one whose max underflows). Shape [..., 1]."""
+    amax = np.fmax.reduce(np.abs(np.asarray(x, np.float32)), axis=-1, keepdims=True, initial=np.float32(0))
+    scale = (amax / np.float32(FP8_MAX)).astype(np.float32)
+    return np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
 
 
 def fake_quant_act(x: np.ndarray, scale) -> np.ndarray:

@@ -367,3 +367,25 @@ def test_tensor_core_kernel_sass():
     assert "LDGSTS.E.BYPASS.128" in code
     code = sass(mma_case("padded rows")[0])
     assert "HMMA.16816.F32.BF16" in code and "LDGSTS" not in code
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_89"])
+def test_pre_hopper_targets_compile_without_spills(arch):
+    """Before sm_90 (no clusters; nvcc spills the Hopper register plans) the tensor-core kernel keeps head dims
+    <= 128 and re-reads Q from shared memory; the larger variants fall back to the SIMT kernel."""
+    from flashrt.aot.codegen import build_cubins, kernel_source
+
+    cases = []
+    for name in MMA_CASES:
+        p = mma_case(name)[0]
+        c = attention.mma_config(p, hopper=False)
+        assert (c is None) == (max(p["HD"], p["VD"]) > 128), name
+        if c:
+            assert c["cl"] == 1 and not c["q_regs"]
+            cases.append({**p, "mma": c})
+    sources = [kernel_source("attention", p) for p in cases]
+    _, resources, _ = build_cubins(sources, [arch])
+    for s, p in zip(sources, cases):
+        r = resources[arch][s.symbol]
+        assert r.get("spill_bytes", 0) == 0, (p["mma"], r)

@@ -29,8 +29,11 @@ __device__ __forceinline__ float e4m3_round(float x) {
   const int s = max(ilogbf(c), -6) - 3;
   return x != x ? x : ldexpf(rintf(ldexpf(c, -s)), s);
 }
-// The FP8 scale of an activation row from its max |x| (kernels/quant.py act_row_scales)
-__device__ __forceinline__ float act_row_scale(float amax) { return amax > 0.f ? amax / 448.f : 1.f; }
+// The FP8 scale of an activation row from its max |x| (kernels/quant.py act_row_scales); 1 where it would be 0
+__device__ __forceinline__ float act_row_scale(float amax) {
+  const float s = amax / 448.f;
+  return s > 0.f ? s : 1.f;
+}
 #if __CUDA_ARCH__ >= 890
 // two floats -> two E4M3 bytes (lo in the low byte), round to nearest even, saturating
 __device__ __forceinline__ unsigned short e4m3x2_bits(float lo, float hi) {

@@ -67,6 +67,9 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
   static_assert(P::LN || P::AQ == 2 ? P::A_MODE != 0 : P::A_MODE != 1,
                 "a norm prologue or per-row FP8 scales stage A in mode 1 or 2");
   static_assert(!P::FP8 || (P::AQ && P::B_MODE == 1), "FP8 mma: FP8 activations times an fp8 weight");
+  static_assert(THREADS % BM == 0 && THREADS / BM <= 16, "row statistics: a row's threads within half a warp");
+  static_assert((P::A_MODE == 2 || P::K % 8 == 0) && (P::B_MODE != 1 || P::K % 16 == 0) &&
+                (P::B_MODE != 2 || P::K % 64 == 0), "16-byte chunks along K");
 #if __CUDA_ARCH__ < 900
   static_assert(SPLIT == 1, "split-K reduces through thread-block clusters: sm_90 or newer");
 #endif
@@ -78,9 +81,14 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
   T* const Bs = As + S::A_ELEMS;
   unsigned char* const Braw = reinterpret_cast<unsigned char*>(Bs + S::B_ELEMS);
   unsigned char* const A8 = Braw + ST * S::RAW_STAGE;  // FP8: A as E4M3 bytes (ring, or the panel)
-  __shared__ float row_mean[BM], row_rstd[BM], part_mean[BM], part_m2[BM];
-  __shared__ float row_qs[BM], part_amax[BM];  // per-row FP8 scales of A' (P::AQ == 2)
-  const float a_qs = P::a_scale(g);           // the static FP8 scale of A' (P::AQ == 1)
+  constexpr int LN_ROWS = P::LN ? BM : 1, QS_ROWS = P::AQ == 2 ? BM : 1;  // static arrays only where used
+  __shared__ float row_mean[LN_ROWS], row_rstd[LN_ROWS], part_mean[LN_ROWS], part_m2[LN_ROWS];
+  __shared__ float row_qs[QS_ROWS], part_amax[QS_ROWS];  // per-row FP8 scales of A' (P::AQ == 2)
+  float a_qs = 1.f;  // the static FP8 scale of A' (P::AQ == 1), read after griddep_wait
+  auto qscale = [&](int r) {  // the FP8 scale of A' row r
+    if constexpr (P::AQ == 2) return row_qs[r];
+    else return a_qs;
+  };
 
   const int tid = threadIdx.x, warp = tid / 32 % 4, wg = tid / 128, lane = tid % 32;
   const int wm = warp / WARPS_N, wn = warp % WARPS_N;
@@ -132,7 +140,7 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
           v = P::load_a(g, bat, m, k);
           if constexpr (P::LN) v = (v - row_mean[r]) * row_rstd[r] * P::ln_gamma(g, k) + P::ln_beta(g, k);
         }
-        if constexpr (P::AQ) v = v / (P::AQ == 1 ? a_qs : row_qs[r]);
+        if constexpr (P::AQ) v = v / qscale(r);
         if constexpr (P::FP8) {
 #if __CUDA_ARCH__ >= 890
           A8[s * BM * S::LDS8 + r * S::LDS8 + kk] = (unsigned char)(e4m3x2_bits(v, 0.f) & 0xffu);
@@ -334,6 +342,7 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
       if (i < nkt) load_b_tile(kt0 + i, i);
   }
   griddep_wait();
+  if constexpr (P::AQ == 1) a_qs = P::a_scale(g);
 
   if constexpr (P::LN && P::A_MODE == 2)
     stats([&](int r, int j, float mean, bool sq) {
@@ -419,7 +428,7 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
 #pragma unroll
       for (int i = 0; i < 8; ++i) f[i] = prime(r, k + i, f[i]);
       if constexpr (P::AQ) {
-        quant8(f, P::AQ == 1 ? a_qs : row_qs[r], p, p8);
+        quant8(f, qscale(r), p, p8);
       } else {
         unsigned w[4];
 #pragma unroll
@@ -548,7 +557,7 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
       v = *reinterpret_cast<const float4*>(red + r * S::RED_LD + c);
     }
     const float vals[4] = {v.x, v.y, v.z, v.w};
-    const float qs = P::AQ == 0 ? 1.f : P::AQ == 1 ? a_qs : row_qs[r];  // A's FP8 scale
+    const float qs = qscale(r);  // A's FP8 scale (1 without P::AQ)
 #pragma unroll
     for (int j = 0; j < 4; ++j)
       out[i][j] = n + j < P::N ? P::value(g, bat, m, n + j, vals[j] * P::row_scale(g, n + j) * qs) : 0.f;

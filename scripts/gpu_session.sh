@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# What to run first on the lent GPU (sm_90a) after a session that had none: correctness of every kernel that
+# has not run on a GPU yet, then the benchmarks. Each stage fits one device call (10 minutes); logs go to $OUT.
+#   bash scripts/gpu_session.sh tests     # kernel-level GPU tests + engines on the GPU vs the CPU reference
+#   bash scripts/gpu_session.sh kernels   # per-kernel times: attention (SIMT vs tensor-core), GEMV, GEMM sweep
+#   bash scripts/gpu_session.sh bench     # the three workloads vs PyTorch at bf16 / fp8 / nvfp4 -> RESULTS.md
+#   bash scripts/gpu_session.sh sanitize  # compute-sanitizer memcheck on the samples
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/flashrt-gpu}
+mkdir -p "$OUT"
+stage=${1:-tests}
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
+case "$stage" in
+  tests)
+    timeout 560 python3 -m pytest -q -rf tests/test_gpu_gemm.py tests/test_gpu_attention.py tests/test_gpu_gemv.py \
+      tests/test_gpu.py tests/test_state.py tests/test_decoder_sample.py tests/test_vla.py 2>&1 | tee "$OUT/tests.log" | tail -40
+    ;;
+  kernels)
+    timeout 280 python3 benchmarks/kernel_bench.py --attention --configs --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -30
+    timeout 120 python3 benchmarks/kernel_bench.py --gemv --out "$OUT" 2>&1 | tee -a "$OUT/kernels.log" | tail -20
+    timeout 150 python3 benchmarks/gemm_sweep.py --quick --quant "" fp8 --out "$OUT" 2>&1 | tee -a "$OUT/kernels.log" | tail -20
+    ;;
+  bench)
+    timeout 570 python3 benchmarks/bench.py --precisions bf16 fp8 nvfp4 --profile --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40
+    ;;
+  sanitize)
+    timeout 560 compute-sanitizer --tool memcheck python3 scripts/run_samples_cuda.py 2>&1 | tee "$OUT/sanitize.log" | tail -20
+    ;;
+  *) echo "usage: $0 tests|kernels|bench|sanitize" >&2; exit 2 ;;
+esac
