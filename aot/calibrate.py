@@ -51,9 +51,11 @@ def load_calib(path: str, graph: Graph) -> list[dict[str, np.ndarray]]:
 
 def gemm_activations(graph: Graph) -> dict[str, list[Node]]:
     """The activation operand of each GEMM with a constant 2-D weight -> those GEMMs. Values computed from
-    integers alone (positions and RoPE angles, kept float32 by the partitioner) are left exact."""
+    integers alone (positions and RoPE angles, kept float32 by the partitioner) are left exact, and those the
+    model quantizes already (its Q/DQ pairs, dynamic NVFP4) keep the model's format."""
     out: dict[str, list[Node]] = {}
     exact = integer_derived(graph)
+    exact |= {n.outputs[0] for n in graph.nodes if n.op in ("FakeQuantFP8", "FakeQuantNVFP4")}
     for n in graph.nodes:
         if n.op == "MatMul" and n.inputs[0] not in graph.constants and n.inputs[0] not in exact \
                 and graph.values[n.inputs[0]].dtype in ("float32", "float16", "bfloat16") \

@@ -45,6 +45,7 @@ BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Pow": "pow", 
 ELEMENTWISE = set(UNARY) | set(BINARY) | {"Gelu", "Where", "Cast", "CastLike", "LeakyRelu", "HardSigmoid",
                                           "FakeQuantFP8"}
 NORMS = {"LayerNormalization", "RMSNormalization"}
+ACT_QUANT = ("FakeQuantFP8", "FakeQuantNVFP4")  # quantizations of a GEMM's A that the GEMM applies as it stages A
 MAX_EXPR = 96
 
 
@@ -97,7 +98,7 @@ class Group:
     nodes: list[Node]
     prologue: Node | None = None  # a fused LayerNorm/RMSNorm for gemm
     halves: tuple[str, str] | None = None  # gated: the gate and up values
-    quant: Node | None = None  # a fused FakeQuantFP8 of the GEMM's A (after the prologue's norm)
+    quant: Node | None = None  # a fused FakeQuantFP8 / FakeQuantNVFP4 of the GEMM's A (after the norm)
 
 
 class Partitioner:
@@ -178,7 +179,7 @@ class Partitioner:
         users = self.users.get(value, [])
         return value not in self.outputs and bool(users) and all(
             (u.op == "MatMul" and u.inputs[0] == value and u.inputs[1] != value)
-            or (u.op == "FakeQuantFP8" and u.inputs[0] == value and self._quant_prologue_ok(u)) for u in users)
+            or (u.op in ACT_QUANT and u.inputs[0] == value and self._quant_prologue_ok(u)) for u in users)
 
     def _norm_prologue_ok(self, norm: Node) -> bool:
         x = self.g.values[norm.inputs[0]]
@@ -188,10 +189,12 @@ class Partitioner:
                 and all(i in self.g.constants for i in norm.inputs[1:] if i))
 
     def _quant_prologue_ok(self, fq: Node) -> bool:
-        """A FakeQuantFP8 that the GEMMs reading it apply to A themselves: its only users are MatMuls' A."""
+        """A FakeQuantFP8 / FakeQuantNVFP4 that the GEMMs reading it apply to A themselves: its only users are
+        MatMuls' A (NVFP4: over K a multiple of 16, the block)."""
         y = fq.outputs[0]
         users = self.users.get(y, [])
         return (y not in self.outputs and bool(users) and fq.inputs[0] not in self.g.constants
+                and (fq.op != "FakeQuantNVFP4" or self.g.values[y].shape[-1] % 16 == 0)
                 and all(u.op == "MatMul" and u.inputs[0] == y and u.inputs[1] != y for u in users))
 
     def _gated_tail(self, mm: Node, assigned: set) -> tuple[list[Node], str, str] | None:
@@ -274,13 +277,14 @@ class Partitioner:
             if op in VIEW_OPS or (op == "Gather" and node.inputs[1] in self.g.constants
                                   and self.g.constants[node.inputs[1]].ndim == 0):
                 group = Group("view", [node])
-            elif op == "FakeQuantFP8" and self._quant_prologue_ok(node):
+            elif op in ACT_QUANT and self._quant_prologue_ok(node):
                 fused_quant[node.outputs[0]] = node
                 assigned.add(id(node))
                 continue
-            elif op == "FakeQuantFP8" and node.attrs.get("scale") == "row":
-                raise ModelError(f"node '{node.name}' (FakeQuantFP8, per-row scales): flashrt applies per-row "
-                                 "FP8 quantization only inside the GEMMs that read it; this one has other users")
+            elif op == "FakeQuantNVFP4" or (op == "FakeQuantFP8" and node.attrs.get("scale") == "row"):
+                raise ModelError(f"node '{node.name}' ({op}): flashrt applies block / per-row activation "
+                                 "quantization only inside the GEMMs that read it (K a multiple of 16 for NVFP4); "
+                                 "this one has other users")
             elif op in NORMS:
                 if len(node.outputs) > 1 and any(o and (self.users.get(o) or o in self.outputs)
                                                  for o in node.outputs[1:]):
@@ -688,8 +692,8 @@ class Partitioner:
         if fq is not None:
             if fq.attrs.get("scale") == "row":
                 return ("row", None), reason
-            scale = np.reshape(self.g.constants[fq.inputs[1]], (1,))
-            return ("tensor", self.weight(fq.inputs[1], "float32", scale)), reason
+            scale = self.weight(fq.inputs[1], "float32", np.reshape(self.g.constants[fq.inputs[1]], (1,)))
+            return ("nvfp4" if fq.op == "FakeQuantNVFP4" else "tensor", scale), reason
         planned = self.g.weight_plan is not None and mm.inputs[1] in self.g.weight_plan
         if fmt != "fp8" or rows <= gemv.MAX_M or self.precision not in ("fp8", "auto") or planned:
             return None, reason

@@ -46,8 +46,9 @@ def _token_cosines(got: np.ndarray, ref: np.ndarray, mask: np.ndarray | None) ->
 
 def _row(model: str, label: str, precision: str, out: str, got: list, ref: list, masks: list | None = None) -> dict:
     """Metrics of one output over the samples: worst whole-tensor cosine, worst per-token cosine, worst rel-L2."""
+    judged = "real tokens" if masks else "whole output"
     masks = masks or [None] * len(got)
-    return {"model": model, "build": label, "precision": precision, "output": out,
+    return {"model": model, "build": label, "precision": precision, "output": out, "judged": judged,
             "cosine": min(_cosine(g, r) for g, r in zip(got, ref)),
             "token_cosine": min(_token_cosines(g, r, m) for g, r, m in zip(got, ref, masks)),
             "rel_l2": max(float(np.linalg.norm(g - r) / np.linalg.norm(r)) for g, r in zip(got, ref))}
@@ -131,13 +132,14 @@ def minilm_rows(tmp: str) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | build | output | cosine | worst token's cosine | rel-L2 | goal (cosine) |",
+    lines = ["| model | build | output | cosine | worst token's cosine | rel-L2 | goal |",
              "|---|---|---|---:|---:|---:|---|"]
     for r in rows:
         goal = GOALS[r["precision"]]
-        met = "met" if r["cosine"] >= goal else "**missed**"
+        value = r["token_cosine"] if r["judged"] == "real tokens" else r["cosine"]
+        met = "met" if value >= goal else "**missed**"
         lines.append(f"| {r['model']} | {r['build']} | {r['output']} | {r['cosine']:.5f} | "
-                     f"{r['token_cosine']:.5f} | {r['rel_l2']:.2e} | {met} (>= {goal}) |")
+                     f"{r['token_cosine']:.5f} | {r['rel_l2']:.2e} | {met} (>= {goal}, {r['judged']}) |")
     return "\n".join(lines)
 
 
@@ -163,8 +165,9 @@ def main() -> None:
             "rel-L2 of each output against the fp32 source model (onnxruntime for ONNX, PyTorch / transformers for "
             "safetensors), worst over the samples (3 seeded inputs for the ONNX samples, one for the small "
             "transformers, 4 sentences for MiniLM); the worst token's cosine is the minimum over rows of the last "
-            "axis (MiniLM: real tokens only). Goals (issue #4) on the whole output: fp8 >= 0.999, nvfp4 >= 0.99, "
-            "auto within nvfp4's. benchmarks/accuracy.py's docstring says what each build quantizes.\n\n"
+            "axis (MiniLM: real tokens only). Goals (issue #4): fp8 >= 0.999, nvfp4 >= 0.99, auto within nvfp4's, "
+            "on the cosine of the whole output (MiniLM: of each real token, as its padded positions carry no "
+            "meaning). benchmarks/accuracy.py's docstring says what each build quantizes.\n\n"
             + table(rows) + "\n")
     with open(a.out, "w") as f:
         f.write(text)

@@ -8,9 +8,10 @@ params:
      b.quant: "fp8" | "nvfp4" (optional): a quantized weight stored [rows, K] (kernels/quant.py) with its
      scales as extra arguments after b (fp8: b_scale [rows]; nvfp4: b_block [rows, K/16], b_global [1])
   ln: null | {eps, has_beta, rms}      LayerNorm (or RMSNorm) of A's rows over K, gamma/beta float32 [K]
-  aq (optional): null | "tensor" | "row"   FP8 E4M3 quantization of A' (after the norm) as the kernel stages it
-     (kernels/quant.py): "tensor" divides by the static scale a_scale [1] (float32), "row" by each row's
-     max |A'| / 448; the E4M3 values are multiplied and the float32 sums scaled back
+  aq (optional): null | "tensor" | "row" | "nvfp4"   quantization of A' (after the norm) as the kernel stages
+     it (kernels/quant.py): FP8 E4M3 with the static scale a_scale [1] (float32) or each row's max |A'| / 448;
+     or NVFP4 with run-time E4M3 block scales per 16 values along K and the static global scale a_scale [1];
+     the quantized values are multiplied and the float32 sums scaled back
   epi_inputs: [{dtype, atoms}]         extra epilogue tensors, atoms over batch + [M, N]
   expr: elementwise expression over ["acc"] and the epilogue inputs
   out_dtype: C's dtype, C contiguous over batch + [M, N]
@@ -24,19 +25,19 @@ from flashrt.kernels import expr as ex
 from flashrt.kernels import gemm_mma
 from flashrt.kernels.dtypes import CTYPES, from_f32, to_f32
 from flashrt.kernels.memory import load, load_atoms, raw, store
-from flashrt.kernels.quant import act_row_scales, dequant_fp8, dequant_nvfp4, fake_quant_act
+from flashrt.kernels.quant import act_row_scales, dequant_fp8, dequant_nvfp4, fake_quant_act, fake_quant_nvfp4_act
 from flashrt.kernels.source import atoms_code
 
 FAMILY = "gemm"
 
 
-AQ_ID = {None: 0, "tensor": 1, "row": 2}
+AQ_ID = {None: 0, "tensor": 1, "row": 2, "nvfp4": 3}
 QUANT_ARGS = {"fp8": [("b_scale", "ptr")], "nvfp4": [("b_block", "ptr"), ("b_global", "ptr")]}
 
 
 def arg_spec(p: dict) -> list[tuple[str, str]]:
     args = [("a", "ptr"), ("b", "ptr")] + QUANT_ARGS.get(p["b"].get("quant"), [])
-    if p.get("aq") == "tensor":
+    if p.get("aq") in ("tensor", "nvfp4"):
         args.append(("a_scale", "ptr"))
     if p["ln"]:
         args.append(("ln_gamma", "ptr"))
@@ -98,7 +99,7 @@ def problem_struct(p: dict, kind: str) -> tuple[str, list[str], list[str]]:
         names.append(name)
     aq = p.get("aq")
     fields.append("const float* a_scale;")
-    if aq == "tensor":
+    if aq in ("tensor", "nvfp4"):
         params.append("const float* __restrict__ a_scale")
         names.append("a_scale")
     else:
@@ -154,8 +155,8 @@ struct P {{
   static constexpr float EPS = {eps};
   {operand_loads}
   static constexpr int QUANT = {quant_id};
-  static constexpr int AQ = {AQ_ID[aq]};  // A quantization: 0 none, 1 FP8 static per tensor, 2 FP8 per row
-  __device__ static float a_scale(const Args& g) {{ return {"g.a_scale[0]" if aq == "tensor" else "1.f"}; }}
+  static constexpr int AQ = {AQ_ID[aq]};  // A quantization: 0 none, 1 FP8 per tensor, 2 FP8 per row, 3 NVFP4
+  __device__ static float a_scale(const Args& g) {{ return {"g.a_scale[0]" if aq in ("tensor", "nvfp4") else "1.f"}; }}
   __device__ static float row_scale(const Args& g, int row) {{ return {row_scale}; }}
   __device__ static float block_scale(const Args& g, int row, int kb) {{ return {block_scale}; }}
   __device__ static float ln_gamma(const Args& g, int k) {{ return {"g.gamma[k]" if ln else "1.f"}; }}
@@ -224,7 +225,9 @@ def reference(p: dict, args: dict) -> None:
         if ln["has_beta"]:
             A = A + load(args["ln_beta"], "float32", [K])
     aq = p.get("aq")
-    if aq:
+    if aq == "nvfp4":
+        A = fake_quant_nvfp4_act(A, load(args["a_scale"], "float32", [1])[0])
+    elif aq:
         scale = load(args["a_scale"], "float32", [1])[0] if aq == "tensor" else act_row_scales(A)
         A = fake_quant_act(A, scale)
     width = 2 * N if p.get("gated") else N  # a gated GEMM computes [gate | up] and combines the halves

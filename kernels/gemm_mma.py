@@ -130,7 +130,7 @@ def config(p: dict, a_offset: int, b_offset: int, dtype: str, b_const: bool = Fa
         return None
     M, N, K, nb = p["M"], p["N"], p["K"], math.prod(p["batch"])
     a_chunks, b_mode = staging(p, a_offset, b_offset, dtype)
-    fp8 = fp8_mma and bool(p.get("aq")) and p["b"].get("quant") == "fp8" and b_mode == 1
+    fp8 = fp8_mma and p.get("aq") in ("tensor", "row") and p["b"].get("quant") == "fp8" and b_mode == 1
     kt = math.ceil(K / BK)
     best = None
     # a norm prologue or per-row FP8 scales need A's whole rows first: the panel (a_mode 1) wherever it fits,
@@ -196,7 +196,7 @@ def members(p: dict) -> tuple[str, str]:
   static constexpr int A_MODE = {c["a_mode"]}, B_MODE = {c["b_mode"]};
   using OutT = {CTYPES[p["out_dtype"]]};
   static constexpr bool B_CONST = {"true" if c.get("b_const") else "false"};
-  static constexpr bool A_M_INNER = {"true" if inner_is(a["m"]) else "false"};
+  static constexpr bool A_M_INNER = {"true" if inner_is(a["m"]) and p.get("aq") != "nvfp4" else "false"};
   static constexpr bool B_N_INNER = {"true" if inner_is(b["n"]) else "false"};"""
     a_t, b_t = CTYPES[a["dtype"]], CTYPES[b["dtype"]]
     loads = f"""__device__ static const {a_t}* a_row(const Args& g, int bat, int m) {{ return g.a + ({a_row}); }}

@@ -138,7 +138,7 @@ _GEMM = Dict(
      "ln": Nullable(Dict({"eps": Num(0.0, 1e30), "has_beta": Bool}, {"rms": Bool})),
      "epi_inputs": List(Dict(OPERAND)), "expr": EXPR, "out_dtype": Dtype},
     {"gated": Bool, "mma": Dict({"dtype": Enum("bfloat16", "float16", "e4m3")}),  # the reference rounds to it
-     "aq": Nullable(Enum("tensor", "row"))})
+     "aq": Nullable(Enum("tensor", "row", "nvfp4"))})
 
 
 # ------------------------------------------------------------------------------------------ relations / caps
@@ -176,6 +176,8 @@ def _gemm(p: dict) -> None:
                                                      or p["b"].get("quant") != "fp8"):
         raise _Bad(".mma.dtype", "= 'e4m3' needs FP8 activations (params.aq) times an fp8 weight (params.b.quant)")
     M, N, K, batch = p["M"], p["N"], p["K"], p["batch"]
+    if p.get("aq") == "nvfp4" and K % 16:
+        raise _Bad(".K", f"= {K}: NVFP4 activations need K to be a multiple of 16 (params.aq = 'nvfp4')")
     nb = math.prod(batch)
     width = 2 * N if p.get("gated") else N
     _elements("batch, M, K", "A operand", nb, M, K)

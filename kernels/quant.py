@@ -10,7 +10,10 @@ Weights are stored [N, K] (K contiguous), as the GEMV streams them.
 Activations (a GEMM's A operand, quantized by the GEMM itself while it stages A; see kernels/gemm.py's `aq`):
   fp8 tensor   one static float32 scale s (from calibration, or the model's QuantizeLinear):  A' = e4m3(A / s) * s
   fp8 row      one scale per row, computed at run time: s[m] = max_k |A[m, k]| / 448 (1 for an all-zero row)
-The GEMM multiplies the E4M3 values and applies s (per row) to the float32 sums."""
+  nvfp4        NVFP4 as TensorRT's TRT_FP4DynamicQuantize computes it: per 16 values along K a block scale
+               b = e4m3(max |A| / 6 / g) computed at run time, with the static float32 global scale g;
+               A' = e2m1(A / (b g)) * (b g)
+The GEMM multiplies the E4M3 (E2M1 x E4M3) values and applies s (g) to the float32 sums."""
 
 import numpy as np
 
@@ -34,7 +37,7 @@ E4M3 = _e4m3_table()
 E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
 
 
-ACT_QUANT = ("tensor", "row")
+ACT_QUANT = ("tensor", "row", "nvfp4")
 
 
 def act_row_scales(x: np.ndarray) -> np.ndarray:
@@ -50,6 +53,29 @@ def fake_quant_act(x: np.ndarray, scale) -> np.ndarray:
     x, scale = np.asarray(x, np.float32), np.asarray(scale, np.float32)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         return (_e4m3(x / scale) * scale).astype(np.float32)
+
+
+def e2m1_round(x: np.ndarray) -> np.ndarray:
+    """Round to the nearest E2M1 value (ties to even), saturating at +-6; NaN stays NaN. Exact: the quantum of
+    |x|'s binade (0.5 below 2, then 1, then 2) scales x to an integer grid that rint rounds."""
+    x = np.asarray(x, np.float32)
+    c = np.clip(x, np.float32(-E2M1_MAX), np.float32(E2M1_MAX))
+    _, e = np.frexp(c)  # floor(log2 |c|) = e - 1
+    s = np.maximum(e - 1, 0) - 1
+    return np.ldexp(np.rint(np.ldexp(c, -s)), s).astype(np.float32)
+
+
+def fake_quant_nvfp4_act(x: np.ndarray, global_scale) -> np.ndarray:
+    """x [..., K] (K % 16 == 0) as an NVFP4 activation: per 16 values along the last axis, the E4M3 block scale
+    of max |x| / 6 / global, then E2M1 values times (block scale x global), in float32."""
+    x = np.asarray(x, np.float32)
+    g = np.float32(global_scale)
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // NVFP4_BLOCK, NVFP4_BLOCK)
+    amax = np.fmax.reduce(np.abs(blocks), axis=-1, keepdims=True, initial=np.float32(0))
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        scale = (_e4m3(amax / np.float32(E2M1_MAX) / g) * g).astype(np.float32)
+        scale = np.where(scale > 0, scale, np.float32(1))
+        return (e2m1_round(blocks / scale) * scale).astype(np.float32).reshape(x.shape)
 
 
 def dequant_fp8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:

@@ -142,3 +142,27 @@ def test_a_target_without_fp8_instructions_warns(tmp_path):
     assert "sm_80: no FP8 instructions (sm_89+); quantized weights are decoded in software there" in result.warnings
     for region, p in _gemm_kernels(out):  # not every target native: bf16, no FP8 activations
         assert not p.get("aq") and "not native on sm_80" in region["reason"], region["reason"]
+
+
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_120a"])
+def test_activation_quantization_compiles_in_every_gemm_kernel(arch):
+    """NVFP4 and per-row FP8 activations in the tensor-core GEMM (ring, panel, element loads), the GEMV (staged
+    and not) and the SIMT tiled GEMM: no spills."""
+    import shutil
+
+    if shutil.which("nvcc") is None:
+        pytest.skip("no nvcc")
+    from test_gpu_gemm import problem
+    from test_gpu_gemv import gemv_case
+
+    from flashrt.aot.codegen import build_cubins, kernel_source
+
+    cases = [("gemm", problem(50, 768, 1024, aq="nvfp4", quant="nvfp4")),
+             ("gemm", problem(50, 768, 1024, aq="nvfp4", ln=RMS)),
+             ("gemm", problem(50, 768, 1024, aq="row", ln=RMS, config={"a_mode": 2})),
+             ("gemm", problem(40, 300, 512, aq="nvfp4", dtype="float32")),
+             ("gemv", gemv_case("qkv", "fp8", 1, aq="nvfp4")[0]), ("gemv", gemv_case("down", None, 8, aq="nvfp4")[0])]
+    sources = [kernel_source(f, p) for f, p in cases]
+    _, resources, _ = build_cubins(sources, [arch])
+    for s in sources:
+        assert resources[arch][s.symbol]["spill_bytes"] == 0, s.symbol

@@ -78,6 +78,8 @@ def make_args(p: dict, seed: int) -> dict[str, np.ndarray]:
         out["b"] = values(_extent(b["batch"] + b["k"] + b["n"]), b["dtype"], 0.05)
     if p.get("aq") == "tensor":  # A' up to ~4 sigma in range, the rest saturates at +-448
         out["a_scale"] = np.array([4.0 / 448], np.float32).view(np.uint8)
+    elif p.get("aq") == "nvfp4":  # the global scale of ~5 sigma: block scales well inside E4M3's range
+        out["a_scale"] = np.array([5.0 / (6 * 448)], np.float32).view(np.uint8)
     if p["ln"]:
         out["ln_gamma"] = values(K, "float32", 0.2, 1.0)
         if p["ln"]["has_beta"]:
@@ -260,7 +262,17 @@ def cases() -> list[tuple[str, dict]]:
             out.append((f"{tag} bf16 weight M50 K1024 N1024", problem(50, 1024, 1024, aq=aq)))
             out.append((f"{tag} nvfp4 weight rms M50 K1024 N2560", problem(50, 2560, 1024, ln=RMS, aq=aq,
                                                                            quant="nvfp4")))
-    for aq in ("tensor", "row"):  # the SIMT tiled kernel (float32 operands)
+    # NVFP4 activations (E2M1 values x run-time E4M3 block scales, staged exactly in bf16): every A path
+    for name, kw in [("ring", {}), ("rms panel", {"ln": RMS}), ("layernorm panel split4", {"ln": LN, "config": {
+            "split": 4, "stages": 2}}), ("generic-A rms split2", {"ln": RMS, "config": {"a_mode": 2, "split": 2}}),
+            ("wg2", {"config": {"wg": 2}})]:
+        out.append((f"aq-nvfp4 {name} nvfp4 weight M50 K1024 N768", problem(50, 768, 1024, aq="nvfp4", quant="nvfp4",
+                                                                            **kw)))
+    out.append(("aq-nvfp4 bf16 weight M197 K768 N2304", problem(197, 2304, 768, aq="nvfp4", expr=RESIDUAL)))
+    out.append(("aq-nvfp4 transposed A M50 K1024 N512",
+                problem(50, 512, 1024, aq="nvfp4", a={"dtype": "bfloat16", "batch": [[1, 0]], "m": [[50, 1]],
+                                                      "k": [[1024, 50]]})))
+    for aq in ("tensor", "row", "nvfp4"):  # the SIMT tiled kernel (float32 operands)
         out.append((f"tiled aq-{aq} rms M40 K512 N300", problem(40, 300, 512, ln=RMS, aq=aq, dtype="float32")))
     return out
 

@@ -50,6 +50,8 @@ def gemv_case(shape: str, quant: str | None, M: int = 1, seed: int = 0, config=N
         p["aq"] = aq
         if aq == "tensor":
             host["a_scale"] = np.array([3.0 / 448], np.float32)
+        elif aq == "nvfp4":
+            host["a_scale"] = np.array([5.0 / (6 * 448)], np.float32)
     if norm:
         host["ln_gamma"] = (1 + 0.1 * rng.standard_normal(K)).astype(np.float32)
     else:
@@ -79,7 +81,7 @@ def test_gemv_matches_reference(shape, quant, M):
 @pytest.mark.gpu
 @requires_gpu
 @pytest.mark.parametrize("M", [1, 8])  # M = 8 at K = 3072 does not stage A in shared memory: the other path
-@pytest.mark.parametrize("aq", ["tensor", "row"])
+@pytest.mark.parametrize("aq", ["tensor", "row", "nvfp4"])
 @pytest.mark.parametrize("shape, quant", [("qkv", "fp8"), ("down", "fp8"), ("gate_up", None), ("o_proj", "nvfp4")])
 def test_gemv_fp8_activations_match_reference(shape, quant, aq, M):
     from gpu_kernel import Kernel, reference

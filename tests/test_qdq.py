@@ -1,6 +1,7 @@
 """Pre-quantized ONNX (QuantizeLinear / DequantizeLinear): weights keep the model's own codes and scales (fp8,
-FLOAT4E2M1 blocks, ModelOpt's NVFP4 pattern), activation Q/DQ pairs become a fused exact E4M3 fake quantization,
-and what flashrt cannot fuse is rejected by name. Oracles: onnxruntime, or the ONNX reference implementation
+FLOAT4E2M1 blocks, ModelOpt's NVFP4 pattern), activation Q/DQ pairs and ModelOpt's dynamic NVFP4 activations
+become an exact quantization that the consuming GEMM applies to its A operand, and what flashrt cannot fuse is
+rejected by name. Oracles: onnxruntime, or the ONNX reference implementation
 where onnxruntime has no kernel (FLOAT4E2M1 DequantizeLinear)."""
 
 import ml_dtypes
@@ -203,11 +204,49 @@ def test_activation_qdq_is_an_exact_fused_fake_quantization(tmp_path):
     assert np.abs(h @ numpy_helper.to_array(w2) - ref).max() > 1e-3
 
 
-def test_dynamic_fp4_activations_are_rejected_by_name(tmp_path):
-    nodes = [helper.make_node("TRT_FP4DynamicQuantize", ["x", "g"], ["xq", "xs"], domain="trt", name="act_fp4",
-                              axis=-1, block_size=16, scale_type=17),
-             helper.make_node("Identity", ["x"], ["y"])]
-    model = save(tmp_path / "m.onnx", nodes, [numpy_helper.from_array(np.array(1.0, np.float32), "g")],
-                 y_shape=(4, K), extra_opsets=["trt"])
-    with pytest.raises(ModelError, match="act_fp4.*TRT_FP4DynamicQuantize.*block"):
+def _fp4_activation_nodes(block_size=16, s_scale="g"):
+    """ModelOpt's dynamic NVFP4 activations before fc: TRT_FP4DynamicQuantize, the block scales' DequantizeLinear
+    by the global scale, the values' blocked DequantizeLinear."""
+    return [helper.make_node("TRT_FP4DynamicQuantize", ["x", "g"], ["xq", "xs"], domain="trt", name="act_fp4",
+                             axis=-1, block_size=16, scale_type=17),
+            helper.make_node("DequantizeLinear", ["xs", s_scale], ["bs"], domain="trt", name="dq_scales"),
+            helper.make_node("DequantizeLinear", ["xq", "bs"], ["xd"], domain="trt", name="dq_values", axis=-1,
+                             block_size=block_size),
+            helper.make_node("MatMul", ["xd", "w"], ["y"], name="fc")]
+
+
+def test_dynamic_fp4_activations_are_quantized_by_the_gemm(tmp_path):
+    """TensorRT's NVFP4 activation recipe, computed independently here with ml_dtypes: per 16 values the E4M3
+    block scale of max |x| / 6 / g, then E2M1 values; flashrt's GEMM computes the block scales as it stages A."""
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((K, N)).astype(np.float32) / 8
+    x = rng.standard_normal((4, K)).astype(np.float32) * np.linspace(0.1, 4, K, dtype=np.float32)
+    g = np.float32(np.abs(x).max() / (6 * 448))
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(g, np.float32), "g")]
+    model = save(tmp_path / "m.onnx", _fp4_activation_nodes(), inits, extra_opsets=["trt"])
+    out = tmp_path / "m.frt"
+    build_engine(str(model), ["sm_120a"], str(out), None, "fp32")
+    manifest = read_engine(out).manifest
+    (region,) = manifest["regions"]
+    assert region["ops"] == ["FakeQuantNVFP4", "MatMul"] and region["source_nodes"][0] == "act_fp4"
+    assert manifest["kernels"][region["kernel"]]["params"]["aq"] == "nvfp4"
+    blocks = x.reshape(4, K // 16, 16)
+    scale = (np.abs(blocks).max(-1, keepdims=True) / 6 / g).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * g
+    values = np.clip(blocks / scale, -6, 6).astype(ml_dtypes.float4_e2m1fn).astype(np.float32)
+    want = (values * scale).reshape(4, K) @ w
+    np.testing.assert_allclose(run_cpu(out, x), want, rtol=1e-5, atol=1e-5)
+    assert np.abs(x @ w - want).max() > 1e-2  # the quantization is really there
+
+
+@pytest.mark.parametrize("nodes, match", [
+    (_fp4_activation_nodes(block_size=32), "dq_values.*block_size 16 along axis -1"),
+    (_fp4_activation_nodes(s_scale="g2"), "dq_scales.*same constant global scale"),
+])
+def test_unsupported_fp4_activation_patterns_are_named(tmp_path, nodes, match):
+    inits = [numpy_helper.from_array(np.ones((K, N), np.float32), "w"),
+             numpy_helper.from_array(np.array(0.01, np.float32), "g"),
+             numpy_helper.from_array(np.array(0.02, np.float32), "g2")]
+    model = save(tmp_path / "m.onnx", nodes, inits, extra_opsets=["trt"])
+    with pytest.raises(ModelError, match=match):
         build_engine(str(model), ["sm_90a"], str(tmp_path / "m.frt"), None, "nvfp4")
+    assert not (tmp_path / "m.frt").exists()

@@ -13,7 +13,7 @@ from flashrt.errors import ModelError
 
 ELEMENTWISE_UNARY = {"Relu", "Gelu", "Sigmoid", "Tanh", "Erf", "Neg", "Exp", "Sqrt", "Reciprocal", "Abs", "Identity",
                      "Sin", "Cos", "Not", "IsNaN", "Cast", "Softplus", "HardSigmoid", "LeakyRelu", "Floor", "Ceil",
-                     "FakeQuantFP8"}
+                     "FakeQuantFP8", "FakeQuantNVFP4"}
 ELEMENTWISE_BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Equal", "Less", "Greater", "LessOrEqual",
                       "GreaterOrEqual", "And", "Or", "Mod"}
 ELEMENTWISE_OTHER = {"Where", "CastLike"}
@@ -144,7 +144,7 @@ def _split_sizes(node: Node, args: list, dim: int) -> list[int]:
 
 def fold(node: Node, args: list[np.ndarray | None]) -> list[np.ndarray]:
     """numpy evaluation of node on constant (or abstract zero) inputs."""
-    from flashrt.kernels.quant import act_row_scales, fake_quant_act
+    from flashrt.kernels.quant import act_row_scales, fake_quant_act, fake_quant_nvfp4_act
 
     op, at = node.op, node.attrs
     a = args[0] if args else None
@@ -162,6 +162,11 @@ def fold(node: Node, args: list[np.ndarray | None]) -> list[np.ndarray]:
         if op == "FakeQuantFP8":  # FP8 E4M3 activation quantization, kernels/quant.py
             scale = act_row_scales(a) if at.get("scale") == "row" else args[1]
             return [fake_quant_act(a, scale).astype(a.dtype)]
+        if op == "FakeQuantNVFP4":  # NVFP4 activation quantization (16-value blocks along the last axis)
+            if a.shape[-1] % 16:
+                raise ModelError(f"node '{node.name}' (FakeQuantNVFP4): the last axis ({a.shape[-1]}) is not a "
+                                 "multiple of 16, the NVFP4 block")
+            return [fake_quant_nvfp4_act(a, args[1]).astype(a.dtype)]
         if op in ("Erf", "Gelu"):
             from flashrt.kernels.expr import _erf, _gelu
 

@@ -9,8 +9,10 @@
 - QuantizeLinear -> DequantizeLinear of an activation (float8e4m3fn, per-tensor scale, saturating) becomes
   FakeQuantFP8(x, s) = e4m3(x / s) * s: the GEMMs that read it quantize their A operand themselves, exactly;
   elsewhere it is an elementwise op fused into the producing kernel.
-- trt::TRT_FP4DynamicQuantize (dynamic per-16-block NVFP4 activations) needs a block amax, a reduction no
-  elementwise epilogue can compute: it is rejected, naming the node.
+- trt::TRT_FP4DynamicQuantize(x, g) -> (E2M1 values, E4M3 block scales), its block scales through
+  DequantizeLinear(., g) into the values' blocked DequantizeLinear (ModelOpt's dynamic NVFP4 activations)
+  becomes FakeQuantNVFP4(x, g): the GEMMs reading it compute each 16-value block's scale at run time as they
+  stage their A operand (kernels/quant.py fake_quant_nvfp4_act).
 Semantics follow the ONNX spec (DequantizeLinear-23: y = x * scale, the scale repeated block_size times along
 `axis` for blocked quantization, or broadcast along `axis` for a 1-D scale)."""
 
@@ -221,12 +223,43 @@ class _Rewriter:
         self.dead.add(id(node))
         self.new_nodes[id(node)] = nodes
 
+    def activation_fp4(self, node) -> None:
+        """TRT_FP4DynamicQuantize(x, g) -> DequantizeLinear(block scales, g) -> DequantizeLinear(values, those,
+        block_size 16 along the last axis): one FakeQuantNVFP4(x, g)."""
+        from onnx import helper
+
+        g = self.const(node.input[1]) if len(node.input) > 1 else None
+        if g is None or g.size != 1 or not np.float32(g.reshape(())) > 0:
+            self.fail(node, "the global scale must be a positive constant scalar")
+        g = np.float32(g.reshape(()))
+        if _attr(node, "block_size", 16) != 16 or _attr(node, "scale_type", 17) != FP8 or \
+                _attr(node, "axis", -1) not in (-1,):
+            self.fail(node, "expected block_size 16 along the last axis (axis -1) with float8e4m3fn block scales")
+        values, scales = (list(node.output) + ["", ""])[:2]
+        s_users, v_users = self.users.get(scales, []), self.users.get(values, [])
+        if len(s_users) != 1 or not _is(s_users[0], "DequantizeLinear") or len(v_users) != 1 \
+                or not _is(v_users[0], "DequantizeLinear"):
+            self.fail(node, "its values and its block scales must each feed one DequantizeLinear (ModelOpt's "
+                            "NVFP4 pattern)")
+        s_dq, v_dq = s_users[0], v_users[0]
+        s_g = self.const(s_dq.input[1])
+        if s_g is None or s_g.size != 1 or np.float32(s_g.reshape(())) != g:
+            self.fail(s_dq, "the block scales' DequantizeLinear must use the same constant global scale")
+        if v_dq.input[1] != s_dq.output[0] or _attr(v_dq, "block_size", 0) != 16 or _attr(v_dq, "axis", -1) != -1:
+            self.fail(v_dq, "expected the values' DequantizeLinear with block_size 16 along axis -1, scaled by the "
+                            "dequantized block scales")
+        for dq in (s_dq, v_dq):
+            self._check_zero_point(dq)
+        s_name = f"{self.name(node)}/global_scale"
+        self.new_inits.append(self.np.from_array(np.array(g, np.float32), s_name))
+        self.new_nodes[id(node)] = [helper.make_node("FakeQuantNVFP4", [node.input[0], s_name], [v_dq.output[0]],
+                                                     name=self.name(node))]
+        self.dead.update({id(node), id(s_dq), id(v_dq)})
+
     def run(self) -> PrequantTable:
-        for n in self.g.node:
+        for n in list(self.g.node):
             if n.op_type == "TRT_FP4DynamicQuantize":
-                self.fail(n, "dynamic NVFP4 activation quantization needs each 16-value block's amax, a "
-                             "reduction that flashrt cannot fuse into the producing kernel's epilogue; export with "
-                             "static FP8 activations (QuantizeLinear/DequantizeLinear) or weight-only NVFP4")
+                self.activation_fp4(n)
         for n in list(self.g.node):
             if _is(n, "QuantizeLinear") and n.input[0] in self.inits:
                 self.weight_q(n)

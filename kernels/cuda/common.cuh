@@ -34,6 +34,19 @@ __device__ __forceinline__ float act_row_scale(float amax) {
   const float s = amax / 448.f;
   return s > 0.f ? s : 1.f;
 }
+// E2M1 rounding (ties to even, saturating at +-6, NaN kept), as kernels/quant.py's e2m1_round
+__device__ __forceinline__ float e2m1_round(float x) {
+  const float c = fminf(fmaxf(x, -6.f), 6.f);
+  const int s = max(ilogbf(c), 0) - 1;
+  return x != x ? x : ldexpf(rintf(ldexpf(c, -s)), s);
+}
+// NVFP4 activation blocks (kernels/quant.py fake_quant_nvfp4_act): the scale of a 16-value block with max |x|
+// amax under global scale g is b g, b = e4m3(amax / 6 / g) (1 where b g is 0); x becomes e2m1(x / (b g)) (b g).
+__device__ __forceinline__ float nvfp4_block_scale(float amax, float g) {
+  const float bg = e4m3_round(amax / 6.f / g) * g;
+  return bg > 0.f ? bg : 1.f;
+}
+__device__ __forceinline__ float nvfp4_round(float x, float bg) { return e2m1_round(x / bg) * bg; }
 #if __CUDA_ARCH__ >= 890
 // two floats -> two E4M3 bytes (lo in the low byte), round to nearest even, saturating
 __device__ __forceinline__ unsigned short e4m3x2_bits(float lo, float hi) {

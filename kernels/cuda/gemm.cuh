@@ -1,4 +1,4 @@
-// Tiled SIMT GEMM with fused prologue (LayerNorm or RMSNorm over K, then FP8 quantization of A' when P::AQ)
+// Tiled SIMT GEMM with fused prologue (LayerNorm or RMSNorm over K, then FP8 / NVFP4 quantization of A')
 // and a generated elementwise epilogue.
 //   C[b, m, n] = P::epilogue(b, m, n, sum_k A'(b, m, k) * B(b, k, n))
 // 256 threads as 16 x 16, each computing TM x TN outputs: a (16*TM) x (16*TN) tile per block.
@@ -15,7 +15,8 @@ __device__ __forceinline__ void gemm_tile(const typename P::Args& g) {
   const int bat = blockIdx.z, m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 
-  if constexpr (P::LN || P::AQ) {  // per-row statistics of this block's rows, one warp per row
+  constexpr bool FP8_A = P::AQ == 1 || P::AQ == 2;  // FP8 A' (per tensor or per row); P::AQ == 3: NVFP4
+  if constexpr (P::LN || FP8_A) {  // per-row statistics of this block's rows, one warp per row
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int r = warp; r < BM; r += 8) {
       const int m = m0 + r;
@@ -59,7 +60,13 @@ __device__ __forceinline__ void gemm_tile(const typename P::Args& g) {
       if (m < P::M && k < P::K) {
         v = P::load_a(g, bat, m, k);
         if constexpr (P::LN) v = (v - row_mean[mm]) * row_rstd[mm] * P::ln_gamma(g, k) + P::ln_beta(g, k);
-        if constexpr (P::AQ) v = e4m3_round(v / row_qs[mm]) * row_qs[mm];
+        if constexpr (FP8_A) v = e4m3_round(v / row_qs[mm]) * row_qs[mm];
+      }
+      if constexpr (P::AQ == 3) {  // 16 consecutive threads hold one row's 16-value block (BK = 16)
+        float a = fabsf(v);
+#pragma unroll
+        for (int o = 8; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+        v = nvfp4_round(v, nvfp4_block_scale(a, P::a_scale(g)));
       }
       As[kk][mm] = v;
     }

@@ -66,7 +66,7 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
   static_assert(MI >= 1 && NI % 2 == 0 && WTM % 16 == 0 && BM <= 128 && ST >= 2 && (WG == 1 || WG == 2), "shape");
   static_assert(P::LN || P::AQ == 2 ? P::A_MODE != 0 : P::A_MODE != 1,
                 "a norm prologue or per-row FP8 scales stage A in mode 1 or 2");
-  static_assert(!P::FP8 || (P::AQ && P::B_MODE == 1), "FP8 mma: FP8 activations times an fp8 weight");
+  static_assert(!P::FP8 || ((P::AQ == 1 || P::AQ == 2) && P::B_MODE == 1), "FP8 mma: FP8 activations, fp8 weight");
   static_assert(THREADS % BM == 0 && THREADS / BM <= 16, "row statistics: a row's threads within half a warp");
   static_assert((P::A_MODE == 2 || P::K % 8 == 0) && (P::B_MODE != 1 || P::K % 16 == 0) &&
                 (P::B_MODE != 2 || P::K % 64 == 0), "16-byte chunks along K");
@@ -84,10 +84,16 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
   constexpr int LN_ROWS = P::LN ? BM : 1, QS_ROWS = P::AQ == 2 ? BM : 1;  // static arrays only where used
   __shared__ float row_mean[LN_ROWS], row_rstd[LN_ROWS], part_mean[LN_ROWS], part_m2[LN_ROWS];
   __shared__ float row_qs[QS_ROWS], part_amax[QS_ROWS];  // per-row FP8 scales of A' (P::AQ == 2)
-  float a_qs = 1.f;  // the static FP8 scale of A' (P::AQ == 1), read after griddep_wait
-  auto qscale = [&](int r) {  // the FP8 scale of A' row r
+  float a_qs = 1.f;  // the static FP8 scale (P::AQ == 1) or NVFP4 global scale (3) of A', read after griddep_wait
+  auto qscale = [&](int r) {  // what the sums of A' row r are multiplied by
     if constexpr (P::AQ == 2) return row_qs[r];
     else return a_qs;
+  };
+  // NVFP4 A' (P::AQ == 3): the staged value of x in a 16-value block with max |x| amax, e2m1(x / (b g)) b with
+  // b = e4m3(amax / 6 / g): exact in T, its global scale g applied to the sums (kernels/quant.py)
+  auto nvfp4_stage = [&](float x, float amax) {
+    const float b = e4m3_round(amax / 6.f / a_qs), bg = b * a_qs;
+    return bg > 0.f ? e2m1_round(x / bg) * b : e2m1_round(x) / a_qs;
   };
 
   const int tid = threadIdx.x, warp = tid / 32 % 4, wg = tid / 128, lane = tid % 32;
@@ -139,6 +145,13 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
         if (m < P::M && k < P::K) {
           v = P::load_a(g, bat, m, k);
           if constexpr (P::LN) v = (v - row_mean[r]) * row_rstd[r] * P::ln_gamma(g, k) + P::ln_beta(g, k);
+        }
+        if constexpr (P::AQ == 3) {  // 16 consecutive threads hold one row's 16-value block (k inner)
+          float a = fabsf(v);
+#pragma unroll
+          for (int o = 8; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+          dst[r * LDS + kk] = from_float<T>(nvfp4_stage(v, a));
+          continue;
         }
         if constexpr (P::AQ) v = v / qscale(r);
         if constexpr (P::FP8) {
@@ -249,8 +262,29 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
       *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
     }
   };
-  // after the wait, A_MODE 0 with a static FP8 scale: each thread quantizes the chunks it copied itself
+  // after the wait, A_MODE 0 with a static FP8 scale or NVFP4: each thread quantizes the chunks it copied
+  // itself (NVFP4: with its neighbour lane, which copied the other half of each 16-value block)
   auto quant_a = [&](int s) {
+    if constexpr (P::A_MODE == 0 && P::AQ == 3) {
+      T* src = As + s * BM * LDS;
+#pragma unroll
+      for (int i = 0; i < A_CH; ++i) {
+        const int r = cr + RSTEP * i;
+        const bool valid = BM % RSTEP == 0 || r < BM;
+        float f[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        if (valid) unpack(*reinterpret_cast<const uint4*>(src + r * LDS + ck), f, src);
+        float a = 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) a = fmaxf(a, fabsf(f[j]));
+        a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 1));  // lane ^ 1: the same row, the block's other half
+        if (valid) {
+          unsigned w[4];
+#pragma unroll
+          for (int j = 0; j < 4; ++j) w[j] = mma::pack2<T>(nvfp4_stage(f[2 * j], a), nvfp4_stage(f[2 * j + 1], a));
+          *reinterpret_cast<uint4*>(src + r * LDS + ck) = make_uint4(w[0], w[1], w[2], w[3]);
+        }
+      }
+    }
     if constexpr (P::A_MODE == 0 && P::AQ == 1) {
       T* src = As + s * BM * LDS;
 #pragma unroll
@@ -342,7 +376,7 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
       if (i < nkt) load_b_tile(kt0 + i, i);
   }
   griddep_wait();
-  if constexpr (P::AQ == 1) a_qs = P::a_scale(g);
+  if constexpr (P::AQ == 1 || P::AQ == 3) a_qs = P::a_scale(g);
 
   if constexpr (P::LN && P::A_MODE == 2)
     stats([&](int r, int j, float mean, bool sq) {
@@ -392,7 +426,7 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
         for (int c = j; c * 8 < kend - kbeg; c += THREADS / BM) {  // the panel is zero past kend
           const uint4 v = *reinterpret_cast<const uint4*>(As + r * LDP + c * 8);
           const unsigned w[4] = {v.x, v.y, v.z, v.w};
-  #pragma unroll
+#pragma unroll
           for (int i = 0; i < 4; ++i) {
             const float d0 = mma::unpack_lo<T>(w[i]) - mean, d1 = mma::unpack_hi<T>(w[i]) - mean;
             acc += sq ? d0 * d0 + d1 * d1 : d0 + d1;
@@ -415,25 +449,50 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
         }
         return a;
       });
-    for (int c = tid; c < BM * CPR; c += THREADS) {
-      const int r = c % BM, kk = (c / BM) * 8, k = kbeg + kk;  // neighbours share a column: gamma stays cached
-      T* p = As + r * LDP + kk;
-      unsigned char* p8 = A8 + r * S::LDP8 + kk;
-      if (m0 + r >= P::M || k >= kend) {
-        if constexpr (P::FP8) *reinterpret_cast<uint2*>(p8) = make_uint2(0u, 0u);  // the byte panel starts unset
-        continue;
+    if constexpr (P::AQ == 3) {  // NVFP4: a thread per 16-value block (two chunks); K % 16 == 0
+      for (int c = tid; c < BM * CPR / 2; c += THREADS) {
+        const int r = c % BM, kk = (c / BM) * 16, k = kbeg + kk;
+        if (m0 + r >= P::M || k >= kend) continue;  // zero there
+        uint4* p = reinterpret_cast<uint4*>(As + r * LDP + kk);
+        float lo[8], hi[8], a = 0.f;
+        unpack(p[0], lo, As);
+        unpack(p[1], hi, As);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          lo[i] = prime(r, k + i, lo[i]);
+          hi[i] = prime(r, k + 8 + i, hi[i]);
+          a = fmaxf(a, fmaxf(fabsf(lo[i]), fabsf(hi[i])));
+        }
+        unsigned w[8];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          w[i] = mma::pack2<T>(nvfp4_stage(lo[2 * i], a), nvfp4_stage(lo[2 * i + 1], a));
+          w[4 + i] = mma::pack2<T>(nvfp4_stage(hi[2 * i], a), nvfp4_stage(hi[2 * i + 1], a));
+        }
+        p[0] = make_uint4(w[0], w[1], w[2], w[3]);
+        p[1] = make_uint4(w[4], w[5], w[6], w[7]);
       }
-      float f[8];
-      unpack(*reinterpret_cast<const uint4*>(p), f, p);
+    } else {
+      for (int c = tid; c < BM * CPR; c += THREADS) {
+        const int r = c % BM, kk = (c / BM) * 8, k = kbeg + kk;  // neighbours share a column: gamma stays cached
+        T* p = As + r * LDP + kk;
+        unsigned char* p8 = A8 + r * S::LDP8 + kk;
+        if (m0 + r >= P::M || k >= kend) {
+          if constexpr (P::FP8) *reinterpret_cast<uint2*>(p8) = make_uint2(0u, 0u);  // the byte panel starts unset
+          continue;
+        }
+        float f[8];
+        unpack(*reinterpret_cast<const uint4*>(p), f, p);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) f[i] = prime(r, k + i, f[i]);
-      if constexpr (P::AQ) {
-        quant8(f, qscale(r), p, p8);
-      } else {
-        unsigned w[4];
+        for (int i = 0; i < 8; ++i) f[i] = prime(r, k + i, f[i]);
+        if constexpr (P::AQ) {
+          quant8(f, qscale(r), p, p8);
+        } else {
+          unsigned w[4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) w[i] = mma::pack2<T>(f[2 * i], f[2 * i + 1]);
-        *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+          for (int i = 0; i < 4; ++i) w[i] = mma::pack2<T>(f[2 * i], f[2 * i + 1]);
+          *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+        }
       }
     }
     // the main loop's first barrier orders these writes before any ldmatrix

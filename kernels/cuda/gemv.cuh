@@ -1,6 +1,6 @@
 // Batch-1 GEMV / small-M GEMM (M <= 8) that streams the weights once at memory bandwidth.
 //   C[m, n] = P::epilogue(m, n, sum_k A'(m, k) * W[n, k])       W stored [N, K], K contiguous
-// A' is A, normalized (P::LN) and FP8-quantized (P::AQ: e4m3(A' / s) * s) as it is staged.
+// A' is A, normalized (P::LN) and FP8- or NVFP4-quantized (P::AQ, kernels/quant.py) as it is staged.
 // 256 threads = 8 warps = (8 / S) row groups x S K-splits. A warp owns R weight rows (GATED: R / 2 gate rows
 // n.. and the matching up rows N + n..) over one K range; each lane reads 16 bytes of every row per step.
 // The grid is one wave, sized so that each warp issues ALL of its weight loads (R x STEPS 16-byte loads per
@@ -123,8 +123,8 @@ __device__ __forceinline__ void gemv(const typename P::Args& g) {
       __syncthreads();
     }
   }
-  __shared__ float row_qs[M];  // FP8 scale of each activation row (P::AQ)
-  if constexpr (P::AQ) {
+  __shared__ float row_qs[M];  // FP8 scale of each activation row (P::AQ 1, 2)
+  if constexpr (P::AQ == 1 || P::AQ == 2) {
     for (int m = warp; m < M; m += 8) {
       float qs = P::a_scale(g);
       if constexpr (P::AQ == 2) {  // max |A'| of the normalized row
@@ -148,6 +148,18 @@ __device__ __forceinline__ void gemv(const typename P::Args& g) {
       for (int i = threadIdx.x; i < M * K; i += blockDim.x) a_s[i] = e4m3_round(a_s[i] / row_qs[i / K]) * row_qs[i / K];
       __syncthreads();
     }
+  }
+  if constexpr (P::AQ == 3 && STAGE) {  // NVFP4: each thread quantizes whole 16-value blocks of the staged rows
+    for (int b = threadIdx.x; b < M * K / 16; b += blockDim.x) {
+      float* x = a_s + b * 16;
+      float amax = 0.f;
+#pragma unroll
+      for (int j = 0; j < 16; ++j) amax = fmaxf(amax, fabsf(x[j]));
+      const float bg = nvfp4_block_scale(amax, P::a_scale(g));
+#pragma unroll
+      for (int j = 0; j < 16; ++j) x[j] = nvfp4_round(x[j], bg);
+    }
+    __syncthreads();
   }
 
   // 3. the dot products
@@ -174,8 +186,28 @@ __device__ __forceinline__ void gemv(const typename P::Args& g) {
           for (int j = 0; j < VEC; ++j) {
             float v = P::load_a(g, m, k + j);
             if constexpr (P::LN) v = (v - row_mean[m]) * row_rstd[m] * P::ln_gamma(g, k + j) + P::ln_beta(g, k + j);
-            if constexpr (P::AQ) v = e4m3_round(v / row_qs[m]) * row_qs[m];
+            if constexpr (P::AQ == 1 || P::AQ == 2) v = e4m3_round(v / row_qs[m]) * row_qs[m];
             a[j] = v;
+          }
+          if constexpr (P::AQ == 3) {  // NVFP4 blocks of 16 along K: a lane holds whole blocks, or part of one
+#pragma unroll
+            for (int b = 0; b < VEC; b += 16) {
+              float amax = 0.f;
+              if constexpr (VEC >= 16) {
+#pragma unroll
+                for (int j = 0; j < 16; ++j) amax = fmaxf(amax, fabsf(a[b + j]));
+              } else {  // the block's other values, from their source
+                const int kb = k & ~15;
+                for (int j = 0; j < 16; ++j) {
+                  float v = P::load_a(g, m, kb + j);
+                  if constexpr (P::LN) v = (v - row_mean[m]) * row_rstd[m] * P::ln_gamma(g, kb + j) + P::ln_beta(g, kb + j);
+                  amax = fmaxf(amax, fabsf(v));
+                }
+              }
+              const float bg = nvfp4_block_scale(amax, P::a_scale(g));
+#pragma unroll
+              for (int j = 0; j < (VEC < 16 ? VEC : 16); ++j) a[b + j] = nvfp4_round(a[b + j], bg);
+            }
           }
         }
 #pragma unroll
