@@ -7,24 +7,7 @@
 // an online softmax (running max and sum) and accumulates P.V with lanes splitting the value dims.
 // Keys a query row does not see (P::visible: the dynamic KV length) are never loaded.
 #pragma once
-#include "common.cuh"
-
-__device__ __forceinline__ unsigned cluster_rank() {
-  unsigned r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-  return r;
-}
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-// a float in the shared memory of cluster block `rank`, at the address `p` has in this block
-__device__ __forceinline__ float ld_cluster(const float* p, unsigned rank) {
-  unsigned local = (unsigned)__cvta_generic_to_shared(p), remote;
-  float v;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
-  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
-  return v;
-}
+#include "mma.cuh"
 
 // Merge n partial results (max m_i, sum l_i, unnormalized outputs o_i) of one query: weights e^(m_i - max)
 // and 1 / sum; a query that saw no key (all m_i = -inf) gets zeros, not NaN.
@@ -52,7 +35,7 @@ __device__ __forceinline__ void attention(const typename P::Args& g) {
   __shared__ float blk_o[CL > 1 ? TQ : 1][VPL * 32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int qi = warp / KW, kw = warp % KW;
-  const int qb = blockIdx.x / CL, rank = CL > 1 ? (int)cluster_rank() : 0;
+  const int qb = blockIdx.x / CL, rank = CL > 1 ? (int)mma::cluster_rank() : 0;
   const int bh = blockIdx.y, t = qb * TQ + qi;
   griddep_launch_dependents();
   griddep_wait();  // Q, the KV cache and pos come from earlier kernels
@@ -130,7 +113,7 @@ __device__ __forceinline__ void attention(const typename P::Args& g) {
     }
   }
   if constexpr (CL > 1) {
-    cluster_sync();
+    mma::cluster_sync();
     // the cluster's blocks each finish a share of the (query, value dim) outputs from all CL partials
     for (int i = rank * NT + threadIdx.x; i < TQ * VD; i += CL * NT) {
       const int qj = i / VD, d = i % VD, tj = qb * TQ + qj;
@@ -138,16 +121,16 @@ __device__ __forceinline__ void attention(const typename P::Args& g) {
       float ms[CL], ls[CL];
 #pragma unroll
       for (int r = 0; r < CL; ++r) {
-        ls[r] = ld_cluster(&blk_l[qj], r);
-        ms[r] = ls[r] == 0.f ? -INFINITY : ld_cluster(&blk_m[qj], r);  // no key in that block
+        ls[r] = mma::ld_cluster(&blk_l[qj], r);
+        ms[r] = ls[r] == 0.f ? -INFINITY : mma::ld_cluster(&blk_m[qj], r);  // no key in that block
       }
       const SoftmaxMerge mg(CL, [&](int r) { return ms[r]; }, [&](int r) { return ls[r]; });
       float acc = 0.f;
 #pragma unroll
       for (int r = 0; r < CL; ++r)
-        if (ls[r] != 0.f) acc += ld_cluster(&blk_o[qj][d], r) * expf(ms[r] - mg.base);
+        if (ls[r] != 0.f) acc += mma::ld_cluster(&blk_o[qj][d], r) * expf(ms[r] - mg.base);
       P::store(g, bh, tj, d, acc * mg.inv);
     }
-    cluster_sync();  // no block leaves while another may still read its shared memory
+    mma::cluster_sync();  // no block leaves while another may still read its shared memory
   }
 }

@@ -77,7 +77,7 @@ __device__ __forceinline__ void attention_mma(const typename P::Args& g) {
   float* const weight = row_l + BQ;  // [BQ][CL]
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int rank = CL > 1 ? (int)cluster_rank() : 0;
+  const int rank = CL > 1 ? (int)mma::cluster_rank() : 0;
   const int bh = blockIdx.y, q0 = blockIdx.x / CL * BQ, w0 = q0 + 16 * warp;
   griddep_launch_dependents();
   griddep_wait();  // Q, K, V and pos come from earlier kernels
@@ -236,14 +236,14 @@ __device__ __forceinline__ void attention_mma(const typename P::Args& g) {
     row_m[r] = m[0]; row_l[r] = l[0];
     row_m[r + 8] = m[1]; row_l[r + 8] = l[1];
   }
-  if constexpr (CL > 1) cluster_sync();
+  if constexpr (CL > 1) mma::cluster_sync();
   else __syncthreads();
   if (tid < BQ && tid % CL == rank) {  // each partial's weight in the row's result
     float ms[CL], ls[CL];
 #pragma unroll
     for (int src = 0; src < CL; ++src) {
-      ms[src] = CL > 1 ? ld_cluster(&row_m[tid], src) : row_m[tid];
-      ls[src] = CL > 1 ? ld_cluster(&row_l[tid], src) : row_l[tid];
+      ms[src] = CL > 1 ? mma::ld_cluster(&row_m[tid], src) : row_m[tid];
+      ls[src] = CL > 1 ? mma::ld_cluster(&row_l[tid], src) : row_l[tid];
     }
     const SoftmaxMerge mg(CL, [&](int src) { return ms[src]; }, [&](int src) { return ls[src]; });
 #pragma unroll
@@ -266,5 +266,5 @@ __device__ __forceinline__ void attention_mma(const typename P::Args& g) {
 #pragma unroll
     for (int k = 0; k < 4; ++k) P::store(g, bh, t, c + k, acc[k]);
   }
-  if constexpr (CL > 1) cluster_sync();  // no block leaves while another may still read its shared memory
+  if constexpr (CL > 1) mma::cluster_sync();  // no block leaves while another may still read its shared memory
 }

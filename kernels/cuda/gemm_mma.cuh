@@ -323,8 +323,8 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
           const int nb = min(((src + 1) * S::KT / SPLIT) * BK, P::K) - (src * S::KT / SPLIT) * BK;
           if (nb <= 0) continue;
           float mb, m2b;
-          asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(mb) : "r"(mma::cluster_addr(&part_mean[tid], src)));
-          asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(m2b) : "r"(mma::cluster_addr(&part_m2[tid], src)));
+          mb = mma::ld_cluster(&part_mean[tid], src);
+          m2b = mma::ld_cluster(&part_m2[tid], src);
           const float n_ab = n_acc + nb, delta = mb - mean_acc;
           mean_acc += delta * (nb / n_ab);
           m2_acc += m2b + delta * delta * (n_acc * nb / n_ab);
@@ -354,9 +354,7 @@ __device__ __forceinline__ void gemm_mma(const typename P::Args& g) {
       if (tid < BM) {
         float m = 0.f;
         for (int src = 0; src < SPLIT; ++src) {
-          float x;
-          asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(x) : "r"(mma::cluster_addr(&part_amax[tid], src)));
-          m = fmaxf(m, x);
+          m = fmaxf(m, mma::ld_cluster(&part_amax[tid], src));
         }
         row_qs[tid] = act_row_scale(m);
       }

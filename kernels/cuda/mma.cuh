@@ -111,6 +111,12 @@ __device__ __forceinline__ unsigned cluster_addr(const void* p, unsigned rank) {
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(smem_addr(p)), "r"(rank));
   return r;
 }
+// a float in the shared memory of cluster block `rank`, at the address `p` has in this block
+__device__ __forceinline__ float ld_cluster(const float* p, unsigned rank) {
+  float v;
+  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(cluster_addr(p, rank)) : "memory");
+  return v;
+}
 __device__ __forceinline__ float4 ld_cluster_f4(unsigned addr) {
   float4 v;
   asm volatile("ld.shared::cluster.v4.f32 {%0,%1,%2,%3}, [%4];\n"
