@@ -63,8 +63,9 @@ def targets() -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Engine file (default: MODEL with .frt).")
 @click.option("--shapes", help="Static sizes for dynamic inputs: name:1x3x224x224,other:1x16")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "fp8", "nvfp4", "auto"]), default="fp32",
-              show_default=True, help="fp8/nvfp4: weight-only quantized GEMM weights, bf16 activations; auto: "
-                                      "the planner picks per region (flashrt inspect shows why)")
+              show_default=True, help="fp8/nvfp4: quantized GEMM weights, bf16 activations (the model's Q/DQ "
+                                      "and --calib add FP8 activations); auto: the planner picks per region and "
+                                      "target, FP8 activations where E4M3 mma is native (flashrt inspect shows why)")
 @click.option("--bundle-test", is_flag=True, help="Store sample inputs and expected outputs for `flashrt verify`.")
 @click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False), help=".npz of inputs for --bundle-test.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
