@@ -100,6 +100,11 @@ class Group:
     halves: tuple[str, str] | None = None  # gated: the gate and up values
     quant: Node | None = None  # a fused FakeQuantFP8 / FakeQuantNVFP4 of the GEMM's A (after the norm)
 
+    def a_source(self) -> str:
+        """The value a GEMM group reads as A: the fused norm's input, else the fused quantization's, else its own."""
+        mm = self.nodes[0]
+        return self.prologue.inputs[0] if self.prologue else self.quant.inputs[0] if self.quant else mm.inputs[0]
+
 
 class Partitioner:
     def __init__(self, graph: Graph, precision: str, shared: Shared | None = None, entry: EntryState | None = None,
@@ -111,8 +116,8 @@ class Partitioner:
         self.act = ACT_DTYPES[precision]
         # E4M3 mma.sync on every target (sm_89+), and where it is native rather than widened to f16 by ptxas
         support = {t: fp8_mma(t) for t in targets or []}
-        self.fp8_mma = "none" not in support.values()
         self.no_fp8 = sorted(t for t, v in support.items() if v == "none")
+        self.fp8_mma = not self.no_fp8
         self.fp8_native = bool(support) and set(support.values()) == {"native"}
         self.clusters = all(sm_number(t) >= 90 for t in targets or [])  # thread-block clusters
         self.mma = all(sm_number(t) >= 80 for t in targets or [])  # bf16 mma.sync and cp.async
@@ -544,7 +549,7 @@ class Partitioner:
                    batch: tuple, norm: Node | None, expr: list, epi_inputs: list[TensorRef], out: TensorRef,
                    ops: list[str], source: list[str], gated: bool = False, quant: tuple = ((), ""),
                    aq: tuple[str, TensorRef | None] | None = None) -> None:
-        """aq: A's FP8 quantization ("tensor" and its scale, or "row" and None)."""
+        """aq: A's quantization as plan_activation gives it ("tensor" / "nvfp4" and its scale, or "row", None)."""
         M, N, K = mnk
         kshape = tuple(batch) + (M, N)
         quant_refs, reason = quant
@@ -586,12 +591,12 @@ class Partitioner:
     def emit_gemm(self, group: Group) -> None:
         mm, epi = group.nodes[0], group.nodes[1:]
         norm, fq = group.prologue, group.quant
-        a = self.ref(norm.inputs[0] if norm else fq.inputs[0] if fq else mm.inputs[0], self.act)
+        a = self.ref(group.a_source(), self.act)
         if len(a.shape) == 1:
             a = a.reshape((1,) + a.shape)
         w = self.g.constants.get(mm.inputs[1])
         quant, b_atoms, fmt = ((), ""), None, None
-        if mm.outputs[0] in self.exact:  # positions x frequencies: full precision (see _integer_derived)
+        if mm.outputs[0] in self.exact:  # positions x frequencies: full precision (see integer_derived)
             a = self.ref(mm.inputs[0], "float32")
             if w is not None and w.ndim == 2:
                 b = self.weight(mm.inputs[1], "float32", np.ascontiguousarray(w.T)).transpose((1, 0))
@@ -735,7 +740,7 @@ class Partitioner:
         mm, norm, fq = group.nodes[0], group.prologue, group.quant
         dag = [n for n in group.nodes[1:] if n.op not in ("Split", "Slice")]
         gate, up = group.halves
-        a = self.ref(norm.inputs[0] if norm else fq.inputs[0] if fq else mm.inputs[0], self.act)
+        a = self.ref(group.a_source(), self.act)
         w = self.g.constants[mm.inputs[1]]
         K, F = w.shape[0], w.shape[1] // 2
         rows = math.prod(a.shape[:-1])

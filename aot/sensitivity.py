@@ -22,8 +22,7 @@ from flashrt.aot.importers.onnx_ops import fold
 from flashrt.aot.ir import Graph, Node
 from flashrt.aot.quantize import quantize_fp8, quantize_nvfp4
 from flashrt.errors import BuildError
-from flashrt.kernels.expr import _e4m3
-from flashrt.kernels.quant import dequant_fp8, dequant_nvfp4
+from flashrt.kernels.quant import dequant_fp8, dequant_nvfp4, fake_quant_act
 
 DEFAULT_MIN_COSINE = {"fp8": 0.999, "nvfp4": 0.99, "auto": 0.99}
 
@@ -67,7 +66,7 @@ class Runner:
                     else env[i] for i in node.inputs]
             if id(node) in acts:
                 scale = acts[id(node)]
-                args[0] = (_e4m3(args[0] / scale) * scale).astype(args[0].dtype)
+                args[0] = fake_quant_act(args[0], scale).astype(args[0].dtype)
             for name, arr in zip(node.outputs, fold(node, args)):
                 if name:
                     env[name] = arr

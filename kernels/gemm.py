@@ -25,7 +25,8 @@ from flashrt.kernels import expr as ex
 from flashrt.kernels import gemm_mma
 from flashrt.kernels.dtypes import CTYPES, from_f32, to_f32
 from flashrt.kernels.memory import load, load_atoms, raw, store
-from flashrt.kernels.quant import act_row_scales, dequant_fp8, dequant_nvfp4, fake_quant_act, fake_quant_nvfp4_act
+from flashrt.kernels.quant import SCALED_ACT_QUANT, act_row_scales, dequant_fp8, dequant_nvfp4, fake_quant_act, \
+    fake_quant_nvfp4_act
 from flashrt.kernels.source import atoms_code
 
 FAMILY = "gemm"
@@ -37,7 +38,7 @@ QUANT_ARGS = {"fp8": [("b_scale", "ptr")], "nvfp4": [("b_block", "ptr"), ("b_glo
 
 def arg_spec(p: dict) -> list[tuple[str, str]]:
     args = [("a", "ptr"), ("b", "ptr")] + QUANT_ARGS.get(p["b"].get("quant"), [])
-    if p.get("aq") in ("tensor", "nvfp4"):
+    if p.get("aq") in SCALED_ACT_QUANT:
         args.append(("a_scale", "ptr"))
     if p["ln"]:
         args.append(("ln_gamma", "ptr"))
@@ -99,7 +100,7 @@ def problem_struct(p: dict, kind: str) -> tuple[str, list[str], list[str]]:
         names.append(name)
     aq = p.get("aq")
     fields.append("const float* a_scale;")
-    if aq in ("tensor", "nvfp4"):
+    if aq in SCALED_ACT_QUANT:
         params.append("const float* __restrict__ a_scale")
         names.append("a_scale")
     else:
@@ -156,7 +157,7 @@ struct P {{
   {operand_loads}
   static constexpr int QUANT = {quant_id};
   static constexpr int AQ = {AQ_ID[aq]};  // A quantization: 0 none, 1 FP8 per tensor, 2 FP8 per row, 3 NVFP4
-  __device__ static float a_scale(const Args& g) {{ return {"g.a_scale[0]" if aq in ("tensor", "nvfp4") else "1.f"}; }}
+  __device__ static float a_scale(const Args& g) {{ return {"g.a_scale[0]" if aq in SCALED_ACT_QUANT else "1.f"}; }}
   __device__ static float row_scale(const Args& g, int row) {{ return {row_scale}; }}
   __device__ static float block_scale(const Args& g, int row, int kb) {{ return {block_scale}; }}
   __device__ static float ln_gamma(const Args& g, int k) {{ return {"g.gamma[k]" if ln else "1.f"}; }}

@@ -15,6 +15,7 @@ import math
 from flashrt.errors import EngineFormatError
 from flashrt.kernels.dtypes import ITEMSIZE
 from flashrt.kernels.memory import MAX_VIEW_ELEMENTS, MAX_VIEW_RANK
+from flashrt.kernels.quant import ACT_QUANT
 
 MAX_DIM = 2**31 - 1  # the kernels hold sizes in 32-bit ints
 MAX_STRIDE = 2**44  # elements; no engine region is larger than 16 TiB
@@ -138,7 +139,7 @@ _GEMM = Dict(
      "ln": Nullable(Dict({"eps": Num(0.0, 1e30), "has_beta": Bool}, {"rms": Bool})),
      "epi_inputs": List(Dict(OPERAND)), "expr": EXPR, "out_dtype": Dtype},
     {"gated": Bool, "mma": Dict({"dtype": Enum("bfloat16", "float16", "e4m3")}),  # the reference rounds to it
-     "aq": Nullable(Enum("tensor", "row", "nvfp4"))})
+     "aq": Nullable(Enum(*ACT_QUANT))})
 
 
 # ------------------------------------------------------------------------------------------ relations / caps

@@ -37,7 +37,8 @@ E4M3 = _e4m3_table()
 E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
 
 
-ACT_QUANT = ("tensor", "row", "nvfp4")
+ACT_QUANT = ("tensor", "row", "nvfp4")  # kernels/gemm.py params["aq"]
+SCALED_ACT_QUANT = ("tensor", "nvfp4")  # those with a static scale argument, a_scale
 
 
 def act_row_scales(x: np.ndarray) -> np.ndarray:
