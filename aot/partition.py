@@ -23,6 +23,7 @@ from flashrt.aot.importers.onnx_ops import REDUCE_OPS, gathernd_index
 from flashrt.aot.ir import Graph, Node
 from flashrt.aot.quantize import quantize_fp8, quantize_nvfp4
 from flashrt.aot.state import CACHE_WRITE, POSITIONS
+from flashrt.aot.gemv_cost import choose_gemv_format
 from flashrt.aot.targets import fp8_mma, sm_number
 from flashrt.aot.views import Buffer, TensorRef
 from flashrt.errors import ModelError
@@ -114,6 +115,7 @@ class Partitioner:
         self.g = graph
         self.precision = precision
         self.act = ACT_DTYPES[precision]
+        self.targets = list(targets or [])
         # E4M3 mma.sync on every target (sm_89+), and where it is native rather than widened to f16 by ptxas
         support = {t: fp8_mma(t) for t in targets or []}
         self.no_fp8 = sorted(t for t, v in support.items() if v == "none")
@@ -665,12 +667,10 @@ class Partitioner:
                 where = f"not native on {', '.join(self.not_native)}" if self.not_native else "not known native"
                 return self.act, (f"bf16: compute-bound GEMM (M={rows}); E4M3 mma is {where} (full-rate FP8 "
                                   "there needs wgmma / tcgen05, not generated yet), so fp8 would not pay")
-            if nvfp4_ok and mb >= 4:
-                return "nvfp4", (f"nvfp4: weight-streaming GEMV (M={rows}), {mb:.1f} MB of bf16 weights -> "
-                                 f"{mb * 0.5625 / 2:.1f} MB; large enough to pay for the block-scale dequantization")
-            if fp8_ok:
-                return "fp8", f"fp8: weight-streaming GEMV (M={rows}), {mb:.1f} MB of bf16 weights -> {mb / 2:.1f} MB"
-            return self.act, f"bf16: K={K} is not a multiple of 16"
+            if not fp8_ok:
+                return self.act, f"{self.act}: K={K} is not a multiple of 16"
+            fmt, why = choose_gemv_format(K * N, self.targets, ["fp8", "nvfp4"] if nvfp4_ok else ["fp8"])
+            return (self.act if fmt == "bf16" else fmt), f"{self.act if fmt == 'bf16' else fmt}: {why} (M={rows})"
         if self.precision == "nvfp4" and nvfp4_ok:
             return "nvfp4", f"nvfp4 (requested): {mb:.1f} MB of bf16 weights -> {mb * 0.5625 / 2:.1f} MB"
         if self.precision == "nvfp4":
