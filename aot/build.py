@@ -150,7 +150,8 @@ def make_selftest(engine: bytes, precision: str, feeds: dict | None) -> bytes:
 def build_engine(model: str, targets: list[str], output: str | None = None, shapes: dict | None = None,
                  precision: str = "fp32", progress: Progress | None = None, bundle_test: bool = False,
                  test_inputs: dict | None = None, config: str | None = None, max_context: int | None = None,
-                 prefill_len: int = 0, calib: str | None = None, min_cosine: float | None = None) -> BuildResult:
+                 prefill_len: int = 0, calib: str | None = None, min_cosine: float | None = None,
+                 denoise_steps: int | None = None) -> BuildResult:
     """Compile `model` into an engine at `output`. With bundle_test, the engine carries sample inputs
     (test_inputs, or seeded random ones) and the outputs the CPU reference executor gives for them.
     `model` is an .onnx file, or a safetensors checkpoint (a folder with config.json, a .safetensors file or a
@@ -159,7 +160,8 @@ def build_engine(model: str, targets: list[str], output: str | None = None, shap
     `decode` entry point (1 token) and, when prefill_len > 0, a `prefill` entry point (up to prefill_len tokens).
     With calib (an .npz of representative inputs), GEMM activations get static FP8 scales (aot/calibrate.py) and
     the GEMMs whose quantization would cost the most accuracy stay bf16, so that the outputs keep min_cosine
-    (default: 0.999 for fp8, 0.99 for nvfp4 and auto) to the float32 model on those inputs (aot/sensitivity.py)."""
+    (default: 0.999 for fp8, 0.99 for nvfp4 and auto) to the float32 model on those inputs (aot/sensitivity.py).
+    denoise_steps: the flow-matching steps of a pi0 action-expert checkpoint (aot/importers/pi0_expert.py)."""
     def stage(name: str) -> None:
         if progress:
             progress(name, 0, 0, 0)
@@ -174,6 +176,11 @@ def build_engine(model: str, targets: list[str], output: str | None = None, shap
     if not safetensors and not (os.path.isfile(model) and lower.endswith(".onnx")):
         raise BuildError(f"{model}: unrecognized model format; flashrt builds .onnx files, .safetensors files and "
                          "checkpoint folders (config.json + *.safetensors)")
+    if denoise_steps is not None and not safetensors:
+        raise BuildError(f"--denoise-steps applies to safetensors pi0 checkpoints; {model} is ONNX, whose loop is "
+                         "its own (an ONNX Loop with a constant trip count, or the unrolled steps)")
+    if denoise_steps is not None and max_context is not None:
+        raise BuildError("--denoise-steps builds a stateless action expert; it cannot be combined with --max-context")
     if config is not None and not safetensors:
         raise BuildError(f"--config {config}: applies to safetensors checkpoints, not to {model}")
     model = os.path.normpath(model) if os.path.isdir(model) else model
@@ -193,7 +200,8 @@ def build_engine(model: str, targets: list[str], output: str | None = None, shap
         if prefill_len:
             raise BuildError("--prefill-len applies to stateful decoders; give --max-context too")
         stage("import")
-        graph, sha = import_safetensors(model, config, shapes) if safetensors else import_onnx(model, shapes)
+        graph, sha = import_safetensors(model, config, shapes, denoise_steps) if safetensors else \
+            import_onnx(model, shapes)
         stage("passes")
         merged = run_passes(graph)
         if calib is not None:

@@ -8,6 +8,10 @@ Fusion rules:
   quantization of a GEMM input (FakeQuantFP8, from the model's Q/DQ pairs or --calib): the GEMM rounds A to
   E4M3 as it stages it (norm + quant in one prologue), whatever produced A.
 - Elementwise DAGs over one iteration space (Where, comparisons and Casts included) -> one kernel.
+- A Concat along the key axis whose output feeds only attention K^T / V operands (directly or through
+  Reshape / Transpose / Expand / Unsqueeze-like views: GQA's repeated heads) launches nothing: the attention
+  reads each input in place as a source of its K or V (kernels/attention.py). Graph inputs among them that are
+  not in the activation type (float32 prefix K/V of a bf16 engine) are converted once, all in the first launch.
 - Reshape / Flatten / Squeeze / Unsqueeze / Identity / Transpose / Expand / Slice / Split and Gather of a
   constant index are views: no launch. GEMM operands, epilogue and elementwise inputs read any view, so the
   head split/merge of attention and the patch layout of a patch-embedding Conv cost nothing. Kernels that
@@ -26,7 +30,7 @@ from flashrt.aot.state import CACHE_WRITE, POSITIONS
 from flashrt.aot.gemv_cost import choose_gemv_format
 from flashrt.aot.targets import fp8_mma, sm_number
 from flashrt.aot.views import Buffer, TensorRef
-from flashrt.errors import ModelError
+from flashrt.errors import BuildError, ModelError
 from flashrt.kernels import attention as attention_kernel
 from flashrt.kernels import gemm_mma, gemv
 from flashrt.kernels.dtypes import ITEMSIZE, STORAGE, from_f32
@@ -37,13 +41,14 @@ QUANT_FORMATS = ("fp8", "nvfp4")
 FLOAT_DTYPES = {"float32", "float16", "bfloat16", "float64"}
 VIEW_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Transpose", "Expand", "Slice", "Split"}
 RESHAPE_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
+KV_VIEW_OPS = RESHAPE_OPS | {"Transpose", "Expand"}  # views between a fused Concat and the attention reading it
 UNARY = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Erf": "erf", "Neg": "neg", "Exp": "exp",
          "Sqrt": "sqrt", "Reciprocal": "recip", "Abs": "abs", "Sin": "sin", "Cos": "cos", "Not": "not",
          "IsNaN": "isnan", "Floor": "floor", "Ceil": "ceil", "Softplus": "softplus", "FakeQuantE4M3": "e4m3"}
 BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Pow": "pow", "Max": "max", "Min": "min",
           "Equal": "eq", "Less": "lt", "Greater": "gt", "LessOrEqual": "le", "GreaterOrEqual": "ge",
           "And": "and", "Or": "or"}
-ELEMENTWISE = set(UNARY) | set(BINARY) | {"Gelu", "Where", "Cast", "CastLike", "LeakyRelu", "HardSigmoid",
+ELEMENTWISE = set(UNARY) | set(BINARY) | {"RotateHalf", "Gelu", "Where", "Cast", "CastLike", "LeakyRelu", "HardSigmoid",
                                           "FakeQuantFP8"}
 NORMS = {"LayerNormalization", "RMSNormalization"}
 ACT_QUANT = ("FakeQuantFP8", "FakeQuantNVFP4")  # quantizations of a GEMM's A that the GEMM applies as it stages A
@@ -129,6 +134,7 @@ class Partitioner:
             self.warnings.append(f"{', '.join(self.no_fp8)}: no FP8 instructions (sm_89+); quantized weights are "
                                  "decoded in software there")
         self.users = graph.consumers()
+        self.producers = graph.producers()
         self.outputs = set(graph.outputs)
         self.index = {id(n): i for i, n in enumerate(graph.nodes)}
         self.refs: dict[str, TensorRef] = {}
@@ -138,6 +144,12 @@ class Partitioner:
         self.quant_weights: dict[tuple, tuple[Buffer, list[Buffer]]] = \
             shared.quant_weights if shared else {}  # (data, its scale tensors)
         self.cache_written: set[int] = set()
+        # Concats read in place by attention: node id -> [(view chain, key axis after each view)] per operand
+        # reached; the operand values' sources (and the Concat), filled as the Concats are emitted; graph inputs
+        # converted to another type in the first launch: name -> (buffer, element offset)
+        self.kv_concats: dict[int, list[tuple[list[Node], list[int]]]] = {}
+        self.kv_sources: dict[str, tuple[list[TensorRef], Node]] = {}
+        self.converted: dict[str, tuple[Buffer, int]] = {}
         self.exact = integer_derived(graph)
         self.calls: list[KernelCall] = []
         self.buffers: list[Buffer] = []
@@ -156,28 +168,51 @@ class Partitioner:
             return False  # the GEMMs reading it quantize A themselves, exactly (no bf16 round trip)
         return node.op in ELEMENTWISE and self.g.values[node.outputs[0]].shape == shape
 
-    def _grow(self, seed: Node, assigned: set, shape: tuple) -> list[Node]:
-        """Largest elementwise DAG grown from seed whose only escaping value is its last node's output."""
-        return self._grow_from([seed], {seed.outputs[0]}, assigned, shape) or [seed]
+    def _grow(self, seed: Node, assigned: set, shape: tuple, siblings: bool = False) -> list[Node]:
+        """Largest elementwise DAG grown from seed whose only escaping value is its last node's output.
+        siblings (elementwise kernels): also pull in a member's single-use elementwise producers and RoPE's
+        RotateHalf (read as a rotated input), so x * cos + rotate_half(x) * sin is one kernel."""
+        return self._grow_from([seed], {seed.outputs[0]}, assigned, shape, siblings) or [seed]
 
-    def _grow_from(self, members: list[Node], produced: set, assigned: set, shape: tuple) -> list[Node] | None:
+    def _grow_from(self, members: list[Node], produced: set, assigned: set, shape: tuple,
+                   siblings: bool = False) -> list[Node] | None:
         """Grow `members` (which produce `produced`) by elementwise consumers of their values; the largest
         state whose only escaping value is the last member's output, or None."""
         members, produced = list(members), set(produced)
         best, size = None, len(members)
+
+        def ok(n: Node) -> bool:
+            if n.op == "RotateHalf":  # the kernel rotates a loaded input, not a computed value
+                return siblings and n.inputs[0] not in produced and self.g.values[n.outputs[0]].shape == shape
+            return self._fusable(n, shape)
+
+        def pull(n: Node) -> None:  # single-use producers of n's inputs join with n
+            for v in n.inputs:
+                p = self.producers.get(v)
+                if (p is not None and id(p) not in assigned and p not in members and ok(p)
+                        and v not in self.outputs and all(u in members or u is n for u in self.users.get(v, []))):
+                    members.append(p)
+                    produced.add(v)
+                    pull(p)
+
+        if siblings:
+            pull(members[0])
         while size < MAX_EXPR:
             cands = [u for v in produced for u in self.users.get(v, [])
-                     if id(u) not in assigned and u not in members and self._fusable(u, shape)]
+                     if id(u) not in assigned and u not in members and ok(u)]
             if not cands:
                 break
             nxt = min(cands, key=lambda n: self.index[id(n)])
             members.append(nxt)
             produced.add(nxt.outputs[0])
-            size += len(nxt.inputs) + 1
+            if siblings:
+                pull(nxt)
+            size = sum(len(n.inputs) + 1 for n in members)
             last = max(members, key=lambda n: self.index[id(n)])
             escaping = {v for v in produced if v in self.outputs
                         or any(u not in members for u in self.users.get(v, []))}
-            if escaping == {last.outputs[0]}:
+            rotated_ok = all(n.inputs[0] not in produced for n in members if n.op == "RotateHalf")
+            if escaping == {last.outputs[0]} and rotated_ok:
                 best = sorted(members, key=lambda n: self.index[id(n)])
         return best
 
@@ -320,7 +355,7 @@ class Partitioner:
                 else:
                     group = Group("gemm", members, fused_norm.get(a_in), quant=quant)
             elif op in ELEMENTWISE:
-                group = Group("eltwise", self._grow(node, assigned, self.g.values[node.outputs[0]].shape))
+                group = Group("eltwise", self._grow(node, assigned, self.g.values[node.outputs[0]].shape, True))
             elif op == "GatherND":
                 if node.inputs[1] not in self.g.constants:
                     raise ModelError(f"node '{node.name}' (GatherND): flashrt needs constant indices")
@@ -463,6 +498,9 @@ class Partitioner:
                 y = emit("add", emit("mul", x, emit("const", n.attrs.get("alpha", 0.2))),
                          emit("const", n.attrs.get("beta", 0.5)))
                 out = emit("min", emit("max", y, emit("const", 0.0)), emit("const", 1.0))
+            elif n.op == "RotateHalf":  # the input read half a row away (eltwise kernels: _grow's siblings)
+                operand(n.inputs[0])
+                out = emit("in_rot", input_slot[n.inputs[0]])
             elif n.op in UNARY:
                 out = emit(UNARY[n.op], operand(n.inputs[0]))
             else:
@@ -802,33 +840,44 @@ class Partitioner:
         so head splits, K^T and GQA's broadcast heads cost nothing."""
         m1, epi, m2 = group.nodes[0], group.nodes[1:-2], group.nodes[-1]
         q, kt, v = self.ref(m1.inputs[0], self.act), self.ref(m1.inputs[1], self.act), self.ref(m2.inputs[1], self.act)
+        # a Concat read in place: its inputs' views (sources along the keys) instead of its output's
+        k_list, k_concat = self.kv_sources.get(m1.inputs[1], ([kt], None))
+        v_list, v_concat = self.kv_sources.get(m2.inputs[1], ([v], None))
+        concats = _unique_nodes([c for c in (k_concat, v_concat) if c])
         batch = tuple(np.broadcast_shapes(q.shape[:-2], kt.shape[:-2], v.shape[:-2]))
         T, hd, S, vd = q.shape[-2], q.shape[-1], kt.shape[-1], v.shape[-1]
         expr, inputs = self._expression(epi, m1.outputs[0]) if epi else ([["acc"]], [])
         score_shape = batch + (T, S)
         out = self.new_output_ref(m2.outputs[0])
+        def operand(refs: list[TensorRef], rows: str, cols: str) -> dict:  # K^T: rows d, cols s; V: rows s
+            atoms = [{"bh": r.batch_atoms(batch), rows: r.dim_atoms(-2), cols: r.dim_atoms(-1)} for r in refs]
+            if len(refs) == 1:
+                return {"dtype": refs[0].dtype, **atoms[0]}
+            keys = [r.shape[-1 if cols == "s" else -2] for r in refs]
+            return {"dtype": refs[0].dtype, "sources": [{"keys": n, **a} for n, a in zip(keys, atoms)]}
+
         params = {"BH": math.prod(batch), "T": T, "S": S, "HD": hd, "VD": vd,
                   "q": {"dtype": q.dtype, "bh": q.batch_atoms(batch), "t": q.dim_atoms(-2), "d": q.dim_atoms(-1)},
-                  "k": {"dtype": kt.dtype, "bh": kt.batch_atoms(batch), "d": kt.dim_atoms(-2), "s": kt.dim_atoms(-1)},
-                  "v": {"dtype": v.dtype, "bh": v.batch_atoms(batch), "s": v.dim_atoms(-2), "d": v.dim_atoms(-1)},
+                  "k": operand(k_list, "d", "s"), "v": operand(v_list, "s", "d"),
                   "epi_inputs": [{"dtype": r.dtype, "atoms": r.atoms_over(score_shape)} for r in inputs],
                   "expr": expr, "out_dtype": out.dtype}
         # prefill shapes on the tensor cores; key splits over a thread-block cluster need sm_90+ on every target
-        mma = attention_kernel.mma_config(params, (q.offset, kt.offset, v.offset), self.clusters) if self.mma \
-            else None
+        offsets = (q.offset, [r.offset for r in k_list], [r.offset for r in v_list])
+        mma = attention_kernel.mma_config(params, offsets, self.clusters) if self.mma else None
         if mma:
             params["mma"] = mma
         else:
             tq, kw, cl = attention_kernel.choose_config(T, S, math.prod(batch))
-            params.update({"TQ": tq, "KW": kw, "CL": cl if self.clusters else 1, "k_aligned": kt.offset % 8 == 0})
-        ops = [n.op for n in group.nodes]
+            params.update({"TQ": tq, "KW": kw, "CL": cl if self.clusters else 1,
+                           "k_aligned": all(r.offset % 8 == 0 for r in k_list)})
+        nodes = concats + group.nodes
         pos = []
-        if self.entry is not None and (kt.buffer.kind == "state" or v.buffer.kind == "state"):
+        if self.entry is not None and any(r.buffer.kind == "state" for r in k_list + v_list):
             # attention over a cache: keys 0 .. pos + t for query t, read at run time (aot/state.py)
             params["dyn"] = {"causal": True}
             pos = [self.state_ref(self.entry.pos)]
-        self.calls.append(KernelCall(m2.name, "attention", params, [q, kt, v] + pos + inputs + [out], ops,
-                                     _unique(s for n in group.nodes for s in n.source)))
+        self.calls.append(KernelCall(m2.name, "attention", params, [q] + k_list + v_list + pos + inputs + [out],
+                                     [n.op for n in nodes], _unique(s for n in nodes for s in n.source)))
         self.refs[m2.outputs[0]] = out
 
     def state_ref(self, buf: Buffer) -> TensorRef:
@@ -953,8 +1002,146 @@ class Partitioner:
         self.calls.append(KernelCall(n.name, "gather", params, [data, idx, out], [n.op], n.source))
         self.refs[n.outputs[0]] = out
 
+    # ---- Concats read in place by attention ---------------------------------------------------------
+
+    def _key_axis(self, node: Node, axis: int) -> int | None:
+        """The axis of node's output that is axis of its input (a view op), when it stays one whole axis."""
+        shape_in, shape_out = self.g.values[node.inputs[0]].shape, self.g.values[node.outputs[0]].shape
+        if node.op == "Transpose":
+            return list(node.attrs.get("perm", list(range(len(shape_in)))[::-1])).index(axis)
+        if node.op == "Expand":
+            out = axis + len(shape_out) - len(shape_in)
+            return out if shape_out[out] == shape_in[axis] else None
+        before = math.prod(shape_in[:axis])
+        return next((i for i, d in enumerate(shape_out)
+                     if d == shape_in[axis] and math.prod(shape_out[:i]) == before), None)
+
+    def _kv_terminals(self, concat: Node, roles: dict[int, int]) -> list[tuple[list[Node], list[int]]] | None:
+        """The (view chain, key axis after each view) to every attention operand the Concat's output reaches, or
+        None unless it reaches nothing else: only views (KV_VIEW_OPS) in between, the key axis one whole axis
+        ending as K^T's last axis or V's second last, no value a graph output."""
+        shape = self.g.values[concat.outputs[0]].shape
+        found: list[tuple[list[Node], list[int]]] = []
+
+        def walk(value: str, axis: int, chain: list[Node], axes: list[int]) -> bool:
+            users = self.users.get(value, [])
+            if value in self.outputs or not users:
+                return False
+            for u in users:
+                if u.inputs.count(value) != 1:
+                    return False
+                role = roles.get(id(u))
+                if role is not None and u.inputs[1] == value:  # K^T (role 1) or V (role 2) of an attention
+                    if axis != len(self.g.values[value].shape) - role:
+                        return False
+                    found.append((chain, axes))
+                elif u.op in KV_VIEW_OPS and u.inputs[0] == value:
+                    nxt = self._key_axis(u, axis)
+                    if nxt is None or not walk(u.outputs[0], nxt, chain + [u], axes + [nxt]):
+                        return False
+                else:
+                    return False
+            return True
+
+        return found if walk(concat.outputs[0], concat.attrs["axis"] % len(shape), [], []) else None
+
+    def plan_kv_concats(self, groups: list[Group]) -> None:
+        """Find the Concats that attention can read in place (kept in kv_concats; emit_concat decides, as the
+        views of the inputs are known then), and convert the graph inputs among their sources that are not in
+        the Concat's type, all in one first launch (they are ready before anything runs)."""
+        roles = {}
+        for g in groups:
+            if g.kind == "attention":
+                roles[id(g.nodes[0])], roles[id(g.nodes[-1])] = 1, 2
+        convert: dict[str, list[str]] = {}  # target dtype -> graph inputs
+        sources: dict[str, list[str]] = {}  # graph input -> the Concats reading it
+        producers = self.g.producers()
+        for g in groups:
+            n = g.nodes[0]
+            if g.kind != "concat":
+                continue
+            shape = self.g.values[n.outputs[0]].shape
+            axis = n.attrs["axis"] % len(shape)
+            parts = [i for i in n.inputs if i and self.g.values[i].shape[axis] > 0]
+            terminals = self._kv_terminals(n, roles) if 2 <= len(parts) <= attention_kernel.MAX_SOURCES else None
+            if not terminals:
+                continue
+            self.kv_concats[id(n)] = terminals
+            target = self.storage(n.outputs[0])
+            for root in parts:
+                while root in producers and producers[root].op in VIEW_OPS:  # a view of a graph input?
+                    root = producers[root].inputs[0]
+                dtype = self.g.values[root].dtype
+                if root in self.g.inputs and dtype in FLOAT_DTYPES and dtype != target:
+                    if root not in sources:
+                        convert.setdefault(target, []).append(root)
+                    sources.setdefault(root, []).append(n.name)
+        for dtype, names in convert.items():
+            refs = [self.refs[name] for name in names]
+            buf = Buffer(f"converted_inputs/{dtype}", "arena", dtype, sum(r.buffer.nelems for r in refs))
+            self.buffers.append(buf)
+            offset = 0  # slots back to back: a K/V input holds whole rows, so where its head dim allows 16-byte
+            for name, r in zip(names, refs):  # copies at all (a multiple of 8), every slot starts 16-byte aligned
+                self.converted[name] = (buf, offset)
+                offset += r.buffer.nelems
+            flat = [TensorRef.contiguous_view(r.buffer, (r.buffer.nelems,)) for r in refs]
+            params = {"shape": [buf.nelems], "axis": 0, "out_dtype": dtype,
+                      "inputs": [{"dtype": r.dtype, "size": r.shape[0], "atoms": r.atoms_over(r.shape)} for r in flat]}
+            self.calls.append(KernelCall(f"converted_inputs/{dtype}", "concat", params,
+                                         flat + [TensorRef.contiguous_view(buf, (buf.nelems,))], ["Cast"] * len(names),
+                                         _unique(c for name in names for c in sources[name])))
+
+    def _fuse_kv_concat(self, n: Node) -> bool:
+        """Read the Concat in place: its inputs become sources of the attention operands it reaches, through the
+        same views with the key axis resized; False (emit the Concat) where a source is not in the Concat's
+        type, a state tensor (a dynamic length), or a view cannot express a step."""
+        shape = self.g.values[n.outputs[0]].shape
+        axis = n.attrs["axis"] % len(shape)
+        target = self.storage(n.outputs[0])
+        refs = []
+        for i in (i for i in n.inputs if i and self.g.values[i].shape[axis] > 0):
+            if i in self.g.constants:  # a weight in the Concat's type, made once the views are known to work
+                shape_i = self.g.values[i].shape
+                refs.append(TensorRef.contiguous_view(Buffer(i, "constant", target, math.prod(shape_i)), shape_i))
+                continue
+            r = self.ref(i)
+            if r.dtype != target and r.buffer.kind == "input" and r.buffer.name in self.converted:
+                buf, offset = self.converted[r.buffer.name]  # the copy has the input's layout: the same view
+                r = TensorRef(buf, r.shape, r.dims, r.offset + offset)
+            if r.dtype != target or r.buffer.kind == "state":
+                return False
+            refs.append(r)
+        whole = TensorRef.contiguous_view(Buffer(n.outputs[0], "virtual", target, math.prod(shape)), shape)
+        found = {}
+        for chain, axes in self.kv_concats[id(n)]:
+            views = []
+            for r in refs + [whole]:  # `whole`: what emit_view makes of the chain, which must need no copy
+                ax = axis
+                for node, nxt in zip(chain, axes):
+                    out = list(self.g.values[node.outputs[0]].shape)
+                    out[nxt] = r.shape[ax]
+                    if node.op == "Transpose":
+                        r = r.transpose(node.attrs.get("perm", list(range(len(r.shape)))[::-1]))
+                    elif node.op == "Expand":
+                        r = r.expand(tuple(out))
+                    else:
+                        r = r.reshape(tuple(out))
+                    if r is None:
+                        return False
+                    ax = nxt
+                views.append(r)
+            found[chain[-1].outputs[0] if chain else n.outputs[0]] = views[:-1]
+        for value, views in found.items():
+            views = [TensorRef(self.weight(r.buffer.name, target).buffer, r.shape, r.dims, r.offset)
+                     if r.buffer.kind == "constant" else r for r in views]
+            self.kv_sources[value] = (views, n)
+        self.refs[n.outputs[0]] = whole
+        return True
+
     def emit_concat(self, group: Group) -> None:
         (n,) = group.nodes
+        if id(n) in self.kv_concats and self._fuse_kv_concat(n):
+            return
         shape = self.g.values[n.outputs[0]].shape
         axis = n.attrs["axis"] % len(shape)
         inputs = [self.ref(i) for i in n.inputs if i and self.g.values[i].shape[axis] > 0]
@@ -1002,8 +1189,12 @@ class Partitioner:
                 "concat": self.emit_concat, "reduce": self.emit_reduce, "conv": self.emit_conv,
                 "attention": self.emit_attention, "gated": self.emit_gated, CACHE_WRITE: self.emit_cache_write,
                 POSITIONS: self.emit_positions}
-        for group in self.plan():
+        groups = self.plan()
+        self.plan_kv_concats(groups)
+        for group in groups:
             emit[group.kind](group)
+        if any(r.buffer.kind in ("virtual", "constant") for c in self.calls for r in c.args):
+            raise BuildError("internal: a Concat read in place by attention reached another kernel")
         outputs = []
         for name in self.g.outputs:
             v = self.g.values[name]
@@ -1038,6 +1229,10 @@ def integer_derived(graph: Graph) -> set[str]:
         if ins and all(i in exact or values[i].dtype not in FLOAT_DTYPES for i in ins):
             exact.update(o for o in n.outputs if o and values[o].dtype in FLOAT_DTYPES)
     return exact
+
+
+def _unique_nodes(nodes: list[Node]) -> list[Node]:
+    return list({id(n): n for n in nodes}.values())
 
 
 def _atoms(atoms: list[list[int]]) -> list[list[int]]:

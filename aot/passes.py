@@ -231,6 +231,47 @@ def raise_rmsnorm(graph: Graph) -> None:
     graph.remove_dead()
 
 
+def raise_rotate_half(graph: Graph) -> int:
+    """RoPE's rotate_half as exporters write it, Concat([Neg(x[..., h:]), x[..., :h]], axis=-1) over Slices of
+    one x whose last axis is 2h, -> RotateHalf(x): elementwise kernels read x half a row away instead of
+    launching a slice, a negation and a concatenation. Returns how many were raised."""
+    users, prod = graph.consumers(), graph.producers()
+
+    def halves(value: str) -> tuple[str, int, int] | None:  # (x, start, end) of a unit-step last-axis Slice
+        s = prod.get(value)
+        if s is None or s.op != "Slice" or len(s.inputs) < 4 or not all(i in graph.constants for i in s.inputs[1:]):
+            return None
+        x = s.inputs[0]
+        rank, d = len(graph.values[x].shape), graph.values[x].shape[-1]
+        starts, ends, axes = (graph.constants[i].reshape(-1) for i in s.inputs[1:4])
+        steps = graph.constants[s.inputs[4]].reshape(-1) if len(s.inputs) > 4 and s.inputs[4] else [1]
+        if len(starts) != 1 or int(axes[0]) % rank != rank - 1 or int(steps[0]) != 1:
+            return None
+        start, end = (int(v) + d if int(v) < 0 else int(v) for v in (starts[0], ends[0]))
+        return x, min(start, d), min(end, d)
+
+    raised = 0
+    for n in graph.nodes:
+        if n.op != "Concat" or len(n.inputs) != 2 or n.outputs[0] in graph.outputs:
+            continue
+        shape = graph.values[n.outputs[0]].shape
+        if n.attrs.get("axis", 0) % len(shape) != len(shape) - 1 or shape[-1] % 2:
+            continue
+        neg = prod.get(n.inputs[0])
+        if neg is None or neg.op != "Neg" or len(users.get(neg.outputs[0], [])) != 1:
+            continue
+        hi, lo, h = halves(neg.inputs[0]), halves(n.inputs[1]), shape[-1] // 2
+        if hi is None or lo is None or hi != (lo[0], h, 2 * h) or lo[1:] != (0, h) \
+                or graph.values[lo[0]].shape != shape:
+            continue
+        n.op, n.inputs, n.attrs = "RotateHalf", [lo[0]], {}
+        n.source = list(n.source) + list(neg.source)
+        raised += 1
+    if raised:
+        graph.remove_dead()
+    return raised
+
+
 COMMUTATIVE = {"Add", "Mul", "Max", "Min", "And", "Or", "Equal"}
 
 
@@ -383,6 +424,7 @@ def run_passes(graph: Graph) -> dict[str, int]:
     lower_gemm(graph)
     raise_gelu(graph)
     raise_rmsnorm(graph)
+    raise_rotate_half(graph)
     merge_sibling_matmuls(graph)
     nodes, constants = eliminate_common_subexpressions(graph)
     return {"nodes_removed": nodes, "constants_removed": constants}

@@ -55,6 +55,7 @@ def main() -> int:
         t0 = time.time()
         onnx_path = vla.export_onnx(model, os.path.join(tmp, "vla.onnx"), inputs)
         export_s = time.time() - t0
+        print(f"exported in {export_s:.0f} s ({nparam / 1e9:.2f} B parameters)", flush=True)
         gpu = {k: v.cuda() for k, v in inputs.items()}
         model = model.cuda()
         with torch.no_grad():
@@ -66,6 +67,7 @@ def main() -> int:
             ms = bench(lambda: m(*args), iters=5, warm=2, reps=3)
             rows.append({"impl": "torch eager", "precision": "bf16", "ms": ms,
                          **dict(zip(("rel_l2", "cosine"), accuracy(m(*args).float(), ref)))})
+            print(json.dumps(rows[-1]), flush=True)
             if not a.no_compile:
                 torch._dynamo.reset()
                 cm = torch.compile(m)
@@ -77,6 +79,7 @@ def main() -> int:
                 rows.append({"impl": "torch.compile", "precision": "bf16", "ms": compile_ms,
                              "compile_s": time.time() - t0,
                              **dict(zip(("rel_l2", "cosine"), accuracy(cm(*args).float(), ref)))})
+                print(json.dumps(rows[-1]), flush=True)
                 del cm
         m = model = None  # free the GPU copy before the engines load
         torch.cuda.empty_cache()
@@ -96,6 +99,7 @@ def main() -> int:
             if compile_ms:
                 row["speedup_vs_compile"] = compile_ms / ms
             rows.append(row)
+            print(json.dumps(row), flush=True)
             eng.close()
     gpu_name = torch.cuda.get_device_name()
     date = datetime.date.today().isoformat()

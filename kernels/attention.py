@@ -10,6 +10,10 @@ Two kernels:
 
 params: BH, T, S, HD, VD (batch*heads, queries, keys, head dims),
   q: {dtype, bh, t, d}, k: {dtype, bh, d, s} (the K^T view), v: {dtype, bh, s, d}   (atoms of each index)
+  k / v with several sources (optional, up to MAX_SOURCES): {dtype, sources: [{keys, bh, d, s}, ...]} instead of
+    bh, d, s: K (V) is the concatenation of the sources along the key axis, each a view of its own pointer over
+    its `keys` keys (the keys add up to S): key j in [S0, S0 + S1) is key j - S0 of source 1. A Concat that
+    only feeds attention is read in place this way (aot/partition.py).
   epi_inputs: [{dtype, atoms}] over [BH, T, S]; expr: the score expression over ["acc"] = Q.K
   out_dtype (out contiguous [BH, T, VD])
   dyn (optional): null | {causal}: a dynamic KV length. S is then the cache capacity and the argument `pos`
@@ -17,13 +21,13 @@ params: BH, T, S, HD, VD (batch*heads, queries, keys, head dims),
     j <= pos + t (causal) or j < pos + T (not causal). Keys no row sees (stale cache data) are never read;
     a row that sees none gets zeros.
   SIMT kernel: TQ, KW (queries and key segments per block), CL (optional, default 1: blocks of a cluster
-    splitting the keys), k_aligned (optional: K's rows are 16-byte aligned)
+    splitting the keys), k_aligned (optional: K's rows, of every source, are 16-byte aligned)
   tensor-core kernel: mma = {dtype, warps, bk, cl, q_regs, q_chunks, k_chunks, v_chunks}
     dtype       the operand type of Q, K, V and P (the reference rounds P to it)
     warps       warps per block, 16 query rows each; bk: keys per tile; cl: blocks of a cluster splitting the tiles
     q_regs      Q's mma fragments stay in registers, else they are re-read from shared memory at every key tile
     *_chunks    the view is copied by 16-byte cp.async (contiguous and aligned along the head dim), else by element
-args: q, k, v, [pos], e0..e{n-1}, out
+args: q, k, k1..k{n-1}, v, v1..v{n-1} (one per source), [pos], e0..e{n-1}, out
 Both kernels call griddepcontrol (waiting before their first read), so they may be launched with programmatic
 dependent launch."""
 
@@ -46,6 +50,25 @@ MIN_KEYS_PER_WARP = 16  # measured on an H200 (benchmarks/NOTES.md, v3)
 MMA_MIN_T = 16  # one full 16-row mma tile; fewer queries stay with the SIMT kernel's decode path
 MMA_MAX_DIM = 256  # larger head dims keep the SIMT kernel (the O accumulators would not fit in registers)
 MMA_MAX_WARPS = 4  # per block, 16 query rows each
+MAX_SOURCES = 8  # sources of one K or V operand (a pointer argument each)
+
+
+def sources(p: dict, name: str) -> list[dict]:
+    """The sources of operand "k" or "v" in key order, each {keys, bh, d, s}; an operand without `sources` is
+    one source over all S keys."""
+    view = p[name]
+    if "sources" in view:
+        return view["sources"]
+    return [{"keys": p["S"], "bh": view["bh"], "d": view["d"], "s": view["s"]}]
+
+
+def source_args(p: dict, name: str) -> list[str]:
+    """The pointer arguments of operand "k" or "v", one per source: k, k1, k2, ..."""
+    return [name] + [f"{name}{i}" for i in range(1, len(sources(p, name)))]
+
+
+def _offsets(offset: int | list[int], n: int) -> list[int]:
+    return [offset] * n if isinstance(offset, int) else list(offset)
 
 
 def choose_config(T: int, S: int, BH: int = 1) -> tuple[int, int, int]:
@@ -63,9 +86,10 @@ def choose_config(T: int, S: int, BH: int = 1) -> tuple[int, int, int]:
     return TQ, KW, CL
 
 
-def mma_config(p: dict, offsets: tuple[int, int, int] = (0, 0, 0), hopper: bool = True) -> dict | None:
+def mma_config(p: dict, offsets: tuple = (0, 0, 0), hopper: bool = True) -> dict | None:
     """params["mma"] for the tensor-core kernel, or None where the SIMT kernel runs (see the module docstring).
-    offsets: the element offsets of the Q, K^T and V views, which decide their 16-byte alignment. hopper: every
+    offsets: the element offsets of the Q, K^T and V views (for K and V, an int or one per source), which decide
+    their 16-byte alignment; a multi-source view is copied by cp.async only if every source can be. hopper: every
     target is sm_90+; before that (sm_80, sm_89: no clusters, and nvcc spills the register plans of head dims
     above 128 and of Q held in registers) head dims stay <= 128, Q is re-read from shared memory, CL = 1.
     Up to 4 warps per block cover the queries; key tiles of 64 keys (32 above head dim 128, so that the
@@ -83,10 +107,13 @@ def mma_config(p: dict, offsets: tuple[int, int, int] = (0, 0, 0), hopper: bool 
     blocks, tiles, cl = BH * math.ceil(T / (16 * warps)), math.ceil(S / bk), 1
     while hopper and cl < 8 and blocks * cl < SMS and tiles >= 4 * cl:
         cl *= 2
+    ks, vs = sources(p, "k"), sources(p, "v")
     return {"dtype": dtype, "warps": warps, "bk": bk, "cl": cl, "q_regs": hopper and HD // 4 + VD // 2 <= 128,
             "q_chunks": gemm_mma.chunked(q["d"], q["bh"] + q["t"], offsets[0], 8),
-            "k_chunks": gemm_mma.chunked(k["d"], k["bh"] + k["s"], offsets[1], 8),
-            "v_chunks": gemm_mma.chunked(v["d"], v["bh"] + v["s"], offsets[2], 8)}
+            "k_chunks": all(gemm_mma.chunked(x["d"], x["bh"] + x["s"], o, 8)
+                            for x, o in zip(ks, _offsets(offsets[1], len(ks)))),
+            "v_chunks": all(gemm_mma.chunked(x["d"], x["bh"] + x["s"], o, 8)
+                            for x, o in zip(vs, _offsets(offsets[2], len(vs))))}
 
 
 def mma_smem_bytes(p: dict) -> int:
@@ -97,12 +124,45 @@ def mma_smem_bytes(p: dict) -> int:
     return tiles + (2 + c["cl"]) * bq * 4
 
 
-def _dot_body(p: dict, tk: str) -> str:
-    """Q.K over the head dim: 16-byte loads when a key row is contiguous and aligned, else element loads."""
-    k, hd = p["k"], p["HD"]
+def _key_rows(p: dict, name: str, j: str) -> list[tuple[int, str, dict]]:
+    """(end key, C pointer to key j's row, source) for each source of operand "k" or "v"; key j lies in the
+    first source whose end key is past it."""
+    rows, start = [], 0
+    for arg, src in zip(source_args(p, name), sources(p, name)):
+        local = j if start == 0 else f"({j} - {start})"
+        rows.append((start + src["keys"], f'g.{arg} + {atoms_code("(long)bh", src["bh"])} + '
+                                          f'{atoms_code(f"(long){local}", src["s"])}', src))
+        start += src["keys"]
+    return rows
+
+
+def _select(cases: list[tuple[int, str]], j: str) -> str:
+    """C expression: the value of the first case whose end key is past key j."""
+    code = cases[-1][1]
+    for end, value in reversed(cases[:-1]):
+        code = f"({j} < {end} ? {value} : {code})"
+    return code
+
+
+def _branch(cases: list[tuple[int, str]], j: str) -> str:
+    """C statements: the block of the first case whose end key is past key j."""
+    if len(cases) == 1:
+        return cases[0][1]
+    return " else ".join(f"if ({j} < {end}) {{\n{body}\n    }}" for end, body in cases[:-1]) \
+        + f" else {{\n{cases[-1][1]}\n    }}"
+
+
+def _same_dims(srcs: list[dict]) -> bool:
+    return all(src["d"] == srcs[0]["d"] for src in srcs)
+
+
+def _dot_body(p: dict, d_atoms: list) -> str:
+    """Q.K over the head dim: 16-byte loads when every source's key rows are contiguous and aligned, else
+    element loads (at d_atoms, the head dim of the source kr points into)."""
+    k, hd, srcs = p["k"], p["HD"], sources(p, "k")
     vec = {"float32": 4, "bfloat16": 8, "float16": 8}.get(k["dtype"], 0)
-    strides = [s for _, s in k["bh"]] + [s for _, s in k["s"]]
-    if vec and k["d"] == [[hd, 1]] and hd % vec == 0 and all(s % vec == 0 for s in strides) \
+    strides = [s for src in srcs for _, s in src["bh"] + src["s"]]
+    if vec and all(src["d"] == [[hd, 1]] for src in srcs) and hd % vec == 0 and all(s % vec == 0 for s in strides) \
             and p.get("k_aligned", False):
         return f"""#pragma unroll
     for (int d = 0; d < HD; d += {vec}) {{
@@ -113,13 +173,13 @@ def _dot_body(p: dict, tk: str) -> str:
       for (int i = 0; i < {vec}; ++i) dot = fmaf(qv[d + i], kv[i], dot);
     }}"""
     return f"""#pragma unroll 16
-    for (int d = 0; d < HD; ++d) dot = fmaf(qv[d], to_float(kr[{atoms_code("(long)d", k["d"])}]), dot);"""
+    for (int d = 0; d < HD; ++d) dot = fmaf(qv[d], to_float(kr[{atoms_code("(long)d", d_atoms)}]), dot);"""
 
 
 def arg_spec(p: dict) -> list[tuple[str, str]]:
     pos = [("pos", "ptr")] if p.get("dyn") else []
-    return [("q", "ptr"), ("k", "ptr"), ("v", "ptr")] + pos + [(f"e{i}", "ptr") for i in range(len(p["epi_inputs"]))] \
-        + [("out", "ptr")]
+    kv = [(name, "ptr") for name in source_args(p, "k") + source_args(p, "v")]
+    return [("q", "ptr")] + kv + pos + [(f"e{i}", "ptr") for i in range(len(p["epi_inputs"]))] + [("out", "ptr")]
 
 
 def launch_config(p: dict) -> tuple[tuple[int, int, int], tuple[int, int, int], int]:
@@ -134,15 +194,18 @@ def _value_dims(p: dict) -> tuple[int, str, str]:
     """(VPL, dim(lane, i), load_v body): the value dims a lane accumulates. When a value row is contiguous and
     VD = 32 * VPL, lane l owns dims [l * VPL, (l + 1) * VPL), read with one 4/8/16-byte load where the pointer
     allows it; otherwise dims i * 32 + l, read one element at a time."""
-    v, vd = p["v"], p["VD"]
+    v, vd, srcs = p["v"], p["VD"], sources(p, "v")
     vpl = -(-vd // 32)
     ctype = CTYPES[v["dtype"]]
-    row = f'g.v + {atoms_code("(long)bh", v["bh"])} + {atoms_code("(long)j", v["s"])}'
+    rows = _key_rows(p, "v", "j")
+    row = _select([(end, ptr) for end, ptr, _ in rows], "j")
     nbytes = vpl * ITEMSIZE[v["dtype"]]
-    strides = [s for _, s in v["bh"]] + [s for _, s in v["s"]]
-    if v["d"] == [[vd, 1]] and vd == 32 * vpl and nbytes in (4, 8, 16) and all(s % vpl == 0 for s in strides):
+    strides = [s for src in srcs for _, s in src["bh"] + src["s"]]
+    if all(src["d"] == [[vd, 1]] for src in srcs) and vd == 32 * vpl and nbytes in (4, 8, 16) \
+            and all(s % vpl == 0 for s in strides):
+        base = "g.v" if len(srcs) == 1 else "vr"  # the strides keep every row as aligned as its source's base
         body = f"""const {ctype}* vr = {row} + lane * VPL;
-    if (reinterpret_cast<unsigned long>(g.v) % {nbytes} == 0) {{
+    if (reinterpret_cast<unsigned long>({base}) % {nbytes} == 0) {{
       const Pack<{ctype}, VPL> pk = *reinterpret_cast<const Pack<{ctype}, VPL>*>(vr);
 #pragma unroll
       for (int i = 0; i < VPL; ++i) o[i] = to_float(pk.v[i]);
@@ -151,13 +214,18 @@ def _value_dims(p: dict) -> tuple[int, str, str]:
       for (int i = 0; i < VPL; ++i) o[i] = to_float(vr[i]);
     }}"""
         return vpl, "lane * VPL + i", body
-    body = f"""const {ctype}* vr = {row};
+
+    def elements(ptr: str, d_atoms: list) -> str:
+        return f"""const {ctype}* vr = {ptr};
 #pragma unroll
     for (int i = 0; i < VPL; ++i) {{
       const int d = i * 32 + lane;
-      o[i] = d < VD ? to_float(vr[{atoms_code("(long)d", v["d"])}]) : 0.f;
+      o[i] = d < VD ? to_float(vr[{atoms_code("(long)d", d_atoms)}]) : 0.f;
     }}"""
-    return vpl, "i * 32 + lane", body
+
+    if _same_dims(srcs):
+        return vpl, "i * 32 + lane", elements(row, srcs[0]["d"])
+    return vpl, "i * 32 + lane", _branch([(end, elements(ptr, src["d"])) for end, ptr, src in rows], "j")
 
 
 def _visible_code(p: dict) -> str:
@@ -173,6 +241,12 @@ def _simt_members(p: dict) -> str:
     q, k = p["q"], p["k"]
     tk = CTYPES[k["dtype"]]
     vpl, dim, load_v = _value_dims(p)
+    rows = _key_rows(p, "k", "j")
+    if _same_dims(sources(p, "k")):
+        dot = f"""const {tk}* kr = {_select([(end, ptr) for end, ptr, _ in rows], "j")};
+{_dot_body(p, rows[0][2]["d"])}"""
+    else:
+        dot = _branch([(end, f"const {tk}* kr = {ptr};\n{_dot_body(p, src['d'])}") for end, ptr, src in rows], "j")
     return f"""template <typename U, int N> struct alignas(sizeof(U) * N) Pack {{ U v[N]; }};
   static constexpr int TQ = {p["TQ"]}, KW = {p["KW"]}, CL = {p.get("CL", 1)}, VPL = {vpl};
   __device__ static int dim(int lane, int i) {{ return {dim}; }}
@@ -181,8 +255,7 @@ def _simt_members(p: dict) -> str:
                         + {atoms_code("(long)d", q["d"])}]);
   }}
   __device__ static void dot_qk(const Args& g, int bh, int j, const float* qv, float& dot) {{
-    const {tk}* kr = g.k + {atoms_code("(long)bh", k["bh"])} + {atoms_code("(long)j", k["s"])};
-{_dot_body(p, tk)}
+    {dot}
   }}
   __device__ static void load_v(const Args& g, int bh, int j, int lane, float (&o)[VPL]) {{
     {load_v}
@@ -190,8 +263,9 @@ def _simt_members(p: dict) -> str:
 
 
 def _mma_members(p: dict) -> str:
-    """The tensor-core kernel's shape and staging constants, and element offsets into Q, K and V."""
-    c, q, k, v = p["mma"], p["q"], p["k"], p["v"]
+    """The tensor-core kernel's shape and staging constants, and pointers to elements of Q, K and V (K and V: in
+    the source holding the key, picked per key row)."""
+    c, q = p["mma"], p["q"]
 
     def flag(x: bool) -> str:
         return "true" if x else "false"
@@ -200,22 +274,32 @@ def _mma_members(p: dict) -> str:
         return " + ".join(atoms_code(f"(long){i}", view[x], in_range=True)
                           for i, x in (("bh", "bh"), (row, row_index), ("d", "d")))
 
+    def ptr(name: str) -> str:
+        cases, start = [], 0
+        for arg, src in zip(source_args(p, name), sources(p, name)):
+            cases.append((start + src["keys"], f"g.{arg} + {at(src, 's', 'j' if start == 0 else f'(j - {start})')}"))
+            start += src["keys"]
+        return _select(cases, "j")
+
+    def s_inner(name: str) -> str:
+        return flag(all(gemm_mma.inner_is(src["s"]) for src in sources(p, name)))
+
     return f"""using Elem = {CTYPES[c["dtype"]]};
   static constexpr int WARPS = {c["warps"]}, BK = {c["bk"]}, CL = {c["cl"]};
   static constexpr bool Q_REGS = {flag(c["q_regs"])};
   static constexpr bool Q_CHUNKS = {flag(c["q_chunks"])}, Q_T_INNER = {flag(gemm_mma.inner_is(q["t"]))};
-  static constexpr bool K_CHUNKS = {flag(c["k_chunks"])}, K_S_INNER = {flag(gemm_mma.inner_is(k["s"]))};
-  static constexpr bool V_CHUNKS = {flag(c["v_chunks"])}, V_S_INNER = {flag(gemm_mma.inner_is(v["s"]))};
-  __device__ static long q_at(int bh, int t, int d) {{ return {at(q, "t", "t")}; }}
-  __device__ static long k_at(int bh, int j, int d) {{ return {at(k, "s", "j")}; }}
-  __device__ static long v_at(int bh, int j, int d) {{ return {at(v, "s", "j")}; }}"""
+  static constexpr bool K_CHUNKS = {flag(c["k_chunks"])}, K_S_INNER = {s_inner("k")};
+  static constexpr bool V_CHUNKS = {flag(c["v_chunks"])}, V_S_INNER = {s_inner("v")};
+  __device__ static const Elem* q_ptr(const Args& g, int bh, int t, int d) {{ return g.q + {at(q, "t", "t")}; }}
+  __device__ static const Elem* k_ptr(const Args& g, int bh, int j, int d) {{ return {ptr("k")}; }}
+  __device__ static const Elem* v_ptr(const Args& g, int bh, int j, int d) {{ return {ptr("v")}; }}"""
 
 
 def cuda_source(p: dict, symbol: str) -> str:
-    tq, tk, tv = (CTYPES[p[x]["dtype"]] for x in ("q", "k", "v"))
-    fields = [f"const {tq}* q;", f"const {tk}* k;", f"const {tv}* v;"]
-    params = [f"const {tq}* __restrict__ q", f"const {tk}* __restrict__ k", f"const {tv}* __restrict__ v"]
-    names = ["q", "k", "v"]
+    names = ["q"] + source_args(p, "k") + source_args(p, "v")
+    types = [CTYPES[p[n[0]]["dtype"]] for n in names]
+    fields = [f"const {t}* {n};" for t, n in zip(types, names)]
+    params = [f"const {t}* __restrict__ {n}" for t, n in zip(types, names)]
     if p.get("dyn"):
         fields.append("const int* pos;")
         params.append("const int* __restrict__ pos")
@@ -260,8 +344,10 @@ def reference(p: dict, args: dict) -> None:
     BH, T, S, HD, VD = p["BH"], p["T"], p["S"], p["HD"], p["VD"]
     q, k, v = p["q"], p["k"], p["v"]
     Q = load_atoms(args["q"], q["dtype"], list(q["bh"]) + list(q["t"]) + list(q["d"]), [BH, T, HD])
-    Kt = load_atoms(args["k"], k["dtype"], list(k["bh"]) + list(k["d"]) + list(k["s"]), [BH, HD, S])
-    V = load_atoms(args["v"], v["dtype"], list(v["bh"]) + list(v["s"]) + list(v["d"]), [BH, S, VD])
+    Kt = np.concatenate([load_atoms(args[a], k["dtype"], list(x["bh"]) + list(x["d"]) + list(x["s"]),
+                                    [BH, HD, x["keys"]]) for a, x in zip(source_args(p, "k"), sources(p, "k"))], axis=2)
+    V = np.concatenate([load_atoms(args[a], v["dtype"], list(x["bh"]) + list(x["s"]) + list(x["d"]),
+                                   [BH, x["keys"], VD]) for a, x in zip(source_args(p, "v"), sources(p, "v"))], axis=1)
     inputs = [load_atoms(args[f"e{i}"], e["dtype"], e["atoms"], [BH, T, S]) for i, e in enumerate(p["epi_inputs"])]
     visible = np.ones((T, S), bool)
     if p.get("dyn"):

@@ -1,7 +1,8 @@
 """Elementwise family: out = expr(in0, in1, ...), each input a strided/broadcast view of the output's
 shape; one thread per output element (grid-stride).
 
-params: shape, inputs: [{dtype, atoms}] ((size, stride) atoms over the output's shape), expr, out_dtype
+params: shape, inputs: [{dtype, atoms}] ((size, stride) atoms over the output's shape), expr (may read an input
+  through RoPE's rotate_half along the last axis: ["in_rot", k]), out_dtype
 args: in0..in{n-1}, out"""
 
 import math
@@ -31,7 +32,11 @@ def cuda_source(p: dict, symbol: str) -> str:
     params = [f"const {CTYPES[x['dtype']]}* __restrict__ in{i}" for i, x in enumerate(p["inputs"])]
     params.append(f"{CTYPES[p['out_dtype']]}* __restrict__ out")
     loads = [f"to_float(in{i}[{atoms_code('i', x['atoms'])}])" for i, x in enumerate(p["inputs"])]
-    body, result = ex.emit(p["expr"], lambda k: loads[k])
+    d = p["shape"][-1] if p["shape"] else 1  # rotate_half (RoPE): the element half a row away, negated in the
+    rot = [f"(i % {d}L < {d // 2}L ? -1.f : 1.f) * to_float(in{k}["  # first half (params: d is even if used)
+           f"{atoms_code(f'(i - i % {d}L + (i % {d}L + {d // 2}L) % {d}L)', x['atoms'])}])"
+           for k, x in enumerate(p["inputs"])]
+    body, result = ex.emit(p["expr"], lambda k, rotated=False: rot[k] if rotated else loads[k])
     body_text = "\n    ".join(body)
     return f'''#include "common.cuh"
 

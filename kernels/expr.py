@@ -2,6 +2,8 @@
 
 An expression is a list of instructions; each refers to earlier ones by index, the last is the result:
   ["in", k]       the k-th tensor input, broadcast to the iteration space
+  ["in_rot", k]   RoPE's rotate_half of the k-th input along the last axis of the iteration space (size 2h):
+                  -x[..., j + h] for j < h, x[..., j - h] after (elementwise kernels only)
   ["acc"]         the GEMM accumulator (epilogues only); ["acc", 1] the second one of a gated GEMM
   ["const", c]    a float32 constant
   [op, i] / [op, i, j]   a unary / binary op below; ["where", c, i, j] picks i where c != 0
@@ -96,12 +98,15 @@ def c_float(value: float) -> str:
 
 
 def emit(expr: list, load_input, acc: str = "acc", prefix: str = "v") -> tuple[list[str], str]:
-    """CUDA statements computing expr; load_input(k) gives the C expression of input k."""
+    """CUDA statements computing expr; load_input(k) gives the C expression of input k, load_input(k, True) its
+    rotate_half (["in_rot", k])."""
     lines = []
     for i, ins in enumerate(expr):
         op = ins[0]
         if op == "in":
             rhs = load_input(ins[1])
+        elif op == "in_rot":
+            rhs = load_input(ins[1], True)
         elif op == "acc":
             rhs = acc if len(ins) == 1 or ins[1] == 0 else f"{acc}{ins[1]}"
         elif op == "const":
@@ -123,7 +128,7 @@ def _index(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def validate(expr, n_inputs: int, allow_acc: bool) -> None:
+def validate(expr, n_inputs: int, allow_acc: bool, allow_rot: bool = False) -> None:
     """Reject an expression a file could carry that evaluate() or emit() would fail on: unknown ops, wrong
     operand counts or types, references to later (or out-of-range) instructions and inputs."""
     if not isinstance(expr, list) or not expr or len(expr) > MAX_EXPR_LEN:
@@ -133,7 +138,7 @@ def validate(expr, n_inputs: int, allow_acc: bool) -> None:
         ok = isinstance(ins, list) and ins and isinstance(ins[0], str)
         if ok:
             op, operands = ins[0], ins[1:]
-            if op == "in":
+            if op == "in" or (op == "in_rot" and allow_rot):
                 ok = len(operands) == 1 and _index(operands[0]) and 0 <= operands[0] < n_inputs
             elif op == "acc":
                 ok = allow_acc and (not operands or (len(operands) == 1 and _index(operands[0])
@@ -148,15 +153,23 @@ def validate(expr, n_inputs: int, allow_acc: bool) -> None:
             raise EngineFormatError(f"elementwise expression instruction {i} is invalid: {str(ins)[:80]}")
 
 
+def rotate_half(x: np.ndarray) -> np.ndarray:
+    h = x.shape[-1] // 2
+    return np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+
+
 def evaluate(expr: list, inputs: list[np.ndarray], acc=None) -> np.ndarray:
-    """acc: the accumulator array, or a tuple of them for ["acc", i]."""
-    validate(expr, len(inputs), acc is not None)
+    """acc: the accumulator array, or a tuple of them for ["acc", i]. ["in_rot", k] needs input k at the full
+    iteration shape."""
+    validate(expr, len(inputs), acc is not None, allow_rot=True)
     vals: list[np.ndarray] = []
     with np.errstate(all="ignore"):
         for ins in expr:
             op = ins[0]
             if op == "in":
                 v = inputs[ins[1]]
+            elif op == "in_rot":
+                v = rotate_half(inputs[ins[1]])
             elif op == "acc":
                 v = acc[ins[1] if len(ins) > 1 else 0] if isinstance(acc, tuple) else acc
             elif op == "const":

@@ -13,6 +13,7 @@ GEMM of a 7B model at a 2k-token prompt is ~1e11 multiply-adds), and far below w
 import math
 
 from flashrt.errors import EngineFormatError
+from flashrt.kernels.attention import MAX_SOURCES
 from flashrt.kernels.dtypes import ITEMSIZE
 from flashrt.kernels.memory import MAX_VIEW_ELEMENTS, MAX_VIEW_RANK
 from flashrt.kernels.quant import ACT_QUANT
@@ -160,11 +161,11 @@ def _work(fields: str, what: str, n: int, limit: int) -> None:
                                  f"per launch")
 
 
-def _expr(p: dict, n_inputs: int, allow_acc: bool, elements: int) -> None:
+def _expr(p: dict, n_inputs: int, allow_acc: bool, elements: int, allow_rot: bool = False) -> None:
     from flashrt.kernels import expr as ex
 
     try:
-        ex.validate(p["expr"], n_inputs, allow_acc)
+        ex.validate(p["expr"], n_inputs, allow_acc, allow_rot)
     except EngineFormatError as e:
         raise _Bad(".expr", f"is invalid: {e}") from None
     _work("expr", "element operations (elements x (instructions + inputs))",
@@ -188,16 +189,37 @@ def _gemm(p: dict) -> None:
     _expr(p, len(p["epi_inputs"]), True, out)
 
 
+_KV_VIEW = {"bh": ATOMS, "d": ATOMS, "s": ATOMS}
+_KV_SOURCES = Dict({"dtype": Dtype, "sources": List(Dict({"keys": DIM, **_KV_VIEW}), 1, MAX_SOURCES)})
+
+
+def _kv_operand(v, path):
+    """K or V: one view {dtype, bh, d, s}, or {dtype, sources: [{keys, bh, d, s}]} concatenated along the keys."""
+    if isinstance(v, dict) and "sources" in v:
+        extra = sorted(set(v) & set(_KV_VIEW))
+        if extra:
+            raise _Bad(f"{path}.{extra[0]}", "is given beside sources (each source has its own view)")
+        out = _KV_SOURCES(v, path)
+        for i, src in enumerate(out["sources"]):
+            keys = math.prod(size for size, _ in src["s"])
+            if keys != src["keys"]:
+                raise _Bad(f"{path}.sources[{i}].s", f"covers {keys} keys, not keys = {src['keys']}")
+        return out
+    return Dict({"dtype": Dtype, **_KV_VIEW})(v, path)
+
+
 def _attention(p: dict) -> None:
     op = {"dtype": Dtype}
     p = Dict({"BH": DIM, "T": DIM, "S": DIM, "HD": DIM, "VD": DIM,
-              "q": Dict({**op, "bh": ATOMS, "t": ATOMS, "d": ATOMS}),
-              "k": Dict({**op, "bh": ATOMS, "d": ATOMS, "s": ATOMS}),
-              "v": Dict({**op, "bh": ATOMS, "s": ATOMS, "d": ATOMS}),
+              "q": Dict({**op, "bh": ATOMS, "t": ATOMS, "d": ATOMS}), "k": _kv_operand, "v": _kv_operand,
               "epi_inputs": List(Dict(OPERAND)), "expr": EXPR, "out_dtype": Dtype},
              {"dyn": Nullable(Dict({"causal": Bool})),
               "mma": Dict({"dtype": Enum("bfloat16", "float16")})})(p, "")  # mma.dtype: the reference rounds P to it
     BH, T, S, HD, VD = p["BH"], p["T"], p["S"], p["HD"], p["VD"]
+    for name in ("k", "v"):
+        keys = [src["keys"] for src in p[name].get("sources", [])]
+        if keys and sum(keys) != S:
+            raise _Bad(f".{name}.sources", f"have {str(keys)[:80]} keys, adding up to {sum(keys)}, not S = {S}")
     _elements("BH, T, HD", "Q operand", BH, T, HD)
     _elements("BH, HD, S", "K operand", BH, HD, S)
     _elements("BH, S, VD", "V operand", BH, S, VD)
@@ -210,7 +232,10 @@ def _attention(p: dict) -> None:
 def _eltwise(p: dict) -> None:
     p = Dict({"shape": SHAPE, "inputs": List(Dict(OPERAND)), "expr": EXPR, "out_dtype": Dtype})(p, "")
     out = _elements("shape", "output", *p["shape"])
-    _expr(p, len(p["inputs"]), False, out)
+    rot = any(ins[0] == "in_rot" for ins in p["expr"] if isinstance(ins, list) and ins)
+    if rot and (not p["shape"] or p["shape"][-1] % 2):
+        raise _Bad(".expr", f"rotates a last axis of shape {p['shape']} by half (it must be even)")
+    _expr(p, len(p["inputs"]), False, out, allow_rot=True)
 
 
 def _softmax(p: dict) -> None:

@@ -1,7 +1,8 @@
 """The attention kernel family on the CPU: the numpy reference (the spec) against a plain per-row softmax,
 the dynamic KV length (pos, causal or not, stale cache never reaching a result), params checks, the launch
-configurations, the tensor-core kernel's selection and its reference rounding of P, and the CUDA sources
-compiling for every target. `attention_case` and MMA_CASES also feed the GPU test."""
+configurations, the tensor-core kernel's selection and its reference rounding of P, K and V read from several
+sources (a Concat read in place: exactly the attention over their concatenation), and the CUDA sources compiling
+for every target. `attention_case`, MMA_CASES and SOURCE_CASES also feed the GPU test."""
 
 import math
 import re
@@ -216,6 +217,98 @@ def mma_case(name: str) -> tuple[dict, dict]:
     return p, host
 
 
+def split_case(p: dict, host: dict, cuts: list[int], padded: tuple[int, ...] = ()) -> tuple[dict, dict]:
+    """An attention_case (layout "rows" or "padded") with K and V cut along the keys at `cuts` into sources, each
+    in a buffer of its own (k, k1, ...; v, v1, ...), as the partitioner reads a Concat in place. The sources
+    numbered in `padded` keep rows one element longer than the head dim (a NaN pad, so not 16-byte aligned:
+    element loads). The same attention as the uncut case's."""
+    S, HD, VD, dtype = p["S"], p["HD"], p["VD"], p["k"]["dtype"]
+    (kvh, krow), (vrow, ratio) = p["k"]["bh"][0], (p["v"]["bh"][0][1], p["k"]["bh"][1][0])
+    assert p["k"]["s"] == [[S, kvh * krow]], "layout rows or padded"
+    k = to_f32(host["k"], dtype).reshape(S, kvh, krow)[..., :HD]
+    v = to_f32(host["v"], dtype).reshape(S, kvh, vrow)[..., :VD]
+    bounds, out = [0, *cuts, S], {n: a for n, a in host.items() if n not in ("k", "v")}
+    sources: dict[str, list] = {"k": [], "v": []}
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        for name, data, width in (("k", k, HD), ("v", v, VD)):
+            row = width + int(i in padded)
+            buf = np.full((b - a, kvh, row), np.nan, np.float32)
+            buf[..., :width] = data[a:b]
+            out[name if i == 0 else f"{name}{i}"] = from_f32(buf, dtype)
+            sources[name].append({"keys": b - a, "bh": [[kvh, row], [ratio, 0]], "d": [[width, 1]],
+                                  "s": [[b - a, kvh * row]]})
+    cut = {**p, "k": {"dtype": dtype, "sources": sources["k"]}, "v": {"dtype": dtype, "sources": sources["v"]}}
+    if "mma" in p:
+        c = attention.mma_config(cut)
+        cut["mma"] = {**p["mma"], "k_chunks": c["k_chunks"], "v_chunks": c["v_chunks"]}
+    return cut, out
+
+
+# name: (attention_case arguments, cuts, padded sources): K and V from several sources (a Concat read in place),
+# with the boundary inside a key tile; compiled for every target here, run on the GPU by test_gpu_attention
+SOURCE_CASES = {
+    "expert mma": ((8, 1, 50, 866, 256), {"mask": True}, [816], ()),  # 816 keys of prefix + 50 own, 32-key tiles
+    "expert mma element loads": ((8, 1, 50, 866, 256), {"mask": True}, [816], (1,)),
+    "vit mma 3 sources": ((12, 12, 197, 197, 64), {}, [100, 150], ()),
+    "gqa causal prefill mma element loads": ((16, 8, 100, 512, 128), {"dyn": {"causal": True}, "pos": 37}, [200],
+                                             (0,)),
+    "expert simt": ((8, 1, 50, 866, 256), {"mask": True, "mma": False}, [816], ()),
+    "expert simt element loads": ((8, 1, 50, 866, 256), {"mask": True, "mma": False}, [816], (0,)),
+    "decode simt cluster": ((16, 8, 1, 513, 128), {}, [500], ()),
+    "decode simt dyn 3 sources": ((16, 8, 4, 512, 128), {"dyn": {"causal": True}, "pos": 300}, [256, 290], ()),
+    "f32 simt": ((4, 1, 20, 57, 32), {"dtype": "float32"}, [37], ()),
+}
+
+
+def source_case(name: str) -> tuple[tuple[dict, dict], tuple[dict, dict]]:
+    """((params, host) with the sources, (params, host) of the same attention in one view)."""
+    args, kwargs, cuts, padded = SOURCE_CASES[name]
+    p, host = attention_case(*args, **kwargs)
+    return split_case(p, host, cuts, padded), (p, host)
+
+
+@pytest.mark.parametrize("name", list(SOURCE_CASES))
+def test_sources_reference_equals_one_view(name):
+    """K and V from several sources give exactly the attention over their concatenation."""
+    (p, host), (p1, host1) = source_case(name)
+    params.check("attention", p)
+    assert ("mma" in p) == ("mma" in p1)
+    np.testing.assert_array_equal(run_reference(p, host), run_reference(p1, host1))
+
+
+def test_sources_arguments_and_staging():
+    (p, _), _ = source_case("vit mma 3 sources")
+    assert [n for n, _ in attention.arg_spec(p)] == ["q", "k", "k1", "k2", "v", "v1", "v2", "out"]
+    assert p["mma"]["k_chunks"] and p["mma"]["v_chunks"]
+    (p, _), _ = source_case("decode simt dyn 3 sources")
+    assert [n for n, _ in attention.arg_spec(p)] == ["q", "k", "k1", "k2", "v", "v1", "v2", "pos", "out"]
+    (p, _), _ = source_case("expert mma element loads")  # one source not 16-byte aligned: element loads for all
+    assert not p["mma"]["k_chunks"] and not p["mma"]["v_chunks"] and p["mma"]["q_chunks"]
+    (p, _), _ = source_case("expert mma")
+    assert attention.mma_config(p, (0, [0, 8], [0, 8]))["k_chunks"]
+    c = attention.mma_config(p, (0, [0, 4], 0))  # source 1 of K starts 8 bytes into a 16-byte chunk
+    assert not c["k_chunks"] and c["v_chunks"]
+
+
+def test_params_check_sources():
+    (p, _), _ = source_case("expert mma")
+    k = p["k"]
+
+    def bad(k_operand: dict, message: str) -> None:
+        with pytest.raises(EngineFormatError, match=message):
+            params.check("attention", {**p, "k": k_operand})
+
+    params.check("attention", p)
+    bad({**k, "sources": [{**k["sources"][0], "keys": 815}, k["sources"][1]]}, r"params\.k\.sources\[0\]\.s covers 816")
+    bad({**k, "sources": k["sources"][:1]}, r"params\.k\.sources have \[816\] keys, adding up to 816, not S = 866")
+    bad({**k, "bh": [[8, 0]]}, r"params\.k\.bh is given beside sources")
+    bad({**k, "sources": []}, r"params\.k\.sources has 0 entries")
+    bad({**k, "sources": [{**k["sources"][0], "keys": 0}]}, r"params\.k\.sources\[0\]\.keys = 0")
+    many = [{**k["sources"][1], "keys": 1, "s": [[1, 0]]}] * (attention.MAX_SOURCES + 1)
+    bad({**k, "sources": many}, r"params\.k\.sources has 9 entries")
+    bad({"dtype": "bfloat16", "sources": "x"}, r"params\.k\.sources")
+
+
 @pytest.mark.parametrize("name", list(MMA_CASES))
 def test_mma_reference_matches_naive(name):
     """With "mma" the reference rounds P to the operand type: still within the family's tolerance of the exact
@@ -332,12 +425,13 @@ def test_bf16_engine_uses_the_tensor_core_attention(tmp_path):
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_100a", "sm_110a", "sm_120a"])
 def test_compiles_for_every_target_without_spills(arch):
     """Both kernels: the SIMT one on decode (a cluster of 8) and prefill, the tensor-core one on every
-    MMA_CASES variant; no spills, and the tensor-core kernel's shared memory all dynamic (its launch size)."""
+    MMA_CASES variant, both on every SOURCE_CASES variant; no spills, and the tensor-core kernel's shared memory
+    all dynamic (its launch size)."""
     from flashrt.aot.codegen import build_cubins, kernel_source
 
     simt = [attention_case(16, 8, 1, 512, 128, dyn={"causal": True})[0],
             attention_case(8, 1, 50, 866, 256, mask=True, mma=False)[0]]
-    cases = simt + [mma_case(name)[0] for name in MMA_CASES]
+    cases = simt + [mma_case(name)[0] for name in MMA_CASES] + [source_case(name)[0][0] for name in SOURCE_CASES]
     sources = [kernel_source("attention", p) for p in cases]
     _, resources, _ = build_cubins(sources, [arch])
     for s, p in zip(sources, cases):
@@ -367,6 +461,9 @@ def test_tensor_core_kernel_sass():
     assert "LDGSTS.E.BYPASS.128" in code
     code = sass(mma_case("padded rows")[0])
     assert "HMMA.16816.F32.BF16" in code and "LDGSTS" not in code
+    # K and V from two sources: the key rows of a tile still copied by cp.async, or all by element
+    assert "LDGSTS.E.BYPASS.128" in sass(source_case("expert mma")[0][0])
+    assert "LDGSTS" not in sass(split_case(*mma_case("padded rows"), [30], (0, 1))[0])
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc")

@@ -1,14 +1,15 @@
 """On an NVIDIA GPU: the attention kernels against the numpy reference, into poisoned (NaN) outputs. The SIMT
 kernel on decode (cluster split over the keys, the dynamic KV length) and prefill; the tensor-core kernel on
 every MMA_CASES variant (the expert and ViT shapes, odd sizes, additive and boolean masks, GQA views, element
-loads for views that are not 16-byte aligned, dynamic-length causal prefill) and every cluster size. Stale
-cache rows and row pads hold NaN, so a kernel that reads a key or element it must not see fails. Skipped
-without a GPU."""
+loads for views that are not 16-byte aligned, dynamic-length causal prefill) and every cluster size; both kernels
+with K and V read from several sources (SOURCE_CASES: a Concat read in place, the boundary inside a key tile,
+cp.async and element loads). Stale cache rows and row pads hold NaN, so a kernel that reads a key or element it
+must not see fails. Skipped without a GPU."""
 
 import numpy as np
 import pytest
 from conftest import requires_gpu
-from test_attention_kernels import MMA_CASES, attention_case, mma_case, naive
+from test_attention_kernels import MMA_CASES, SOURCE_CASES, attention_case, mma_case, naive, source_case
 
 from flashrt.kernels.dtypes import STORAGE, to_f32
 
@@ -84,3 +85,14 @@ def test_tensor_core_any_cluster(name, cl):
 def test_tensor_core_causal_prefill_positions(pos):
     """The stateful decoder's prefill entry: T = 128 queries at cache position pos (the last fills the cache)."""
     check(*attention_case(16, 8, 128, 512, 128, dyn={"causal": True}, pos=pos, seed=pos))
+
+
+@pytest.mark.parametrize("name", list(SOURCE_CASES))
+def test_sources(name):
+    """K and V cut into sources along the keys: the reference's result, and the kernel's own result on the one-view
+    layout (the same values staged and summed in the same order: equal up to rare output roundings), so a key
+    read from the wrong source or row shows even where the tolerance against the reference would hide it."""
+    (p, host), (p1, host1) = source_case(name)
+    got, one = check(p, host), check(p1, host1)
+    err = np.linalg.norm(got - one) / max(np.linalg.norm(one), 1e-30)
+    assert err <= 1e-4, (err, np.abs(got - one).max())

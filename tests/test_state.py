@@ -91,6 +91,21 @@ def test_one_launch_list_serves_every_position(decoder):
     assert rel(out["logits"][0, -1], ref[1]) < 1e-4
 
 
+def test_cache_concats_stay_cache_writes(decoder):
+    """present = Concat(past, new) only feeds attention (and the present output), the shape attention could read
+    in place; the stateful build turns it into a cache write first, so every attention reads the state at its
+    run-time length, one view per operand."""
+    model, _, path = decoder
+    eng = load(path, device="cpu")
+    for entry in ("prefill", "decode"):
+        e = eng.file.entry(entry)
+        kernels = [eng.file.kernels[launch.kernel] for launch in eng.file.launches[e.first:e.first + e.count]]
+        attention = [k.params for k in kernels if k.family == "attention"]
+        assert len(attention) == model.c["layers"]
+        assert all(p["dyn"] and "sources" not in p["k"] and "sources" not in p["v"] for p in attention)
+        assert sum(k.family == "state" and k.params["op"] == "write" for k in kernels) == model.c["layers"]
+
+
 def test_reset_and_load_state(decoder):
     model, _, path = decoder
     eng = load(path, device="cpu")

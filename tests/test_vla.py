@@ -90,3 +90,21 @@ def test_prefix_runs_once(case, engine_path):
     print(f"\nvla ci fp32: {total} launches = prefix {split['prefix']} + {model.c['steps']} x {split['per_step']}")
     assert split["per_step"] > 0 and split["prefix"] > 0
     assert total == split["prefix"] + model.c["steps"] * split["per_step"]
+
+
+def test_expert_reads_prefix_kv_in_place(case, engine_path):
+    """The expert layers of every denoise step attend to [the prefix K/V; their own K/V] with no Concat launch: the
+    attention reads both in place, two sources per operand."""
+    from flashrt.engine_format.reader import read_engine
+
+    model, _, _, _, _ = case
+    c = model.c
+    prefix = c["cameras"] * (c["image"] // c["patch"]) ** 2 + c["prompt"]
+    for precision in ("fp32", "bf16"):
+        m = read_engine(engine_path(precision)).manifest
+        fused = [m["kernels"][r["kernel"]]["params"] for r in m["regions"]
+                 if r["kind"] == "attention" and "Concat" in r["ops"]]
+        assert len(fused) == c["steps"] * c["expert"]["layers"], precision
+        for p in fused:
+            assert [s["keys"] for s in p["k"]["sources"]] == [s["keys"] for s in p["v"]["sources"]] \
+                == [prefix, c["horizon"]]

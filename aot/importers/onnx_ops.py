@@ -13,7 +13,7 @@ from flashrt.errors import ModelError
 
 ELEMENTWISE_UNARY = {"Relu", "Gelu", "Sigmoid", "Tanh", "Erf", "Neg", "Exp", "Sqrt", "Reciprocal", "Abs", "Identity",
                      "Sin", "Cos", "Not", "IsNaN", "Cast", "Softplus", "HardSigmoid", "LeakyRelu", "Floor", "Ceil",
-                     "FakeQuantFP8", "FakeQuantNVFP4"}
+                     "FakeQuantFP8", "FakeQuantNVFP4", "RotateHalf"}
 ELEMENTWISE_BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Equal", "Less", "Greater", "LessOrEqual",
                       "GreaterOrEqual", "And", "Or", "Mod"}
 ELEMENTWISE_OTHER = {"Where", "CastLike"}
@@ -159,6 +159,10 @@ def fold(node: Node, args: list[np.ndarray | None]) -> list[np.ndarray]:
                  "HardSigmoid": lambda x: np.clip(x * at.get("alpha", 0.2) + at.get("beta", 0.5), 0, 1)}
         if op in unary:
             return [np.asarray(unary[op](a)).astype(a.dtype)]
+        if op == "RotateHalf":  # RoPE's rotate_half (aot/passes.py)
+            from flashrt.kernels.expr import rotate_half
+
+            return [rotate_half(a)]
         if op == "FakeQuantFP8":  # FP8 E4M3 activation quantization, kernels/quant.py
             scale = act_row_scales(a) if at.get("scale") == "row" else args[1]
             return [fake_quant_act(a, scale).astype(a.dtype)]

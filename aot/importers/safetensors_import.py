@@ -11,7 +11,9 @@ Families (config["model_type"], or the architectures list when model_type is abs
 | bert | input_ids [1,T], attention_mask [1,T], token_type_ids [1,T] (when type_vocab_size > 1) | last_hidden_state |
 | llama, qwen3, gemma | input_ids [1,T] (positions 0..T-1, causal) | last_hidden_state, logits (*) |
 | vit, siglip_vision_model, siglip (its vision_config) | pixel_values float32 [1,C,H,W] | last_hidden_state |
+| pi0 (lerobot's "type": "pi0"; its action expert) | state, noise, prefix_keys, prefix_values (float32) | actions |
 
+pi0: aot/importers/pi0_expert.py, with --denoise-steps N.
 (*) logits only for a *ForCausalLM checkpoint, from lm_head.weight or, with tie_word_embeddings, from the
 embedding table (stored a second time, transposed, for the GEMM). last_hidden_state is after the final norm.
 
@@ -52,6 +54,7 @@ import numpy as np
 
 from flashrt.aot.importers.onnx_import import infer_and_fold
 from flashrt.aot.importers.onnx_ops import dtype_of
+from flashrt.aot.importers.pi0_expert import build_pi0_expert
 from flashrt.aot.ir import Graph, Node, Value
 from flashrt.errors import ModelError
 
@@ -783,13 +786,15 @@ def _vision(net: _Net, cfg: Config, shapes: dict, family: str) -> None:
     net.outputs = ["last_hidden_state"]
 
 
-FAMILIES = ("bert", "llama", "qwen3", "gemma", "vit", "siglip_vision_model", "siglip")
+FAMILIES = ("bert", "llama", "qwen3", "gemma", "vit", "siglip_vision_model", "siglip", "pi0")
 _ARCH_FAMILY = {"Bert": "bert", "Llama": "llama", "Qwen3": "qwen3", "Gemma": "gemma", "ViT": "vit",
                 "SiglipVision": "siglip_vision_model", "Siglip": "siglip"}
 
 
 def _family(cfg: Config) -> str:
     mt = cfg.get("model_type")
+    if mt is None and cfg.get("type") == "pi0":  # lerobot's policy config
+        mt = "pi0"
     if mt is None:
         for arch in cfg.get("architectures") or []:
             for stem, fam in _ARCH_FAMILY.items():
@@ -839,8 +844,10 @@ def _read_json(path: str):
         raise ModelError(f"{path}: not valid JSON ({str(e)[:120]})") from None
 
 
-def import_safetensors(path: str, config: str | None = None, shapes: dict | None = None) -> tuple[Graph, str]:
+def import_safetensors(path: str, config: str | None = None, shapes: dict | None = None,
+                       denoise_steps: int | None = None) -> tuple[Graph, str]:
     """Build the graph of a safetensors checkpoint (a folder, a .safetensors file or an index) from its config.
+    denoise_steps: flow-matching steps of the pi0 action expert (aot/importers/pi0_expert.py).
     Returns the graph and a sha256 over the config and the weight files."""
     shapes = dict(shapes or {})
     cfg_path, ck, files = _locate(path, config)
@@ -854,8 +861,13 @@ def import_safetensors(path: str, config: str | None = None, shapes: dict | None
     if family == "siglip":
         cfg = top.sub("vision_config")
     name = archs[0] if archs else family
+    if denoise_steps is not None and family != "pi0":
+        raise ModelError(f"--denoise-steps applies to the pi0 action-expert family; {cfg_path} is a {family} model")
 
-    if family == "bert":
+    if family == "pi0":
+        net = _Net("pi0_action_expert", _find_prefix(ck, "action_in_proj.weight", ["model.", ""]))
+        build_pi0_expert(net, cfg, shapes, denoise_steps)
+    elif family == "bert":
         net = _Net(name, _find_prefix(ck, "embeddings.word_embeddings.weight", ["", "bert."]))
         _bert(net, cfg, shapes)
     elif family in ("llama", "qwen3", "gemma"):

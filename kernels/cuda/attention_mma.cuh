@@ -7,7 +7,8 @@
 // to the operand type in the layout of the A fragments of O += P V (V through ldmatrix.trans) and rescales O.
 // K and V have one shared tile each, loaded a phase ahead: K of tile i + 1 arrives during softmax and P.V of
 // tile i, V of tile i + 1 during S of tile i + 1. Views that are contiguous and 16-byte aligned along the head
-// dim are copied by cp.async, any other view element by element.
+// dim are copied by cp.async, any other view element by element. K and V may each be several sources along the
+// key axis (a concatenation read in place): P::k_ptr / P::v_ptr pick the source of each key row.
 // With CL > 1 the CL blocks of a thread-block cluster take equal runs of the key tiles and merge their
 // (max, sum, unnormalized O) through distributed shared memory; every block finishes 1 / CL of the rows.
 // Keys past the last one the block's last row sees are never read (zero-filled); a row masks the keys it
@@ -35,25 +36,26 @@ __device__ __forceinline__ float exp2_approx(float x) {  // 2^x; -inf -> 0
 }
 
 // ROWS x COLS elements into a shared tile of row stride LD, tile row r from operand row row0 + r; rows at or
-// past `valid` are zero-filled. at(row, col): the operand element's offset. CHUNKS: 16-byte cp.async copies
+// past `valid` are zero-filled. at(row, col): a pointer to the operand element (any: a valid address for the
+// zero-filling copies, which read nothing). CHUNKS: 16-byte cp.async copies
 // (8 columns contiguous and aligned), else element copies walking rows fastest when ROW_INNER (the view's
 // contiguous index) and columns fastest otherwise. The loops stay rolled: unrolled, the compiler keeps a
 // 64-bit address per chunk live across the whole key loop.
 template <class E, int ROWS, int COLS, int LD, int NT, bool CHUNKS, bool ROW_INNER, class At>
-__device__ __forceinline__ void attn_load_tile(E* dst, const E* src, int row0, int valid, At at) {
+__device__ __forceinline__ void attn_load_tile(E* dst, const E* any, int row0, int valid, At at) {
   if constexpr (CHUNKS) {
     constexpr int CPR = COLS / 8;
 #pragma unroll 1
     for (int c = threadIdx.x; c < ROWS * CPR; c += NT) {
       const int r = c / CPR, col = (c % CPR) * 8;
       const bool ok = r < valid;
-      mma::cp_async16(dst + r * LD + col, ok ? src + at(row0 + r, col) : src, ok);
+      mma::cp_async16(dst + r * LD + col, ok ? at(row0 + r, col) : any, ok);
     }
   } else {
 #pragma unroll 1
     for (int e = threadIdx.x; e < ROWS * COLS; e += NT) {
       const int r = ROW_INNER ? e % ROWS : e / COLS, col = ROW_INNER ? e / ROWS : e % COLS;
-      dst[r * LD + col] = r < valid ? src[at(row0 + r, col)] : E{0};
+      dst[r * LD + col] = r < valid ? *at(row0 + r, col) : E{0};
     }
   }
 }
@@ -93,9 +95,9 @@ __device__ __forceinline__ void attention_mma(const typename P::Args& g) {
   const int vis0 = row0 < T ? P::visible(pos, row0) : 0, vis1 = row1 < T ? P::visible(pos, row1) : 0;
   const int warp_keys = w0 < T ? P::visible(pos, min(T, w0 + 16) - 1) : 0;
 
-  auto q_at = [&](int t, int d) { return P::q_at(bh, t, d); };
-  auto k_at = [&](int j, int d) { return P::k_at(bh, j, d); };
-  auto v_at = [&](int j, int d) { return P::v_at(bh, j, d); };
+  auto q_at = [&](int t, int d) { return P::q_ptr(g, bh, t, d); };
+  auto k_at = [&](int j, int d) { return P::k_ptr(g, bh, j, d); };
+  auto v_at = [&](int j, int d) { return P::v_ptr(g, bh, j, d); };
   auto load_k = [&](int tile) {
     attn_load_tile<E, BK, HD, LDK, NT, P::K_CHUNKS, P::K_S_INNER>(Ks, g.k, tile * BK, n_keys - tile * BK, k_at);
   };
