@@ -108,12 +108,14 @@ ATTENTION = {  # name: (heads, kv_heads, T, S, HD, dyn, pos, mask)
 }
 
 
-def attention_jobs(with_configs: bool) -> list[tuple[str, tuple, bool]]:
+def attention_jobs(with_configs: bool, only: list[str] | None = None) -> list[tuple[str, tuple, bool]]:
     """(case name, config, whether it is the default config); a config is ("mma", CL) for the tensor-core
     kernel or (TQ, KW, CL) for the SIMT kernel. --configs adds the SIMT kernel next to the tensor-core one and
     other cluster sizes."""
     jobs = []
     for name, (h, kvh, T, S, HD, dyn, pos, mask) in ATTENTION.items():
+        if only and name not in only:
+            continue
         p, _ = attention_case(h, kvh, T, S, HD, dyn, pos, mask)
         configs = [("mma", p["mma"]["cl"]) if "mma" in p else (p["TQ"], p["KW"], p["CL"])]
         if with_configs and T == 1:
@@ -133,8 +135,8 @@ def attention_params(name: str, config: tuple) -> tuple[dict, dict]:
     return attention_case(*ATTENTION[name], config=config, mma=False)
 
 
-def attention_rows(with_configs: bool) -> list[dict]:
-    jobs = attention_jobs(with_configs)
+def attention_rows(with_configs: bool, only: list[str] | None = None) -> list[dict]:
+    jobs = attention_jobs(with_configs, only)
     kernels = compile_all([("attention", attention_params(n, c)[0]) for n, c, _ in jobs])
     rows = []
     for (name, config, default), kernel in zip(jobs, kernels):
@@ -169,11 +171,12 @@ def main() -> None:
     ap.add_argument("--gemv", action="store_true")
     ap.add_argument("--attention", action="store_true")
     ap.add_argument("--configs", action="store_true")
+    ap.add_argument("--shapes", nargs="*", help=f"attention cases to run (default: all): {', '.join(ATTENTION)}")
     ap.add_argument("--out", default=os.environ.get("OUT", HERE))
     args = ap.parse_args()
     both = not (args.gemv or args.attention)
     rows = (gemv_rows(args.configs) if args.gemv or both else []) + \
-        (attention_rows(args.configs) if args.attention or both else [])
+        (attention_rows(args.configs, args.shapes) if args.attention or both else [])
     for r in rows:
         print(json.dumps(r))
     with open(os.path.join(args.out, "kernel_bench.json"), "w") as f:

@@ -4,6 +4,7 @@
 #   bash scripts/gpu_session.sh tests     # kernel-level GPU tests + engines on the GPU vs the CPU reference
 #   bash scripts/gpu_session.sh kernels   # per-kernel times: attention (SIMT vs tensor-core), GEMV, GEMM sweep
 #   bash scripts/gpu_session.sh bench     # the three workloads vs PyTorch at bf16 / fp8 / nvfp4 -> RESULTS.md
+#   bash scripts/gpu_session.sh verify    # tests of new attention/elementwise code, wgmma probe, expert + VLA rows
 #   bash scripts/gpu_session.sh sanitize  # compute-sanitizer memcheck on the samples
 set -u
 cd "$(dirname "$0")/.."
@@ -25,8 +26,21 @@ case "$stage" in
   bench)
     timeout 570 python3 benchmarks/bench.py --precisions bf16 fp8 nvfp4 --profile --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40
     ;;
+  verify)  # after attention / elementwise / planner changes: their GPU tests, the wgmma probe, the expert and VLA
+    timeout 250 python3 -m pytest -q -rf -n 8 tests/test_gpu_attention.py tests/test_kv_concat.py \
+      tests/test_pi0_expert.py tests/test_vla.py tests/test_gpu.py > "$OUT/tests.log" 2>&1
+    echo "tests rc=$?"; tail -6 "$OUT/tests.log"
+    timeout 90 python3 benchmarks/wgmma_probe.py --out "$OUT" > "$OUT/wgmma_probe.log" 2>&1
+    echo "probe rc=$?"; grep '^#' "$OUT/wgmma_probe.log" | head -12
+    timeout 80 python3 benchmarks/bench.py --no-torch --workloads expert --precisions bf16 --profile --out "$OUT" \
+      > "$OUT/bench.log" 2>&1; echo "bench rc=$?"; tail -4 "$OUT/bench.log"
+    timeout 60 python3 benchmarks/kernel_bench.py --attention --out "$OUT" > "$OUT/kernels.log" 2>&1
+    echo "kernels rc=$?"
+    timeout 150 python3 benchmarks/vla_bench.py --scale full --layers 4 --vocab 16384 --precisions bf16 \
+      --out "$OUT" > "$OUT/vla.log" 2>&1; echo "vla rc=$?"; tail -8 "$OUT/vla.log"
+    ;;
   sanitize)
     timeout 560 compute-sanitizer --tool memcheck python3 scripts/run_samples_cuda.py 2>&1 | tee "$OUT/sanitize.log" | tail -20
     ;;
-  *) echo "usage: $0 tests|kernels|bench|sanitize" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|kernels|bench|verify|sanitize" >&2; exit 2 ;;
 esac
