@@ -3,6 +3,7 @@
 PI0FlowMatching samples actions (the suffix of state + action tokens over the prefix's KV cache, the block mask
 that hides the actions from the state token, N Euler steps)."""
 
+import inspect
 import json
 import math
 import subprocess
@@ -20,8 +21,12 @@ from flashrt.errors import FlashRTError
 
 transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache, GemmaConfig  # noqa: E402
-from transformers.models.gemma.modeling_gemma import GemmaModel, GemmaRotaryEmbedding  # noqa: E402
+from transformers.models.gemma.modeling_gemma import (  # noqa: E402
+    GemmaDecoderLayer, GemmaModel, GemmaRotaryEmbedding)
 
+# the decoder layer's KV-cache argument: `cache` in transformers 5.x, `past_key_values` / `past_key_value` before
+CACHE_ARG = next(n for n in ("cache", "past_key_values", "past_key_value")
+                 if n in inspect.signature(GemmaDecoderLayer.forward).parameters)
 EXPERT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=1, head_dim=32, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh")
 POLICY = dict(type="pi0", chunk_size=8, max_state_dim=5, max_action_dim=6, num_steps=3, proj_width=64,
@@ -82,12 +87,13 @@ def _reference(expert, proj, cfg, feeds: dict, steps: int) -> np.ndarray:
         te = _time_embedding(t[None], a.shape[-1])[:, None].expand(1, H, -1)
         a = proj["action_time_mlp_out"](torch.nn.functional.silu(proj["action_time_mlp_in"](torch.cat([a, te], 2))))
         h = torch.cat([proj["state_proj"](state)[:, None], a], 1)
-        cache = DynamicCache(config=cfg)
+        cache = DynamicCache(config=cfg) if "config" in inspect.signature(DynamicCache).parameters else DynamicCache()
         for i in range(cfg.num_hidden_layers):
             cache.update(pk[i][None], pv[i][None], i)
         cos_sin = rotary(h, pos)
         for layer in expert.layers:
-            h = layer(h, attention_mask=mask, position_ids=pos, cache=cache, position_embeddings=cos_sin)
+            h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin, **{CACHE_ARG: cache})
+            h = h[0] if isinstance(h, tuple) else h
         v = proj["action_out_proj"](expert.norm(h)[:, -H:])
         x += dt * v
         t += dt
