@@ -189,7 +189,7 @@ def build_engine(model: str, targets: list[str], output: str | None = None, shap
     if not os.path.isdir(out_dir):
         raise BuildError(f"-o {output}: directory {out_dir} does not exist")
 
-    merged = 0
+    merged, loop_steps = 0, None
     if calib is not None and max_context is not None:
         raise BuildError("--calib applies to stateless builds; it cannot be combined with --max-context")
     if max_context is not None:
@@ -204,6 +204,7 @@ def build_engine(model: str, targets: list[str], output: str | None = None, shap
             import_onnx(model, shapes)
         stage("passes")
         merged = run_passes(graph)
+        loop_steps = graph.loop_steps
         if calib is not None:
             stage("calibrate")
             calibrate_and_plan(graph, calib, precision, min_cosine, archs)
@@ -233,6 +234,7 @@ def build_engine(model: str, targets: list[str], output: str | None = None, shap
         "compute_nodes": programs[0].compute_nodes,
         "intermediate_bytes_without_reuse": plan.intermediate_bytes,
         "common_subexpressions": merged,
+        **({"loop_steps": loop_steps} if loop_steps else {}),
     }
     stage("write")
     manifest_state = None

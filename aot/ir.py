@@ -36,6 +36,7 @@ class Graph:
     constants: dict[str, np.ndarray]
     prequantized: object = None  # aot.quantize.PrequantTable: weights the model holds quantized
     weight_plan: dict | None = None  # aot.sensitivity: weight -> WeightChoice, from --calib's cosine target
+    loop_steps: int | None = None  # steps of an unrolled loop (a flow-matching chunk's denoise steps), for display
 
     def consumers(self) -> dict[str, list[Node]]:
         users: dict[str, list[Node]] = {}

@@ -209,6 +209,14 @@ def _load_inputs(path: str) -> dict:
         raise FlashRTError(f"--inputs {path}: not a readable .npz file ({e})") from None
 
 
+def _rate_unit(eng) -> str:
+    """tokens/s for a decoder, chunks/s for an engine that runs a loop's steps (a flow-matching action chunk)."""
+    if eng.stateful:
+        return "tokens/s"
+    steps = eng.manifest["provenance"].get("loop_steps")
+    return f"chunks/s ({steps} steps per chunk)" if steps else "runs/s"
+
+
 @cli.command()
 @click.argument("engine", type=click.Path(dir_okay=False))
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cuda", show_default=True)
@@ -221,7 +229,7 @@ def _load_inputs(path: str) -> dict:
               help="Run this many times; a stateful engine then decodes greedily, feeding back each step's argmax.")
 def run(engine: str, device: str, inputs_path: str | None, output_path: str | None, seed: int, as_json: bool,
         entry: str | None, steps: int) -> None:
-    """Run ENGINE on the CPU reference executor or the GPU: once, or --steps times (tokens/s, runs/s)."""
+    """Run ENGINE on the CPU reference executor or the GPU: once, or --steps times (tokens/s, chunks/s, runs/s)."""
     import flashrt
     from flashrt.runtime.engine import host_dtype
 
@@ -255,7 +263,7 @@ def run(engine: str, device: str, inputs_path: str | None, output_path: str | No
                       "min": float(np.min(a)) if a.size else 0.0, "max": float(np.max(a)) if a.size else 0.0,
                       "finite": bool(np.isfinite(a).all())} for name, a in outputs.items()}
     rate = (steps - 1) / rest if steps > 1 and rest > 0 else None
-    unit = "tokens/s" if eng.stateful else "runs/s"
+    unit = _rate_unit(eng)
     if as_json:
         click.echo(json.dumps({"device": device, "entry": entry, "seconds": elapsed, "outputs": summary,
                                "steps": steps, "rate": rate, "unit": unit, "tokens": tokens}, indent=1,
@@ -320,7 +328,7 @@ def bench(engine: str, iters: int, as_json: bool, profile: bool, entry: str | No
     pct = {p: lat[min(len(lat) - 1, int(len(lat) * p / 100))] for p in (50, 90, 99)}
     result = {"gpu_arch": eng.arch, "iters": iters, "entry": entry, "launches": e.count,
               "p50_ms": pct[50], "p90_ms": pct[90], "p99_ms": pct[99],
-              "per_second": 1e3 / pct[50] * (e.tokens or 1), "unit": "tokens/s" if eng.stateful else "runs/s"}
+              "per_second": 1e3 / pct[50] * (e.tokens or 1), "unit": _rate_unit(eng)}
     if eng.stateful:
         result["context"] = context
     if profile:

@@ -150,6 +150,7 @@ def test_denoise_loop_is_one_launch_list(tmp_path, projection_in_body):
     else:  # only the transpose of the outer-scope K repeats
         assert cse["nodes_removed"] == STEPS - 1
     assert cse["constants_removed"] > 0  # the body's Constant nodes (dt, 1, scale) per step
+    assert manifest["provenance"]["loop_steps"] == STEPS  # `flashrt run` / `bench` report chunks/s
 
 
 class _Flow:

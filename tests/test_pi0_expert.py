@@ -193,3 +193,16 @@ def test_gpu_engine_matches_its_cpu_reference(tmp_path, precision):
     if precision == "bf16":
         ref = _reference(expert, proj, cfg, feeds, 4)
         assert _cosine(gpu - feeds["noise"], ref - feeds["noise"]) >= 0.999
+
+
+def test_cli_runs_a_chunk_and_reports_chunks_per_second(tmp_path):
+    folder, *_ = _make(tmp_path)
+    out = tmp_path / "pi0.frt"
+    build = subprocess.run(flashrt_cli() + ["build", str(folder), "-t", "sm_90a", "-o", str(out), "--denoise-steps",
+                                            "2", "--shapes", "prefix_keys:2x1x11x32"], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    assert read_engine(out).manifest["provenance"]["loop_steps"] == 2
+    proc = subprocess.run(flashrt_cli() + ["run", str(out), "--device", "cpu", "--steps", "2"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "chunks/s (2 steps per chunk)" in proc.stdout and "actions: float32[1, 8, 6]" in proc.stdout, proc.stdout

@@ -168,6 +168,8 @@ def _expand_loop(graph: Graph, node: Node) -> list[Node]:
         if trip_value.size != 1 or trip_value.dtype.kind not in "iu":
             raise ModelError(f"{_what(node)}: the trip count '{trip_name}' is not an integer scalar")
         trip = max(int(trip_value.reshape(-1)[0]), 0)
+        if "_scope" not in at:  # a top-level Loop: the engine runs its steps in one launch list
+            graph.loop_steps = max(graph.loop_steps or 0, trip)
         budget = int(at.get("_budget", MAX_UNROLLED_NODES))
         size = _body_size(body)
         if trip * max(size, 1) > budget:

@@ -66,8 +66,9 @@ def rope(positions: np.ndarray, head_dim: int, theta: float) -> tuple[np.ndarray
     return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
 
 
-def build_pi0_expert(net, cfg, shapes: dict, steps: int | None) -> None:
-    """Add the expert's graph to net (a safetensors_import._Net) from the policy config cfg."""
+def build_pi0_expert(net, cfg, shapes: dict, steps: int | None) -> int:
+    """Add the expert's graph to net (a safetensors_import._Net) from the policy config cfg; returns the number
+    of denoise steps built."""
     from flashrt.aot.importers.safetensors_import import Config, _activation
 
     E = cfg.sub("gemma_expert_config") if cfg.has("gemma_expert_config") else Config({}, cfg.path,
@@ -178,6 +179,7 @@ def build_pi0_expert(net, cfg, shapes: dict, steps: int | None) -> None:
         x = net.op("Add", [x, net.op("Mul", [v, dt], f"{sp}/dt_v")], f"{sp}/euler",
                    out="actions" if n == steps - 1 else None)
     net.outputs = ["actions"]
+    return steps
 
 
 def _prefix_len(shapes: dict, lkd: tuple[int, int, int]) -> int:

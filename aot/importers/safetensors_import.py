@@ -861,12 +861,13 @@ def import_safetensors(path: str, config: str | None = None, shapes: dict | None
     if family == "siglip":
         cfg = top.sub("vision_config")
     name = archs[0] if archs else family
+    loop_steps = None
     if denoise_steps is not None and family != "pi0":
         raise ModelError(f"--denoise-steps applies to the pi0 action-expert family; {cfg_path} is a {family} model")
 
     if family == "pi0":
         net = _Net("pi0_action_expert", _find_prefix(ck, "action_in_proj.weight", ["model.", ""]))
-        build_pi0_expert(net, cfg, shapes, denoise_steps)
+        loop_steps = build_pi0_expert(net, cfg, shapes, denoise_steps)
     elif family == "bert":
         net = _Net(name, _find_prefix(ck, "embeddings.word_embeddings.weight", ["", "bert."]))
         _bert(net, cfg, shapes)
@@ -883,7 +884,7 @@ def import_safetensors(path: str, config: str | None = None, shapes: dict | None
         _vision(net, cfg, shapes, fam)
 
     _check_and_load(net, ck)
-    graph = Graph(name, net.inputs, net.outputs, net.nodes, net.values, net.constants)
+    graph = Graph(name, net.inputs, net.outputs, net.nodes, net.values, net.constants, loop_steps=loop_steps)
     infer_and_fold(graph)
     for o in graph.outputs:
         if o in graph.constants:
