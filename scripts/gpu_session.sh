@@ -4,6 +4,7 @@
 #   bash scripts/gpu_session.sh tests     # kernel-level GPU tests + engines on the GPU vs the CPU reference
 #   bash scripts/gpu_session.sh kernels   # per-kernel times: attention (SIMT vs tensor-core), GEMV, GEMM sweep
 #   bash scripts/gpu_session.sh bench     # the three workloads vs PyTorch at bf16 / fp8 / nvfp4 -> RESULTS.md
+#   bash scripts/gpu_session.sh loops     # the pi0 expert chunk and the VLA chunk vs PyTorch (issue 6)
 #   bash scripts/gpu_session.sh verify    # tests of new attention/elementwise code, wgmma probe, expert + VLA rows
 #   bash scripts/gpu_session.sh sanitize  # compute-sanitizer memcheck on the samples
 set -u
@@ -26,6 +27,11 @@ case "$stage" in
   bench)
     timeout 570 python3 benchmarks/bench.py --precisions bf16 fp8 nvfp4 --profile --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40
     ;;
+  loops)  # issue 6: the pi0 expert's chunk (full size, from safetensors) and the VLA chunk, vs torch.compile
+    timeout 280 python3 benchmarks/pi0_bench.py --scale full --precisions bf16 fp8 --out "$OUT" 2>&1 | tee "$OUT/pi0.log" | tail -8
+    timeout 280 python3 benchmarks/vla_bench.py --scale full --layers 4 --vocab 16384 --precisions bf16 --out "$OUT" \
+      2>&1 | tee "$OUT/vla.log" | tail -8
+    ;;
   verify)  # after attention / elementwise / planner changes: their GPU tests, the wgmma probe, the expert and VLA
     timeout 250 python3 -m pytest -q -rf -n 8 tests/test_gpu_attention.py tests/test_kv_concat.py \
       tests/test_pi0_expert.py tests/test_vla.py tests/test_gpu.py > "$OUT/tests.log" 2>&1
@@ -42,5 +48,5 @@ case "$stage" in
   sanitize)
     timeout 560 compute-sanitizer --tool memcheck python3 scripts/run_samples_cuda.py 2>&1 | tee "$OUT/sanitize.log" | tail -20
     ;;
-  *) echo "usage: $0 tests|kernels|bench|verify|sanitize" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|kernels|bench|loops|verify|sanitize" >&2; exit 2 ;;
 esac
