@@ -16,6 +16,8 @@ try:
 except ImportError:  # pragma: no cover - depends on the machine
     cu = None
 
+BIND_ALIGN = 16  # bytes: the widest vector access a kernel makes at a tensor's base
+
 
 def _check(result, what: str):
     err, *rest = result if isinstance(result, tuple) else (result,)
@@ -244,6 +246,11 @@ class CUDAEngine(Engine):
         unknown = [n for n in pointers if n not in names]
         if unknown:
             raise InputError(f"bind: unknown tensor(s) {unknown}; entry '{e.name}' has {sorted(names)}")
+        # kernels were generated for the arena's 256-byte aligned slots: 16-byte vector loads need at least that
+        unaligned = [f"{n} ({int(p):#x})" for n, p in pointers.items() if int(p) % BIND_ALIGN]
+        if unaligned:
+            raise InputError(f"bind: pointer(s) {', '.join(unaligned)} are not {BIND_ALIGN}-byte aligned "
+                             "(cuMemAlloc's are 256-byte aligned)")
         if e.name != self._bound_entry:
             self._bound, self._bound_entry = {}, e.name
         self._bound.update({n: int(p) for n, p in pointers.items()})

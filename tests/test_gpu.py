@@ -7,7 +7,7 @@ from conftest import GPU_ARCH, onnxruntime_outputs, rel_l2, requires_gpu
 
 import flashrt
 from flashrt.aot.build import build_engine
-from flashrt.errors import DeviceError
+from flashrt.errors import DeviceError, InputError
 
 pytestmark = [pytest.mark.gpu, requires_gpu]
 GPU_VS_CPU = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 5e-3, "fp8": 1e-2, "nvfp4": 1e-2, "auto": 1e-2}
@@ -67,6 +67,8 @@ def test_device_pointer_path(engines):
     assert err == cu.CUresult.CUDA_SUCCESS
     cu.cuMemcpyHtoD(dx, x.ctypes.data, x.nbytes)
     cu.cuMemsetD8(dy, 0xFF, yinfo.nbytes)  # poison: every element must be written
+    with pytest.raises(InputError, match="not 16-byte aligned"):
+        eng.bind({"x": int(dx) + 4})
     eng.bind({"x": int(dx), "y": int(dy)})
     err, stream = cu.cuStreamCreate(0)
     for _ in range(3):
