@@ -28,7 +28,7 @@ from flashrt.aot.ir import Graph, Node
 from flashrt.aot.quantize import quantize_fp8, quantize_nvfp4
 from flashrt.aot.state import CACHE_WRITE, POSITIONS
 from flashrt.aot.gemv_cost import choose_gemv_format
-from flashrt.aot.targets import fp8_mma, sm_number
+from flashrt.aot.targets import fp8_mma, sm_number, wgmma_enabled
 from flashrt.aot.views import Buffer, TensorRef
 from flashrt.errors import BuildError, ModelError
 from flashrt.kernels import attention as attention_kernel
@@ -128,6 +128,7 @@ class Partitioner:
         self.fp8_native = bool(support) and set(support.values()) == {"native"}
         self.clusters = all(sm_number(t) >= 90 for t in targets or [])  # thread-block clusters
         self.mma = all(sm_number(t) >= 80 for t in targets or [])  # bf16 mma.sync and cp.async
+        self.wgmma = wgmma_enabled(self.targets)  # the sm_90a wgmma GEMM (opt-in: FLASHRT_WGMMA=1)
         self.not_native = sorted(t for t, v in support.items() if v != "native")
         self.warnings: list[str] = list(graph.prequantized.warnings) if graph.prequantized else []
         if self.no_fp8 and precision in ("fp8", "nvfp4", "auto"):
@@ -623,7 +624,7 @@ class Partitioner:
             params["M"], params["batch"] = rows, []
             params["a"] = {**a_atoms, "batch": [[1, 0]], "m": _atoms(a_atoms["batch"] + a_atoms["m"])}
         elif self.mma and (mma := gemm_mma.config(params, a.offset, b.offset, self.act, b.buffer.kind == "weight",
-                                                  self.fp8_mma, self.clusters)):
+                                                  self.fp8_mma, self.clusters, self.wgmma)):
             params["mma"] = mma  # 16-bit activations: the tensor-core GEMM (kernels/gemm_mma.py)
         self.calls.append(KernelCall(name, family, params, args + list(epi_inputs) + [out], ops, _unique(source),
                                      reason))

@@ -1,5 +1,6 @@
 """Build targets: product names and the GPU architectures their cubins are built for."""
 
+import os
 import re
 
 from flashrt.errors import BuildError
@@ -46,3 +47,9 @@ def fp8_mma(arch: str) -> str:
     if sm < 89:
         return "none"
     return "native" if sm == 89 or sm // 10 == 12 else "converted"
+
+
+def wgmma_enabled(archs: list[str]) -> bool:
+    """Whether GEMMs may use the sm_90a wgmma kernel (kernels/cuda/gemm_wgmma.cuh): opt-in until it is verified
+    on a GPU (FLASHRT_WGMMA=1 at build time), and only when every target is sm_90a (wgmma exists nowhere else)."""
+    return os.environ.get("FLASHRT_WGMMA") == "1" and bool(archs) and all(a == "sm_90a" for a in archs)

@@ -1,7 +1,9 @@
 """Time the tensor-core GEMM kernel alone on the GEMM shapes of the expert and ViT workloads, for the cost
 model's choice and a grid of alternative tiles / split-K factors (each checked against the numpy reference).
 
-  python3 benchmarks/gemm_sweep.py [--out DIR] [--quick]      (on the GPU machine; writes DIR/gemm_sweep.json)"""
+  python3 benchmarks/gemm_sweep.py [--out DIR] [--quick]      (on the GPU machine; writes DIR/gemm_sweep.json)
+  python3 benchmarks/gemm_sweep.py --wgmma [--shapes ...]     (sm_90a: the wgmma kernel's choice next to the
+                                                               mma.sync one, both without the norm prologue)"""
 
 import argparse
 import itertools
@@ -51,14 +53,48 @@ def variants(M: int, N: int, K: int, ln, expr, quant, quick: bool) -> list[dict]
     return out
 
 
+def compare_wgmma(launcher: GemmLauncher, names: list[str]) -> list[dict]:
+    """The wgmma kernel (kernels/cuda/gemm_wgmma.cuh) and the mma.sync one, each as its chooser configures it, on
+    the same plain GEMM + epilogue (wgmma has no norm prologue, so neither gets one here)."""
+    rows = []
+    for name in names:
+        M, N, K, _, expr = SHAPES[name]
+        ps = [problem(M, N, K, expr=expr), problem(M, N, K, expr=expr, wgmma=True)]
+        fns = launcher.compile(ps)
+        host = make_args(ps[0], 0)
+        want = reference(ps[0], host)
+        times = []
+        for p, fn in zip(ps, fns):
+            ok = True
+            try:
+                check_close(launcher.run(fn, p, host), want, name)
+            except AssertionError as e:
+                ok = False
+                print("MISMATCH", name, p["mma"], str(e)[:200], flush=True)
+            t = launcher.time(fn, p, host)
+            kernel = "wgmma" if p["mma"].get("wgmma") else "mma.sync"
+            times.append(t)
+            rows.append({"shape": name, "kernel": kernel, "M": M, "N": N, "K": K, "mma": p["mma"], "us": t * 1e6,
+                         "tflops": 2 * M * N * K / t / 1e12, "ok": ok})
+        c = ps[1]["mma"]
+        print(f"{name:15s} mma.sync {times[0] * 1e6:6.2f} us  wgmma {times[1] * 1e6:6.2f} us "
+              f"({times[0] / times[1]:.2f}x; BM{c['bm']} BN{c['bn']} SK{c['split']} ST{c['stages']})", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", HERE))
     ap.add_argument("--quick", action="store_true", help="only the cost model's choices")
     ap.add_argument("--quant", nargs="*", default=["", "fp8"], help="'' (bf16 weights), fp8, nvfp4")
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    ap.add_argument("--wgmma", action="store_true", help="the sm_90a wgmma kernel next to mma.sync (no sweep)")
     args = ap.parse_args()
     launcher = GemmLauncher()
+    if args.wgmma:
+        with open(os.path.join(args.out, "gemm_sweep_wgmma.json"), "w") as f:
+            json.dump(compare_wgmma(launcher, args.shapes), f, indent=1)
+        return
     rows = []
     for quant in args.quant:
         for name in args.shapes:

@@ -191,6 +191,15 @@ def cuda_source(p: dict, symbol: str) -> str:
         split = p["mma"]["split"]
         cluster = f" __cluster_dims__(1, 1, {split})" if split > 1 else ""
         threads = gemm_mma.WARP_GROUP * p["mma"].get("wg", 1)
+        if p["mma"].get("wgmma"):  # sm_90a warp-group MMA (kernels/cuda/gemm_wgmma.cuh)
+            return f'''#include "gemm_wgmma.cuh"
+
+{struct}
+extern "C" __global__ void __launch_bounds__({threads}, 1){cluster} {symbol}({", ".join(params)}) {{
+  const P::Args g{{{", ".join(names)}}};
+  gemm_wgmma<P>(g);
+}}
+'''
         return f'''#include "gemm_mma.cuh"
 
 {struct}

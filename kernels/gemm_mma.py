@@ -9,7 +9,10 @@ params["mma"] = {dtype, bm, bn, split, stages, wg, a_mode, b_mode, b_const}:
   wg         warp groups of 4 warps (1 or 2) that take turns over a tile's k-steps
   a_mode     0 cp.async chunks, 1 norm prologue on a shared-memory A panel, 2 element loads
   b_mode     0 cp.async chunks, 1 fp8, 2 nvfp4 (raw bytes decoded in shared memory), 3 element loads
-  b_const    B is a constant weight: its first tiles load before the kernel waits for its predecessor"""
+  b_const    B is a constant weight: its first tiles load before the kernel waits for its predecessor
+  wgmma      (optional, true) the sm_90a warp-group MMA kernel (kernels/cuda/gemm_wgmma.cuh) instead of
+             mma.sync: a_mode 0, b_mode 0, no norm prologue or activation quantization; bm = 64 wg (wg warp
+             groups stacked along M), bn 64 / 128, stages >= 3. Opt-in (FLASHRT_WGMMA=1, aot/targets.py)"""
 
 import itertools
 import math
@@ -119,15 +122,66 @@ def estimate(p: dict, c: dict) -> float:
     return math.ceil(per_sm / together) * t_wave + (CLUSTER_FIXED_S if split > 1 else 0.0)
 
 
+# ---- the wgmma kernel (sm_90a). Tiles, splits and stages from benchmarks/wgmma_probe_h200_2026-12-02.json: the
+# best config per shape filled the 132 SMs in one wave (80-128 blocks: expert qkv BN128 SK4, o / down BN64 SK8,
+# gate/up BN64 SK1; ViT qkv BM128 BN128 SK3, o BM64 BN128 SK4, fc1 BM128 BN128, fc2 BM128 BN128 SK8); the rule in
+# wgmma_config reproduces 7 of those 8 (gate/up: BN128 SK2, 7.9 us measured vs 6.8 for BN64 ST8).
+WGMMA_TILES = [(64, 64), (64, 128), (128, 64), (128, 128)]
+WGMMA_SPLITS = (1, 2, 3, 4, 8)  # cluster size 3 was the best ViT qkv split in the probe
+WGMMA_SMEM_CAP = 200 * 1024  # of sm_90's 227 KB per block
+WGMMA_MAX_STAGES = 8
+
+
+def wgmma_smem_bytes(bm: int, bn: int, stages: int) -> int:
+    """Dynamic shared memory of the wgmma kernel; mirrors WgmmaShape in gemm_wgmma.cuh (+ 1024: ring alignment)."""
+    return max(stages * (bm + bn) * BK * 2, bm * (bn + 8) * 4) + 1024
+
+
+def wgmma_config(p: dict, a_offset: int, b_offset: int, dtype: str, b_const: bool = False) -> dict | None:
+    """The wgmma configuration, or None where that kernel does not apply (16-bit A and B by 16-byte chunks, no
+    norm prologue, no activation quantization, not gated). Rule: the most blocks that still fit one wave of
+    the 132 SMs; ties: the least padding, the larger tile, the smaller split, the wider BN. Past one wave: no
+    split, the least padding, the largest tile."""
+    if dtype not in OPERAND_DTYPES or p.get("gated") or p["ln"] or p.get("aq"):
+        return None
+    if staging(p, a_offset, b_offset, dtype) != (True, 0):
+        return None
+    M, N, K, nb = p["M"], p["N"], p["K"], math.prod(p["batch"])
+    kt = math.ceil(K / BK)
+    best = None
+    for bm, bn in WGMMA_TILES:
+        if (bm == 128 and M <= 64) or math.ceil(M / bm) > 65535:
+            continue
+        for split in WGMMA_SPLITS:
+            if split > 1 and (kt % split or kt // split < 2) or nb * split > 65535:
+                continue
+            blocks = math.ceil(M / bm) * math.ceil(N / bn) * nb * split
+            kts = math.ceil(kt / split)
+            stages = max(s for s in range(3, WGMMA_MAX_STAGES + 1)
+                         if s == 3 or (s <= kts + 2 and wgmma_smem_bytes(bm, bn, s) <= WGMMA_SMEM_CAP))
+            one_wave = blocks <= SMS
+            if not one_wave and split > 1:
+                continue
+            padded = math.ceil(M / bm) * bm * math.ceil(N / bn) * bn
+            key = (not one_wave, -blocks if one_wave else 0, padded, -bm * bn, split, -bn)
+            if best is None or key < best[0]:
+                best = (key, {"dtype": dtype, "bm": bm, "bn": bn, "split": split, "stages": stages, "wg": bm // 64,
+                              "a_mode": 0, "b_mode": 0, "b_const": b_const, "wgmma": True})
+    return best[1] if best else None
+
+
 def config(p: dict, a_offset: int, b_offset: int, dtype: str, b_const: bool = False,
-           fp8_mma: bool = False, clusters: bool = True) -> dict | None:
+           fp8_mma: bool = False, clusters: bool = True, wgmma: bool = False) -> dict | None:
     """The cheapest configuration by the cost model, or None where the tensor-core path does not apply
     (operand type not 16-bit, a grid beyond CUDA's limits). b_const: B is a constant weight, so the kernel
     may prefetch it before waiting for the previous kernel (programmatic dependent launch). fp8_mma: every
     target has E4M3 mma.sync (sm_89+), so FP8 activations times an fp8 weight multiply as E4M3. clusters:
-    every target has thread-block clusters (sm_90+), which split-K reduces through."""
+    every target has thread-block clusters (sm_90+), which split-K reduces through. wgmma: every target is
+    sm_90a and the wgmma kernel is enabled (aot/targets.py wgmma_enabled): it is used where it applies."""
     if dtype not in OPERAND_DTYPES or p.get("gated"):
         return None
+    if wgmma and (c := wgmma_config(p, a_offset, b_offset, dtype, b_const)):
+        return c
     M, N, K, nb = p["M"], p["N"], p["K"], math.prod(p["batch"])
     a_chunks, b_mode = staging(p, a_offset, b_offset, dtype)
     fp8 = fp8_mma and p.get("aq") in ("tensor", "row") and p["b"].get("quant") == "fp8" and b_mode == 1
@@ -163,6 +217,8 @@ def launch_config(p: dict) -> tuple[tuple[int, int, int], tuple[int, int, int], 
     c = p["mma"]
     grid = (math.ceil(p["N"] / c["bn"]), math.ceil(p["M"] / c["bm"]), math.prod(p["batch"]) * c["split"])
     wg = c.get("wg", 1)
+    if c.get("wgmma"):
+        return grid, (WARP_GROUP * wg, 1, 1), wgmma_smem_bytes(c["bm"], c["bn"], c["stages"])
     smem = smem_bytes(p["K"], c["bm"], c["bn"], c["split"], c["stages"], c["a_mode"], c["b_mode"], wg,
                       c["dtype"] == "e4m3")
     return grid, (WARP_GROUP * wg, 1, 1), smem

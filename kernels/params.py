@@ -139,7 +139,8 @@ _GEMM = Dict(
      "b": Dict({"dtype": Dtype, "batch": ATOMS, "k": ATOMS, "n": ATOMS}, {"quant": Enum("fp8", "nvfp4")}),
      "ln": Nullable(Dict({"eps": Num(0.0, 1e30), "has_beta": Bool}, {"rms": Bool})),
      "epi_inputs": List(Dict(OPERAND)), "expr": EXPR, "out_dtype": Dtype},
-    {"gated": Bool, "mma": Dict({"dtype": Enum("bfloat16", "float16", "e4m3")}),  # the reference rounds to it
+    {"gated": Bool, "mma": Dict({"dtype": Enum("bfloat16", "float16", "e4m3")},  # the reference rounds to it
+                                {"wgmma": Bool}),
      "aq": Nullable(Enum(*ACT_QUANT))})
 
 
@@ -173,10 +174,13 @@ def _expr(p: dict, n_inputs: int, allow_acc: bool, elements: int, allow_rot: boo
 
 
 def _gemm(p: dict) -> None:
+    raw_mma = p.get("mma") if isinstance(p, dict) else None
     p = _GEMM(p, "")
     if p.get("mma", {}).get("dtype") == "e4m3" and (not p.get("aq") or p.get("gated")
                                                      or p["b"].get("quant") != "fp8"):
         raise _Bad(".mma.dtype", "= 'e4m3' needs FP8 activations (params.aq) times an fp8 weight (params.b.quant)")
+    if p.get("mma", {}).get("wgmma"):
+        _wgmma(p, raw_mma)
     M, N, K, batch = p["M"], p["N"], p["K"], p["batch"]
     if p.get("aq") == "nvfp4" and K % 16:
         raise _Bad(".K", f"= {K}: NVFP4 activations need K to be a multiple of 16 (params.aq = 'nvfp4')")
@@ -187,6 +191,22 @@ def _gemm(p: dict) -> None:
     out = _elements("batch, M, N", "output", nb, M, width)
     _work("batch, M, N, K", "multiply-adds (batch x M x N x K)", nb * M * width * K, MAX_GEMM_WORK)
     _expr(p, len(p["epi_inputs"]), True, out)
+
+
+def _wgmma(p: dict, raw_mma: dict) -> None:
+    """The sm_90a wgmma GEMM (kernels/cuda/gemm_wgmma.cuh) stages 16-bit A and B by 16-byte chunks (mma.a_mode and
+    b_mode 0, read from the unfiltered params) and has no norm prologue or activation quantization."""
+    mma, why = {**raw_mma, **p["mma"]}, None
+    if mma["dtype"] not in ("bfloat16", "float16"):
+        why = f"mma.dtype = {mma['dtype']!r} (16-bit operands only)"
+    elif p["a"]["dtype"] != mma["dtype"] or p["b"]["dtype"] != mma["dtype"] or p["b"].get("quant"):
+        why = f"operands a: {p['a']['dtype']}, b: {p['b']['dtype']} (both {mma['dtype']}, unquantized)"
+    elif mma.get("a_mode", 0) != 0 or mma.get("b_mode", 0) != 0:
+        why = f"mma.a_mode = {_show(mma.get('a_mode'))}, b_mode = {_show(mma.get('b_mode'))} (16-byte chunks: 0 and 0)"
+    elif p["ln"] or p.get("aq") or p.get("gated"):
+        why = "a norm prologue, activation quantization or a gated epilogue"
+    if why:
+        raise _Bad(".mma.wgmma", f"= true cannot be used with {why}")
 
 
 _KV_VIEW = {"bh": ATOMS, "d": ATOMS, "s": ATOMS}

@@ -1,0 +1,267 @@
+// Tensor-core GEMM for sm_90a with wgmma (warp-group MMA, both operands from shared memory), ported from
+// benchmarks/wgmma_probe.cu:
+//   C[b, m, n] = P::epilogue(b, m, n, sum_k A(b, m, k) * B(b, k, n))
+// for 16-bit operands of type T staged by 16-byte cp.async chunks (gemm_mma's A_MODE 0 / B_MODE 0), no norm
+// prologue, no activation quantization.
+//
+// Block: WG warp groups stacked along M (BM = 64 WG), each issuing wgmma.mma_async.m64n{BN}k16 on its 64 rows
+// of A and all BN rows of B (both K-major: A row-major [m][k], B stored [n][k], no transposes).
+// Staging: every thread copies 16-byte chunks with cp.async into an ST-stage ring; a stage is the A tile
+// (BM rows x 64 k) then the B tile (BN rows x 64 k), each row 128 bytes in the 128-byte swizzled layout TMA's
+// SWIZZLE_128B writes and the wgmma descriptor reads: 16-byte chunk j of row r at chunk j ^ (r % 8) of the
+// row (the probe's numpy model, wgmma_probe.py --selfcheck, matched the hardware). Stages are 1024-byte
+// aligned (the swizzle atom is 8 rows x 128 bytes). Rows past M / N are zero-filled (src-size 0).
+// Pipeline, iteration i: cp.async.wait_group (tile i landed), fence.proxy.async (generic-proxy writes before
+// the async-proxy wgmma reads), __syncthreads; then the copies of tile i + ST - 2 into the stage of tile
+// i - 2, which every warp group has finished: each passed wgmma.wait_group 1 in iteration i - 1 (one wgmma
+// group stays in flight so the tensor core does not drain between k tiles). So ST >= 3.
+// Split-K (SPLIT > 1): the cluster's blocks (along z) each reduce a K range, park their f32 tile over the
+// idle ring and sum 1/SPLIT of it over the cluster in rank order (DSMEM "pull"; the probe measured it faster
+// than st.async push everywhere), then run the epilogue; SPLIT == 1 goes through the same shared tile.
+#pragma once
+#include "mma.cuh"
+
+namespace wg {
+
+// K-major operand, 128-byte swizzle: start address >> 4 in bits 0-13, LBO (unused for swizzled K-major, 16
+// bytes) in 16-29, SBO = 1024 bytes (8 rows of 128 bytes) in 32-45, base offset 0, swizzle mode 1 in 62-63
+__device__ __forceinline__ unsigned long long sw128_desc(unsigned saddr) {
+  return (unsigned long long)((saddr & 0x3FFFF) >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32) |
+         (1ull << 62);
+}
+
+__device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// ties the accumulators to this point so the compiler cannot move their reads or writes across a wait / fence
+template <int NACC> __device__ __forceinline__ void fence_acc(float (&acc)[NACC]) {
+#pragma unroll
+  for (int i = 0; i < NACC; ++i) asm volatile("" : "+f"(acc[i])::"memory");
+}
+
+#define WG_D8(i)                                                                                                \
+  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), \
+      "+f"(d[i + 7])
+#define WG_D32(i) WG_D8(i), WG_D8(i + 8), WG_D8(i + 16), WG_D8(i + 24)
+#define WG_REGS32                                                                                   \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, " \
+  "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define WG_REGS64                                                                                      \
+  WG_REGS32 ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, " \
+            "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+
+// d[64 x N] += A[64 x 16] . B[16 x N] (scale-d 1, no negation, no transposes); d in the m64nNk16 accumulator
+// layout: d[4j + h] is row 16 * (warp % 4) + lane / 4 + 8 * (h / 2), column 8j + 2 * (lane % 4) + h % 2
+template <class T, int N> __device__ void mma(float* d, unsigned long long a, unsigned long long b);
+template <> __device__ __forceinline__ void mma<bf16_t, 64>(float* d, unsigned long long a, unsigned long long b) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" WG_REGS32 "}, %32, %33, 1, 1, 1, 0, 0;\n"
+               : WG_D32(0) : "l"(a), "l"(b));
+}
+template <> __device__ __forceinline__ void mma<f16_t, 64>(float* d, unsigned long long a, unsigned long long b) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {" WG_REGS32 "}, %32, %33, 1, 1, 1, 0, 0;\n"
+               : WG_D32(0) : "l"(a), "l"(b));
+}
+template <> __device__ __forceinline__ void mma<bf16_t, 128>(float* d, unsigned long long a, unsigned long long b) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {" WG_REGS64 "}, %64, %65, 1, 1, 1, 0, 0;\n"
+               : WG_D32(0), WG_D32(32) : "l"(a), "l"(b));
+}
+template <> __device__ __forceinline__ void mma<f16_t, 128>(float* d, unsigned long long a, unsigned long long b) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {" WG_REGS64 "}, %64, %65, 1, 1, 1, 0, 0;\n"
+               : WG_D32(0), WG_D32(32) : "l"(a), "l"(b));
+}
+#undef WG_D8
+#undef WG_D32
+#undef WG_REGS32
+#undef WG_REGS64
+
+}  // namespace wg
+
+template <class P>
+struct WgmmaShape {
+  static constexpr int BM = 64 * P::WG, BN = P::BN, BK = 64, ST = P::STAGES;
+  static constexpr int KT = (P::K + BK - 1) / BK;  // k-tiles of the whole K
+  static constexpr int A_BYTES = BM * BK * 2, STAGE_BYTES = (BM + BN) * BK * 2;
+  static constexpr int RED_LD = BN + 8;            // f32 partial tile row stride
+  static constexpr int RED_BYTES = BM * RED_LD * 4;
+  static constexpr int RING_BYTES = ST * STAGE_BYTES;
+  // + 1024: the ring is aligned to 1024 bytes inside the dynamic shared memory (mirrored in gemm_mma.py)
+  static constexpr int SMEM_BYTES = (RING_BYTES > RED_BYTES ? RING_BYTES : RED_BYTES) + 1024;
+};
+
+template <class P>
+__device__ __forceinline__ void gemm_wgmma(const typename P::Args& g) {
+  using T = typename P::T;
+  using S = WgmmaShape<P>;
+  constexpr int BM = S::BM, BN = S::BN, BK = S::BK, ST = S::ST, SPLIT = P::SPLIT;
+  constexpr int THREADS = 128 * P::WG, NACC = BN / 2;
+  static_assert(P::BM == BM && (BN == 64 || BN == 128) && (P::WG == 1 || P::WG == 2), "tile: BM 64 / 128, BN 64 / 128");
+  static_assert(ST >= 3, "the copies of tile i + ST - 2 go to the stage of tile i - 2");
+  static_assert(P::A_MODE == 0 && P::B_MODE == 0 && !P::LN && P::AQ == 0 && !P::FP8 && P::K % 8 == 0,
+                "wgmma: 16-byte chunks of 16-bit A and B, no norm prologue, no activation quantization");
+  static_assert(S::SMEM_BYTES <= 227 * 1024, "shared memory per block");
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  static_assert(sizeof(T) == 0, "wgmma needs sm_90a");
+#endif
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* const smem = smem_raw + ((1024 - (mma::smem_addr(smem_raw) & 1023)) & 1023);
+  const unsigned ring = mma::smem_addr(smem);
+
+  const int tid = threadIdx.x, wgi = tid / 128, lane = tid % 32, warp = tid / 32 % 4;
+  int rank = 0;
+  if constexpr (SPLIT > 1) rank = mma::cluster_rank();
+  const int bat = blockIdx.z / SPLIT, m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+  const int kt0 = rank * S::KT / SPLIT, kt1 = (rank + 1) * S::KT / SPLIT, nkt = kt1 - kt0;
+
+  // ---- stage loads: thread t copies chunk t % 8 of rows t / 8 + RSTEP i, to chunk (t % 8) ^ (row % 8) ----
+  constexpr int RSTEP = THREADS / 8, A_CH = BM / RSTEP, B_CH = BN / RSTEP;
+  static_assert(BM % RSTEP == 0 && BN % RSTEP == 0 && RSTEP % 8 == 0, "whole rows per pass, one swizzle phase");
+  const int ck = (tid % 8) * 8, cr = tid / 8;
+  const unsigned dst0 = cr * 128 + (((tid % 8) ^ (cr % 8)) * 16);  // row cr + RSTEP i: + RSTEP i * 128
+  const T* a_rows[A_CH];
+  const T* b_rows[B_CH];
+#pragma unroll
+  for (int i = 0; i < A_CH; ++i) {
+    const int m = m0 + cr + RSTEP * i;
+    a_rows[i] = m < P::M ? P::a_row(g, bat, m) : nullptr;
+  }
+#pragma unroll
+  for (int i = 0; i < B_CH; ++i) {
+    const int n = n0 + cr + RSTEP * i;
+    b_rows[i] = n < P::N ? P::b_row(g, bat, n) : nullptr;
+  }
+  auto cp16 = [](unsigned dst, const void* src, bool ok) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0));
+  };
+  auto load_a_tile = [&](int kt, int s) {
+    const int k = kt * BK + ck;
+    const long ko = P::a_kofs(k);
+    const unsigned dst = ring + s * S::STAGE_BYTES + dst0;
+#pragma unroll
+    for (int i = 0; i < A_CH; ++i) {
+      const bool ok = a_rows[i] != nullptr && k < P::K;
+      cp16(dst + RSTEP * i * 128, ok ? a_rows[i] + ko : g.a, ok);
+    }
+  };
+  auto load_b_tile = [&](int kt, int s) {
+    const int k = kt * BK + ck;
+    const long ko = P::b_kofs(k);
+    const unsigned dst = ring + s * S::STAGE_BYTES + S::A_BYTES + dst0;
+#pragma unroll
+    for (int i = 0; i < B_CH; ++i) {
+      const bool ok = b_rows[i] != nullptr && k < P::K;
+      cp16(dst + RSTEP * i * 128, ok ? b_rows[i] + ko : g.b, ok);
+    }
+  };
+
+  // Programmatic dependent launch (a no-op without it): constant weight tiles load before the wait.
+  griddep_launch_dependents();
+  if constexpr (P::B_CONST) {
+#pragma unroll
+    for (int i = 0; i < ST - 2; ++i)
+      if (i < nkt) load_b_tile(kt0 + i, i);
+  }
+  griddep_wait();
+  // commit group i holds A tile i (group 0 also any prefetched weight tiles) and B tile i
+#pragma unroll
+  for (int i = 0; i < ST - 2; ++i) {
+    if (i < nkt) {
+      load_a_tile(kt0 + i, i);
+      if constexpr (!P::B_CONST) load_b_tile(kt0 + i, i);
+    }
+    mma::cp_async_commit();
+  }
+
+  float acc[NACC];
+#pragma unroll
+  for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
+  wg::fence_acc(acc);
+
+  // ---- main loop ----------------------------------------------------------------------------------
+  for (int i = 0; i < nkt; ++i) {
+    const int s = i % ST;
+    mma::cp_async_wait<ST - 3>();
+    wg::fence_proxy_async();
+    __syncthreads();  // tile i visible to all; every warp group is done with tile i - 2
+    if (i + ST - 2 < nkt) {
+      load_a_tile(kt0 + i + ST - 2, (i + ST - 2) % ST);
+      load_b_tile(kt0 + i + ST - 2, (i + ST - 2) % ST);
+    }
+    mma::cp_async_commit();
+    const unsigned stage = ring + s * S::STAGE_BYTES;
+    const unsigned long long da = wg::sw128_desc(stage + wgi * 64 * 128), db = wg::sw128_desc(stage + S::A_BYTES);
+    wg::fence();
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) wg::mma<T, BN>(acc, da + 2 * kk, db + 2 * kk);  // + 32 bytes per k16
+    wg::commit();
+    wg::wait<1>();
+  }
+  wg::wait<0>();
+  wg::fence_acc(acc);
+
+  // ---- epilogue: the f32 tile over the ring, reduced over the cluster, P::value -----------------------
+  mma::cp_async_wait<0>();  // only empty groups remain
+  __syncthreads();          // every warp group's wgmma reads of the ring are done
+  wg::fence_proxy_async();  // generic writes after async-proxy reads
+  float* red = reinterpret_cast<float*>(smem);
+  {
+    const int r = wgi * 64 + warp * 16 + lane / 4, c = 2 * (lane % 4);
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+      *reinterpret_cast<float2*>(red + r * S::RED_LD + c + 8 * j) = make_float2(acc[4 * j], acc[4 * j + 1]);
+      *reinterpret_cast<float2*>(red + (r + 8) * S::RED_LD + c + 8 * j) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
+    }
+  }
+  if constexpr (SPLIT > 1) mma::cluster_sync();
+  else __syncthreads();
+  // This block finishes 1/SPLIT of the tile's float4 groups: all epilogue values first (their input loads
+  // issue together), then the stores (as gemm_mma.cuh).
+  constexpr int GROUPS = BM * BN / 4, PER_THREAD = ((GROUPS + SPLIT - 1) / SPLIT + THREADS - 1) / THREADS;
+  const int q0 = rank * GROUPS / SPLIT, q1 = (rank + 1) * GROUPS / SPLIT;
+  float out[PER_THREAD][4];
+#pragma unroll
+  for (int i = 0; i < PER_THREAD; ++i) {
+    const int q = q0 + tid + THREADS * i, r = q / (BN / 4), c = (q % (BN / 4)) * 4, m = m0 + r, n = n0 + c;
+    if (q >= q1 || m >= P::M || n >= P::N) continue;
+    float4 v;
+    if constexpr (SPLIT > 1) {
+      v = mma::ld_cluster_f4(mma::cluster_addr(red + r * S::RED_LD + c, 0));
+      for (int src = 1; src < SPLIT; ++src) {  // fixed order: the sum does not depend on timing
+        const float4 p = mma::ld_cluster_f4(mma::cluster_addr(red + r * S::RED_LD + c, src));
+        v.x += p.x; v.y += p.y; v.z += p.z; v.w += p.w;
+      }
+    } else {
+      v = *reinterpret_cast<const float4*>(red + r * S::RED_LD + c);
+    }
+    const float vals[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) out[i][j] = n + j < P::N ? P::value(g, bat, m, n + j, vals[j]) : 0.f;
+  }
+#pragma unroll
+  for (int i = 0; i < PER_THREAD; ++i) {
+    const int q = q0 + tid + THREADS * i, r = q / (BN / 4), c = (q % (BN / 4)) * 4, m = m0 + r, n = n0 + c;
+    if (q >= q1 || m >= P::M || n >= P::N) continue;
+    using OutT = typename P::OutT;
+    OutT* dst = g.c + ((long)bat * P::M + m) * P::N + n;
+    bool stored = false;
+    if constexpr (sizeof(OutT) == 2 && P::N % 4 == 0) {
+      if ((reinterpret_cast<unsigned long long>(g.c) & 7) == 0) {
+        unsigned h[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) h[j] = from_float<OutT>(out[i][j]).x;
+        asm volatile("st.global.v2.b32 [%0], {%1, %2};\n" ::"l"(dst), "r"(h[0] | h[1] << 16), "r"(h[2] | h[3] << 16)
+                     : "memory");
+        stored = true;
+      }
+    }
+    if (!stored)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        if (n + j < P::N) dst[j] = from_float<OutT>(out[i][j]);
+  }
+  // no block leaves while another still reads its tile (the reads completed before their arrive)
+  if constexpr (SPLIT > 1) mma::cluster_sync_relaxed();
+}

@@ -1,0 +1,226 @@
+"""The sm_90a wgmma GEMM path (kernels/cuda/gemm_wgmma.cuh) without a GPU: when it is chosen (FLASHRT_WGMMA=1 and
+only sm_90a targets), params validation, the shared-memory layout its cp.async copies write against the probe's
+model of TMA's 128-byte swizzle and the wgmma descriptors (benchmarks/wgmma_probe.py), engines built with it on
+the CPU reference executor, and compilation for sm_90a with no spills and HGMMA in the SASS."""
+
+import importlib.util
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from conftest import ROOT, onnxruntime_outputs, rel_l2
+from test_gemm_mma import RMS, gemm_params
+
+import flashrt
+from flashrt.aot.build import build_engine
+from flashrt.aot.targets import wgmma_enabled
+from flashrt.engine_format.reader import read_engine
+from flashrt.errors import EngineFormatError
+from flashrt.kernels import gemm, gemm_mma, params
+
+# the probe's 8 shapes (benchmarks/wgmma_probe.py SHAPES) and its best measured (bm, bn, split) per shape
+# (benchmarks/wgmma_probe_h200_2026-12-02.json); the chooser picks BN128 SK2 for gate/up (7.9 us vs 6.8)
+PROBE_BEST = {(50, 2560, 1024): (64, 128, 4), (50, 1024, 2048): (64, 64, 8), (50, 1024, 4096): (64, 64, 8),
+              (197, 2304, 768): (128, 128, 3), (197, 768, 768): (64, 128, 4), (197, 6144, 768): (128, 128, 1),
+              (197, 768, 3072): (128, 128, 8)}
+PROBE_SHAPES = list(PROBE_BEST) + [(50, 8192, 1024)]
+
+
+def wgmma_params(M: int, N: int, K: int, **kw) -> dict:
+    p = gemm_params(M, N, K, **kw)
+    p["mma"] = gemm_mma.config(p, 0, 0, p["a"]["dtype"], True, wgmma=True)
+    return p
+
+
+def load_probe():
+    spec = importlib.util.spec_from_file_location("wgmma_probe", ROOT / "benchmarks" / "wgmma_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------- selection
+
+def test_enabled_only_with_the_env_var_and_sm90a_targets(monkeypatch):
+    monkeypatch.delenv("FLASHRT_WGMMA", raising=False)
+    assert not wgmma_enabled(["sm_90a"])
+    monkeypatch.setenv("FLASHRT_WGMMA", "1")
+    assert wgmma_enabled(["sm_90a"])
+    assert not wgmma_enabled(["sm_90a", "sm_100a"]) and not wgmma_enabled(["sm_90"]) and not wgmma_enabled([])
+    monkeypatch.setenv("FLASHRT_WGMMA", "0")
+    assert not wgmma_enabled(["sm_90a"])
+
+
+@pytest.mark.parametrize("M, N, K", PROBE_SHAPES)
+def test_config_follows_the_probe(M, N, K):
+    p = wgmma_params(M, N, K)
+    c = p["mma"]
+    assert c["wgmma"] and c["a_mode"] == 0 and c["b_mode"] == 0 and c["bm"] == 64 * c["wg"]
+    if (M, N, K) in PROBE_BEST:
+        assert (c["bm"], c["bn"], c["split"]) == PROBE_BEST[(M, N, K)]
+    grid, block, smem = gemm.launch_config(p)
+    assert grid[0] * grid[1] * grid[2] <= gemm_mma.SMS and block == (128 * c["wg"], 1, 1)
+    assert smem == gemm_mma.wgmma_smem_bytes(c["bm"], c["bn"], c["stages"]) <= gemm_mma.WGMMA_SMEM_CAP + 1024
+    assert 3 <= c["stages"] <= gemm_mma.WGMMA_MAX_STAGES
+    params.check("gemm", p)
+    # without the flag: the mma.sync kernel, exactly as before
+    assert "wgmma" not in gemm_mma.config(p, 0, 0, "bfloat16", True)
+
+
+def test_config_falls_back_where_wgmma_does_not_apply():
+    for p in (gemm_params(50, 2560, 1024, ln=RMS), gemm_params(50, 1024, 4096, quant="fp8"),
+              gemm_params(50, 1024, 4096, quant="nvfp4"), {**gemm_params(50, 1024, 4096), "aq": "tensor"}):
+        c = gemm_mma.config(p, 0, 0, "bfloat16", True, wgmma=True)
+        assert c and "wgmma" not in c
+    misaligned = gemm_params(50, 1024, 1024)
+    assert "wgmma" not in gemm_mma.config(misaligned, 4, 0, "bfloat16", wgmma=True)  # A not 16-byte aligned
+    bn = {"dtype": "bfloat16", "batch": [[1, 0]], "k": [[1024, 512]], "n": [[512, 1]]}  # B n-contiguous
+    assert "wgmma" not in gemm_mma.config(gemm_params(50, 512, 1024, b=bn), 0, 0, "bfloat16", wgmma=True)
+    assert gemm_mma.config(gemm_params(50, 512, 1024, dtype="float32"), 0, 0, "float32", wgmma=True) is None
+    big = wgmma_params(4096, 4096, 1024)["mma"]  # past one wave: the largest tile, no split
+    assert (big["bm"], big["bn"], big["split"]) == (128, 128, 1)
+
+
+def test_params_check_rejects_wgmma_with_incompatible_modes():
+    p = wgmma_params(50, 1024, 1024)
+    params.check("gemm", p)
+    bad = [{**p, "ln": RMS}, {**p, "aq": "tensor"}, {**p, "gated": True},
+           {**p, "mma": {**p["mma"], "a_mode": 1}}, {**p, "mma": {**p["mma"], "b_mode": 3}},
+           {**p, "mma": {**p["mma"], "dtype": "e4m3"}},
+           {**p, "a": {**p["a"], "dtype": "float32"}}]
+    q = gemm_params(50, 1024, 1024, quant="fp8")
+    bad.append({**q, "mma": {**p["mma"], "b_mode": 0}})
+    for b in bad:  # (e4m3 without FP8 activations fails the mma.dtype check first)
+        with pytest.raises(EngineFormatError, match=r"params\.mma\.(wgmma|dtype)"):
+            params.check("gemm", b)
+    with pytest.raises(EngineFormatError, match=r"params\.mma\.wgmma"):
+        params.check("gemm", {**p, "mma": {**p["mma"], "wgmma": 1}})
+
+
+# ---------------------------------------------------------------------------------------------- layout
+
+def cp_async_offsets(threads: int, rows: int) -> np.ndarray:
+    """Byte offset in a stage tile of element (r, k) of a [rows][64] tile, as gemm_wgmma.cuh's copies write it:
+    thread t copies chunk t % 8 of rows t / 8 + (threads / 8) i to dst0 + (threads / 8) i * 128, with
+    dst0 = (t / 8) * 128 + ((t % 8) ^ ((t / 8) % 8)) * 16."""
+    out = np.full((rows, 64), -1)
+    rstep = threads // 8
+    for t in range(threads):
+        ck, cr = t % 8, t // 8
+        dst0 = cr * 128 + ((ck ^ (cr % 8)) * 16)
+        for i in range(rows // rstep):
+            out[cr + rstep * i, ck * 8:ck * 8 + 8] = dst0 + rstep * i * 128 + np.arange(8) * 2
+    return out
+
+
+@pytest.mark.parametrize("wg, rows", [(1, 64), (1, 128), (2, 128), (2, 64)])
+def test_copies_write_the_tma_swizzle_the_descriptors_read(wg, rows):
+    probe = load_probe()
+    got = cp_async_offsets(128 * wg, rows)
+    np.testing.assert_array_equal(got, probe.tma_sw128_offsets(rows))
+    # through the descriptors: each k16 step of an m64 tile of A (warp group g's rows) and of the BN rows of B
+    rng = np.random.default_rng(0)
+    tile = rng.standard_normal((rows, 64))
+    base = 5 * 1024  # any 1024-aligned stage address
+    smem = np.zeros(base // 2 + rows * 64)
+    smem[(base + got) // 2] = tile
+    for kk in range(4):
+        desc = gemm_probe_desc(probe, base, kk)
+        np.testing.assert_array_equal(smem[probe.wgmma_operand_addresses(desc, rows) // 2],
+                                      tile[:, kk * 16:kk * 16 + 16])
+        if rows == 128:  # the second warp group's A: 64 rows on, 8 KB into the stage
+            desc = gemm_probe_desc(probe, base + 64 * 128, kk)
+            np.testing.assert_array_equal(smem[probe.wgmma_operand_addresses(desc, 64) // 2],
+                                          tile[64:, kk * 16:kk * 16 + 16])
+
+
+def gemm_probe_desc(probe, saddr: int, kk: int) -> int:
+    return probe.sw128_desc(saddr) + 2 * kk  # the kernel's da + 2 kk: 32 bytes per k16 step
+
+
+# ---------------------------------------------------------------------------------------------- engines
+
+def test_engine_built_with_wgmma_matches_onnxruntime(samples, tmp_path, monkeypatch):
+    # mlp at 80 rows (fewer would take the GEMV kernel): GEMMs with bias / activation epilogues, K 32 and 64
+    model, shapes = samples / "mlp.onnx", {"x": (80, 32)}
+    default = tmp_path / "default.frt"
+    build_engine(str(model), ["sm_90a"], str(default), shapes, "bf16")
+    monkeypatch.setenv("FLASHRT_WGMMA", "1")
+    path = tmp_path / "wgmma.frt"
+    build_engine(str(model), ["h100"], str(path), shapes, "bf16")
+    ef = read_engine(path)
+    gemms = [k for k in ef.manifest["kernels"] if k["family"] == "gemm"]
+    assert any(k["params"]["mma"].get("wgmma") for k in gemms)
+    # the first GEMM reads the float32 input: element loads (a_mode 2), so mma.sync
+    assert all(bool(k["params"]["mma"].get("wgmma")) == (k["params"]["a"]["dtype"] == "bfloat16") for k in gemms)
+    assert not any(k["params"].get("mma", {}).get("wgmma") for k in read_engine(default).manifest["kernels"])
+    resources = ef.manifest["kernel_resources"]["sm_90a"]
+    assert all(r["spill_bytes"] == 0 for r in resources.values())
+    engine = flashrt.load(path, device="cpu")
+    for seed in (0, 1):
+        feeds = engine.example_inputs(seed)
+        got, want = engine.run(feeds), onnxruntime_outputs(model, feeds)
+        for name in want:
+            assert rel_l2(got[name], want[name]) <= 2e-2
+    # a target other than sm_90a in the build: no wgmma anywhere
+    mixed = tmp_path / "mixed.frt"
+    build_engine(str(model), ["h100", "b200"], str(mixed), shapes, "bf16")
+    assert not any(k["params"].get("mma", {}).get("wgmma") for k in read_engine(mixed).manifest["kernels"])
+
+
+def test_encoder_engine_mixes_wgmma_and_mma_sync(samples, tmp_path, monkeypatch):
+    """The tiny encoder's norm-prologue GEMMs keep mma.sync; its plain ones take wgmma."""
+    monkeypatch.setenv("FLASHRT_WGMMA", "1")
+    path = tmp_path / "enc.frt"
+    build_engine(str(samples / "tiny_encoder.onnx"), ["h200"], str(path), None, "bf16")
+    gemms = [k["params"] for k in read_engine(path).manifest["kernels"] if k["family"] == "gemm"]
+    assert any(p["mma"].get("wgmma") for p in gemms)
+    assert all(bool(p["mma"].get("wgmma")) == (not p["ln"]) for p in gemms)
+    engine = flashrt.load(path, device="cpu")
+    feeds = engine.example_inputs(0)
+    got, want = engine.run(feeds), onnxruntime_outputs(samples / "tiny_encoder.onnx", feeds)
+    for name in want:
+        assert rel_l2(got[name], want[name]) <= 2e-2
+
+
+# ---------------------------------------------------------------------------------------------- compile
+
+def variants() -> list[dict]:
+    """Every tile / split / dtype / epilogue shape the chooser produces for the probe's shapes, plus tails, a batch,
+    fp16 and the smallest stage count."""
+    out = [wgmma_params(M, N, K) for M, N, K in PROBE_SHAPES]
+    out += [wgmma_params(197, 1000, 1000), wgmma_params(50, 1024, 1024, dtype="float16"),
+            wgmma_params(197, 197, 64, batch=(12,))]
+    p = wgmma_params(50, 1024, 4096)
+    out.append({**p, "mma": {**p["mma"], "stages": 3}})
+    for bm, bn in gemm_mma.WGMMA_TILES:
+        p = wgmma_params(197, 768, 3072)
+        out.append({**p, "mma": {**p["mma"], "bm": bm, "bn": bn, "wg": bm // 64, "split": 2}})
+    return out
+
+
+def sass_tool() -> str | None:
+    return shutil.which("cuobjdump")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc")
+def test_every_variant_compiles_for_sm90a_without_spills(tmp_path):
+    from flashrt.aot.codegen import build_cubins, kernel_source
+
+    cases = variants()
+    sources = [kernel_source("gemm", p) for p in cases]
+    cubins, resources, _ = build_cubins(sources, ["sm_90a"])
+    for s, p in zip(sources, cases):
+        r = resources["sm_90a"][s.symbol]
+        assert r["spill_bytes"] == 0 and 0 < r["registers"] <= 255, (p["mma"], r)
+    tool = sass_tool()
+    if tool is None:
+        pytest.skip("no cuobjdump to read the SASS")
+    path = tmp_path / "wgmma.cubin"
+    path.write_bytes(cubins["sm_90a"])
+    sass = subprocess.run([tool, "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+    per_kernel = sass.split("Function : ")[1:]
+    assert len(per_kernel) >= len({s.symbol for s in sources})
+    for body in per_kernel:
+        assert "HGMMA.64x" in body, body.splitlines()[0]
