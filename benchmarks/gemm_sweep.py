@@ -53,6 +53,17 @@ def variants(M: int, N: int, K: int, ln, expr, quant, quick: bool) -> list[dict]
     return out
 
 
+def checked_time(launcher, fn, p: dict, host: dict, want, name: str) -> tuple[bool, float]:
+    """(the kernel matched the reference, its seconds per launch); a mismatch is printed, not raised."""
+    ok = True
+    try:
+        check_close(launcher.run(fn, p, host), want, name)
+    except AssertionError as e:
+        ok = False
+        print("MISMATCH", name, p["mma"], str(e)[:200], flush=True)
+    return ok, launcher.time(fn, p, host)
+
+
 def compare_wgmma(launcher: GemmLauncher, names: list[str]) -> list[dict]:
     """The wgmma kernel (kernels/cuda/gemm_wgmma.cuh) and the mma.sync one, each as its chooser configures it, on
     the same plain GEMM + epilogue (wgmma has no norm prologue, so neither gets one here)."""
@@ -65,13 +76,7 @@ def compare_wgmma(launcher: GemmLauncher, names: list[str]) -> list[dict]:
         want = reference(ps[0], host)
         times = []
         for p, fn in zip(ps, fns):
-            ok = True
-            try:
-                check_close(launcher.run(fn, p, host), want, name)
-            except AssertionError as e:
-                ok = False
-                print("MISMATCH", name, p["mma"], str(e)[:200], flush=True)
-            t = launcher.time(fn, p, host)
+            ok, t = checked_time(launcher, fn, p, host, want, name)
             kernel = "wgmma" if p["mma"].get("wgmma") else "mma.sync"
             times.append(t)
             rows.append({"shape": name, "kernel": kernel, "M": M, "N": N, "K": K, "mma": p["mma"], "us": t * 1e6,
@@ -105,13 +110,7 @@ def main() -> None:
             host = make_args(ps[0], 0)
             want = reference(ps[0], host)
             for i, (p, fn) in enumerate(zip(ps, fns)):
-                ok = True
-                try:
-                    check_close(launcher.run(fn, p, host), want, name)
-                except AssertionError as e:
-                    ok = False
-                    print("MISMATCH", name, p["mma"], str(e)[:200], flush=True)
-                t = launcher.time(fn, p, host)
+                ok, t = checked_time(launcher, fn, p, host, want, name)
                 c = p["mma"]
                 est = gemm_mma.estimate(p, c)
                 rows.append({"shape": name, "quant": quant or "bf16", "M": M, "N": N, "K": K, "chosen": i == 0,

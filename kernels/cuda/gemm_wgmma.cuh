@@ -244,23 +244,7 @@ __device__ __forceinline__ void gemm_wgmma(const typename P::Args& g) {
   for (int i = 0; i < PER_THREAD; ++i) {
     const int q = q0 + tid + THREADS * i, r = q / (BN / 4), c = (q % (BN / 4)) * 4, m = m0 + r, n = n0 + c;
     if (q >= q1 || m >= P::M || n >= P::N) continue;
-    using OutT = typename P::OutT;
-    OutT* dst = g.c + ((long)bat * P::M + m) * P::N + n;
-    bool stored = false;
-    if constexpr (sizeof(OutT) == 2 && P::N % 4 == 0) {
-      if ((reinterpret_cast<unsigned long long>(g.c) & 7) == 0) {
-        unsigned h[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) h[j] = from_float<OutT>(out[i][j]).x;
-        asm volatile("st.global.v2.b32 [%0], {%1, %2};\n" ::"l"(dst), "r"(h[0] | h[1] << 16), "r"(h[2] | h[3] << 16)
-                     : "memory");
-        stored = true;
-      }
-    }
-    if (!stored)
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-        if (n + j < P::N) dst[j] = from_float<OutT>(out[i][j]);
+    mma::store4<typename P::OutT, P::N>(g.c, g.c + ((long)bat * P::M + m) * P::N + n, n, out[i]);
   }
   // no block leaves while another still reads its tile (the reads completed before their arrive)
   if constexpr (SPLIT > 1) mma::cluster_sync_relaxed();

@@ -124,4 +124,23 @@ __device__ __forceinline__ float4 ld_cluster_f4(unsigned addr) {
   return v;
 }
 
+// Four consecutive outputs of row m, columns n..n+3 (those < N), at dst = C + (b, m, n): 16-bit C with N % 4 == 0
+// in one 8-byte store where C is 8-byte aligned (always, unless a caller bound an odd pointer).
+template <class OutT, int N>
+__device__ __forceinline__ void store4(OutT* c, OutT* dst, int n, const float (&v)[4]) {
+  if constexpr (sizeof(OutT) == 2 && N % 4 == 0) {
+    if ((reinterpret_cast<unsigned long long>(c) & 7) == 0) {
+      unsigned h[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) h[j] = from_float<OutT>(v[j]).x;
+      asm volatile("st.global.v2.b32 [%0], {%1, %2};\n" ::"l"(dst), "r"(h[0] | h[1] << 16), "r"(h[2] | h[3] << 16)
+                   : "memory");
+      return;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+    if (n + j < N) dst[j] = from_float<OutT>(v[j]);
+}
+
 }  // namespace mma
