@@ -109,6 +109,7 @@ def assemble(entries: list[Entry] | Program, arena_bytes: int, weights: bytes, c
         "targets": sorted(cubins),
         "kernel_resources": resources,
         "provenance": provenance,
+        "pdl": True,  # every kernel waits (griddepcontrol.wait) before touching what an earlier launch wrote
     }
     if state is not None:
         manifest.update(state)

@@ -33,7 +33,7 @@ from flashrt.aot.views import Buffer, TensorRef
 from flashrt.errors import BuildError, ModelError
 from flashrt.kernels import attention as attention_kernel
 from flashrt.kernels import gemm_mma, gemv
-from flashrt.kernels.dtypes import ITEMSIZE, STORAGE, from_f32
+from flashrt.kernels.dtypes import ITEMSIZE, STORAGE, from_f32, to_f32
 
 ACT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp8": "bfloat16", "nvfp4": "bfloat16",
               "auto": "bfloat16"}
@@ -128,7 +128,7 @@ class Partitioner:
         self.fp8_native = bool(support) and set(support.values()) == {"native"}
         self.clusters = all(sm_number(t) >= 90 for t in targets or [])  # thread-block clusters
         self.mma = all(sm_number(t) >= 80 for t in targets or [])  # bf16 mma.sync and cp.async
-        self.wgmma = wgmma_enabled(self.targets)  # the sm_90a wgmma GEMM (opt-in: FLASHRT_WGMMA=1)
+        self.wgmma = wgmma_enabled(self.targets)  # the sm_90a wgmma GEMM (off: FLASHRT_WGMMA=0)
         self.not_native = sorted(t for t, v in support.items() if v != "native")
         self.warnings: list[str] = list(graph.prequantized.warnings) if graph.prequantized else []
         if self.no_fp8 and precision in ("fp8", "nvfp4", "auto"):
@@ -249,7 +249,10 @@ class Partitioner:
             return None
         x = self.g.values[mm.inputs[0]]
         half = w.shape[1] // 2
-        if math.prod(x.shape[:-1]) > gemv.MAX_M or not gemv.eligible(1, w.shape[0], ITEMSIZE[self.act]):
+        if math.prod(x.shape[:-1]) > gemv.MAX_M:  # the sm_90a wgmma GEMM computes both halves per block
+            if not self.wgmma or self.act not in ("bfloat16", "float16") or w.shape[0] % 8:
+                return None
+        elif not gemv.eligible(1, w.shape[0], ITEMSIZE[self.act]):
             return None
         users = self.users.get(y, [])
         rank = len(self.g.values[y].shape)
@@ -589,14 +592,19 @@ class Partitioner:
     def _gemm_call(self, name: str, a: TensorRef, a_atoms: dict, b: TensorRef, b_atoms: dict, mnk: tuple,
                    batch: tuple, norm: Node | None, expr: list, epi_inputs: list[TensorRef], out: TensorRef,
                    ops: list[str], source: list[str], gated: bool = False, quant: tuple = ((), ""),
-                   aq: tuple[str, TensorRef | None] | None = None) -> None:
-        """aq: A's quantization as plan_activation gives it ("tensor" / "nvfp4" and its scale, or "row", None)."""
+                   aq: tuple[str, TensorRef | None] | None = None,
+                   folded: tuple[dict, list[TensorRef]] | None = None) -> None:
+        """aq: A's quantization as plan_activation gives it ("tensor" / "nvfp4" and its scale, or "row", None).
+        folded: the norm folded into b by fold_norm (its ln params and its colsum / bias refs)."""
         M, N, K = mnk
         kshape = tuple(batch) + (M, N)
         quant_refs, reason = quant
         args = [a, b] + list(quant_refs) + ([aq[1]] if aq and aq[1] is not None else [])
         norm_params = None
-        if norm is not None:
+        if folded is not None:
+            norm_params = folded[0]
+            args += folded[1]
+        elif norm is not None:
             gamma = np.broadcast_to(self.g.constants[norm.inputs[1]], (K,))
             args.append(self.weight(norm.inputs[1], "float32", gamma))
             has_beta = norm.op == "LayerNormalization" and len(norm.inputs) > 2 and bool(norm.inputs[2])
@@ -614,9 +622,11 @@ class Partitioner:
         rows = math.prod(batch) * M
         vec = gemv.VALUES_PER_16B.get(b_atoms["dtype"], 1)
         if gated:
-            params.update(gated=True, R=2, S=gemv.choose_config(rows, 2 * N, K, vec)[1])
+            params["gated"] = True
+        if gated and rows <= gemv.MAX_M:
+            params.update(R=2, S=gemv.choose_config(rows, 2 * N, K, vec)[1])
             family = "gemv"
-        elif (b.buffer.kind == "weight" and b_atoms["batch"] == [[1, 0]] and b_atoms["k"] == [[K, 1]]
+        elif not gated and (b.buffer.kind == "weight" and b_atoms["batch"] == [[1, 0]] and b_atoms["k"] == [[K, 1]]
                 and b_atoms["n"] == [[N, K]] and b.offset == 0 and gemv.eligible(rows, K, vec)):
             # batch-1 decode shapes: stream the weights once (kernels/gemv.py); batch rows fold into M
             family = "gemv"
@@ -626,6 +636,8 @@ class Partitioner:
         elif self.mma and (mma := gemm_mma.config(params, a.offset, b.offset, self.act, b.buffer.kind == "weight",
                                                   self.fp8_mma, self.clusters, self.wgmma)):
             params["mma"] = mma  # 16-bit activations: the tensor-core GEMM (kernels/gemm_mma.py)
+        if (folded is not None or family == "gemm" and gated) and not params.get("mma", {}).get("wgmma"):
+            raise BuildError(f"node '{name}': internal: a folded norm or a gated GEMM without the wgmma kernel")
         self.calls.append(KernelCall(name, family, params, args + list(epi_inputs) + [out], ops, _unique(source),
                                      reason))
 
@@ -636,7 +648,7 @@ class Partitioner:
         if len(a.shape) == 1:
             a = a.reshape((1,) + a.shape)
         w = self.g.constants.get(mm.inputs[1])
-        quant, b_atoms, fmt = ((), ""), None, None
+        quant, b_atoms, fmt, folded = ((), ""), None, None, None
         if mm.outputs[0] in self.exact:  # positions x frequencies: full precision (see integer_derived)
             a = self.ref(mm.inputs[0], "float32")
             if w is not None and w.ndim == 2:
@@ -651,6 +663,9 @@ class Partitioner:
             if fmt in QUANT_FORMATS:
                 b, quant_refs, b_atoms = self.quant_weight(mm.inputs[1], np.ascontiguousarray(w.T), fmt)
                 quant = (quant_refs, reason)
+            elif norm is not None and fq is None and (fold := self.fold_norm(mm, norm, w, a)) is not None:
+                b, folded = fold
+                quant = ((), (f"{reason}; " if reason else "") + "the norm's gamma folded into the weight (wgmma)")
             else:
                 b = self.weight(mm.inputs[1], self.act, np.ascontiguousarray(w.T)).transpose((1, 0))
                 quant = ((), reason)
@@ -678,8 +693,42 @@ class Partitioner:
         if b_atoms is None:
             b_atoms = {"dtype": b.dtype, "batch": b.batch_atoms(batch), "k": b.dim_atoms(-2), "n": b.dim_atoms(-1)}
         self._gemm_call(mm.name, a, a_atoms, b, b_atoms, (M, N, K), batch, norm, expr, epi_refs, out,
-                        [n.op for n in nodes], [s for n in nodes for s in n.source], quant=quant, aq=aq)
+                        [n.op for n in nodes], [s for n in nodes for s in n.source], quant=quant, aq=aq,
+                        folded=folded)
         self.refs[last] = TensorRef.contiguous_view(out_buf, onnx_shape)
+
+    def fold_norm(self, mm: Node, norm: Node, w: np.ndarray, a: TensorRef) -> tuple[TensorRef, tuple] | None:
+        """The norm prologue folded into the weight for the sm_90a wgmma kernel (kernels/gemm.py ln.fold), which
+        stages A as it is and has no register pass to normalize it in: B = gamma * W rounded to the activation
+        type, colsum = sum_k B (LayerNorm), bias = beta . W (with a beta). (the weight ref [K, N], (ln params,
+        [colsum, bias refs])), or None where that kernel would not run it (decode GEMVs, other targets)."""
+        K, N = w.shape
+        batch, M = tuple(a.shape[:-2]), a.shape[-2]
+        if not self.wgmma or gemv.eligible(math.prod(a.shape[:-1]), K, gemv.VALUES_PER_16B.get(self.act, 1)):
+            return None
+        rms = norm.op == "RMSNormalization"
+        has_beta = not rms and len(norm.inputs) > 2 and bool(norm.inputs[2])
+        ln = {"eps": float(np.float32(norm.attrs.get("epsilon", 1e-5))), "has_beta": has_beta, "rms": rms,
+              "fold": True}
+        gamma = np.broadcast_to(np.asarray(self.g.constants[norm.inputs[1]], np.float32), (K,))
+        folded_nk = np.ascontiguousarray((w.astype(np.float32) * gamma[:, None]).T)
+        trial = TensorRef.contiguous_view(Buffer("trial", "weight", self.act, w.size), (N, K)).transpose((1, 0))
+        a_atoms = {"dtype": a.dtype, "batch": a.batch_atoms(batch), "m": a.dim_atoms(-2), "k": a.dim_atoms(-1)}
+        params = {"M": M, "N": N, "K": K, "batch": list(batch), "a": a_atoms, "ln": ln,
+                  "b": {"dtype": self.act, "batch": trial.batch_atoms(batch), "k": trial.dim_atoms(-2),
+                        "n": trial.dim_atoms(-1)}}
+        if gemm_mma.wgmma_config(params, a.offset, 0, self.act, True) is None:
+            return None
+        name = f"{mm.inputs[1]}*{norm.inputs[1]}"
+        b = self.weight(name, self.act, folded_nk).transpose((1, 0))
+        extra = []
+        if not rms:  # sum_k of B as stored (rounded): the mean's share cancels exactly
+            stored = to_f32(from_f32(folded_nk, self.act), self.act)
+            extra.append(self.weight(f"{name}/colsum", "float32", stored.sum(axis=1, dtype=np.float64)))
+        if has_beta:
+            beta = np.broadcast_to(np.asarray(self.g.constants[norm.inputs[2]], np.float64), (K,))
+            extra.append(self.weight(f"{name}/bias", "float32", beta @ w.astype(np.float64)))
+        return b, (ln, extra)
 
     def plan_weight(self, mm: Node, K: int, N: int, rows: int) -> tuple[str, str]:
         """The storage format of a GEMM's constant weight [K, N] and the reason (the precision planner).
@@ -775,7 +824,8 @@ class Partitioner:
         return ref, extra_refs, b_atoms
 
     def emit_gated(self, group: Group) -> None:
-        """x @ [Wg | Wu] -> act(g) * u (any elementwise DAG of the halves) as one gated GEMV."""
+        """x @ [Wg | Wu] -> act(g) * u (any elementwise DAG of the halves) as one gated GEMV, or past the GEMV's
+        rows as one gated wgmma GEMM (sm_90a) where that kernel applies; elsewhere the GEMM, then the DAG."""
         mm, norm, fq = group.nodes[0], group.prologue, group.quant
         dag = [n for n in group.nodes[1:] if n.op not in ("Split", "Slice")]
         gate, up = group.halves
@@ -785,14 +835,31 @@ class Partitioner:
         rows = math.prod(a.shape[:-1])
         fmt, reason = self.plan_weight(mm, K, 2 * F, rows)
         aq, reason = self.plan_activation(mm, fq, fmt, rows, reason)
-        if fmt in QUANT_FORMATS:
+        a2 = a.reshape((rows, K))
+        if a2 is None:
+            a2 = self.contiguous(a, mm.name, mm.source).reshape((rows, K))
+        folded = None
+        if rows > gemv.MAX_M:
+            a_atoms = {"dtype": a2.dtype, "batch": [[1, 0]], "m": a2.dim_atoms(0), "k": a2.dim_atoms(1)}
+            trial = {"M": rows, "N": F, "K": K, "batch": [], "a": a_atoms, "ln": None, "gated": True,
+                     "b": {"dtype": self.act, "batch": [[1, 0]], "k": [[K, 1]], "n": [[2 * F, K]]}}
+            if fmt in QUANT_FORMATS or aq or gemm_mma.wgmma_config(trial, a2.offset, 0, self.act, True) is None:
+                self.emit_gated_unfused(group)
+                return
+            if norm is not None:
+                folded = self.fold_norm(mm, norm, w, a2)
+                if folded is None:
+                    self.emit_gated_unfused(group)
+                    return
+        if folded is not None:
+            b, folded = folded
+            reason = (f"{reason}; " if reason else "") + "the norm's gamma folded into the weight (wgmma)"
+            quant_refs, b_atoms = [], {"dtype": b.dtype, "batch": [[1, 0]], "k": [[K, 1]], "n": [[2 * F, K]]}
+        elif fmt in QUANT_FORMATS:
             b, quant_refs, b_atoms = self.quant_weight(mm.inputs[1], np.ascontiguousarray(w.T), fmt)
         else:
             b = self.weight(mm.inputs[1], self.act, np.ascontiguousarray(w.T)).transpose((1, 0))
             quant_refs, b_atoms = [], {"dtype": b.dtype, "batch": [[1, 0]], "k": [[K, 1]], "n": [[2 * F, K]]}
-        a2 = a.reshape((rows, K))
-        if a2 is None:
-            a2 = self.contiguous(a, mm.name, mm.source).reshape((rows, K))
         expr, inputs = self._expression(dag, {gate: 0, up: 1})
         last = dag[-1].outputs[0]
         out_buf = self.new_output(last)
@@ -803,8 +870,16 @@ class Partitioner:
         nodes = [n for n in (norm, fq) if n] + group.nodes
         self._gemm_call(mm.name, a2, a_atoms, b, b_atoms, (rows, F, K), (), norm, expr, epi_refs, out,
                         [n.op for n in nodes], [s for n in nodes for s in n.source], gated=True,
-                        quant=(quant_refs, reason), aq=aq)
+                        quant=(quant_refs, reason), aq=aq, folded=folded)
         self.refs[last] = TensorRef.contiguous_view(out_buf, onnx_shape)
+
+    def emit_gated_unfused(self, group: Group) -> None:
+        """A gated group no gated kernel takes: the GEMM (its own group), the halves as views, then the DAG."""
+        self.emit_gemm(Group("gemm", group.nodes[:1], group.prologue, quant=group.quant))
+        for n in group.nodes[1:]:
+            if n.op in ("Split", "Slice"):
+                self.emit_view(n)
+        self.emit_eltwise(Group("eltwise", [n for n in group.nodes[1:] if n.op not in ("Split", "Slice")]))
 
     def emit_conv(self, group: Group) -> None:
         """A patch-embedding Conv as a GEMM: patches [Hp*Wp, C*kh*kw], a view of the image, times W^T."""

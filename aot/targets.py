@@ -50,6 +50,6 @@ def fp8_mma(arch: str) -> str:
 
 
 def wgmma_enabled(archs: list[str]) -> bool:
-    """Whether GEMMs may use the sm_90a wgmma kernel (kernels/cuda/gemm_wgmma.cuh): opt-in until it is verified
-    on a GPU (FLASHRT_WGMMA=1 at build time), and only when every target is sm_90a (wgmma exists nowhere else)."""
-    return os.environ.get("FLASHRT_WGMMA") == "1" and bool(archs) and all(a == "sm_90a" for a in archs)
+    """Whether GEMMs may use the sm_90a wgmma kernel (kernels/cuda/gemm_wgmma.cuh): when every target is sm_90a
+    (wgmma exists nowhere else), unless FLASHRT_WGMMA=0 at build time (the mma.sync kernels, for comparison)."""
+    return os.environ.get("FLASHRT_WGMMA") != "0" and bool(archs) and all(a == "sm_90a" for a in archs)

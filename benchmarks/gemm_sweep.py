@@ -3,7 +3,9 @@ model's choice and a grid of alternative tiles / split-K factors (each checked a
 
   python3 benchmarks/gemm_sweep.py [--out DIR] [--quick]      (on the GPU machine; writes DIR/gemm_sweep.json)
   python3 benchmarks/gemm_sweep.py --wgmma [--shapes ...]     (sm_90a: the wgmma kernel's choice next to the
-                                                               mma.sync one, both without the norm prologue)"""
+                                                               mma.sync one, both without the norm prologue)
+  python3 benchmarks/gemm_sweep.py --wgmma-fused               (sm_90a: the norm GEMMs as mma.sync with its
+                                          prologue, plain wgmma, wgmma with the norm folded, and gated + folded)"""
 
 import argparse
 import itertools
@@ -87,6 +89,34 @@ def compare_wgmma(launcher: GemmLauncher, names: list[str]) -> list[dict]:
     return rows
 
 
+SWIGLU = [["acc"], ["sigmoid", 0], ["mul", 0, 1], ["acc", 1], ["mul", 2, 3]]
+
+
+def compare_fused(launcher: GemmLauncher) -> list[dict]:
+    """What the norm prologue and the gated epilogue cost the wgmma kernel: each norm GEMM of SHAPES as mma.sync
+    with its prologue (the FLASHRT_WGMMA=0 build), plain wgmma (no norm), wgmma with the norm folded, and for
+    the gate/up GEMMs the gated + folded kernel (N / 2 outputs of silu(g) * u). Each against its reference."""
+    rows = []
+    for name, (M, N, K, ln, _) in SHAPES.items():
+        if not ln:
+            continue
+        ps = {"mma.sync+norm": problem(M, N, K, ln=ln), "wgmma plain": problem(M, N, K, wgmma=True),
+              "wgmma fold": problem(M, N, K, ln={**ln, "fold": True}, wgmma=True)}
+        if N >= 2 * K:  # gate/up
+            ps["wgmma gated+fold"] = problem(M, N // 2, K, ln={**ln, "fold": True}, wgmma=True, gated=True,
+                                             expr=SWIGLU)
+        fns = launcher.compile(list(ps.values()))
+        line = []
+        for (kind, p), fn in zip(ps.items(), fns):
+            host = make_args(p, 0)
+            ok, t = checked_time(launcher, fn, p, host, reference(p, host), f"{name} {kind}")
+            rows.append({"shape": name, "kernel": kind, "M": M, "N": p["N"], "K": K, "mma": p["mma"], "us": t * 1e6,
+                         "ok": ok})
+            line.append(f"{kind} {t * 1e6:6.2f}")
+        print(f"{name:15s} " + "  ".join(line) + " us", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", HERE))
@@ -94,8 +124,13 @@ def main() -> None:
     ap.add_argument("--quant", nargs="*", default=["", "fp8"], help="'' (bf16 weights), fp8, nvfp4")
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
     ap.add_argument("--wgmma", action="store_true", help="the sm_90a wgmma kernel next to mma.sync (no sweep)")
+    ap.add_argument("--wgmma-fused", action="store_true", help="norm fold / gated costs of the wgmma kernel")
     args = ap.parse_args()
     launcher = GemmLauncher()
+    if args.wgmma_fused:
+        with open(os.path.join(args.out, "gemm_sweep_wgmma_fused.json"), "w") as f:
+            json.dump(compare_fused(launcher), f, indent=1)
+        return
     if args.wgmma:
         with open(os.path.join(args.out, "gemm_sweep_wgmma.json"), "w") as f:
             json.dump(compare_wgmma(launcher, args.shapes), f, indent=1)

@@ -44,6 +44,8 @@ def cuda_source(p: dict, symbol: str) -> str:
     return f'''#include "common.cuh"
 
 extern "C" __global__ void __launch_bounds__(256) {symbol}({", ".join(params)}) {{
+  griddep_launch_dependents();
+  griddep_wait();
   for (long e = (long)blockIdx.x * 256 + threadIdx.x; e < {outer * A * inner}L; e += (long)gridDim.x * 256) {{
     const long r = e % {inner}L, c = (e / {inner}L) % {A}L, o = e / ({inner}L * {A}L);
     float v;

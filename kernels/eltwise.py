@@ -41,6 +41,8 @@ def cuda_source(p: dict, symbol: str) -> str:
     return f'''#include "common.cuh"
 
 extern "C" __global__ void __launch_bounds__(256) {symbol}({", ".join(params)}) {{
+  griddep_launch_dependents();
+  griddep_wait();
   for (long i = (long)blockIdx.x * 256 + threadIdx.x; i < {total}L; i += (long)gridDim.x * 256) {{
     {body_text}
     out[i] = from_float<{CTYPES[p["out_dtype"]]}>({result});

@@ -31,6 +31,8 @@ def cuda_source(p: dict, symbol: str) -> str:
 
 extern "C" __global__ void __launch_bounds__(256) {symbol}(const {td}* __restrict__ data,
     const {ti}* __restrict__ idx, {to}* __restrict__ out) {{
+  griddep_launch_dependents();
+  griddep_wait();
   for (long e = (long)blockIdx.x * 256 + threadIdx.x; e < {outer * J * inner}L; e += (long)gridDim.x * 256) {{
     const long i = e % {inner}L, j = (e / {inner}L) % {J}L, o = e / ({inner}L * {J}L);
     long long d = to_index(idx[j]);

@@ -8,6 +8,14 @@ params:
      b.quant: "fp8" | "nvfp4" (optional): a quantized weight stored [rows, K] (kernels/quant.py) with its
      scales as extra arguments after b (fp8: b_scale [rows]; nvfp4: b_block [rows, K/16], b_global [1])
   ln: null | {eps, has_beta, rms}      LayerNorm (or RMSNorm) of A's rows over K, gamma/beta float32 [K]
+      ln.fold (optional, true): the norm folded for the wgmma kernel. The build multiplied gamma into the
+      weight (B[k, n] = gamma[k] W[k, n], rounded to B's type), so A is multiplied unnormalized and
+          C = epilogue(rstd[m] (acc - mean[m] colsum[n]) + bias[n])
+      with each row's mean (0 for RMSNorm) and rstd = 1 / sqrt(var + eps) over K, colsum float32 [N] =
+      sum_k B[k, n] of the stored B (LayerNorm only) and bias float32 [N] = beta . W (has_beta only); [2N]
+      for a gated GEMM
+  gated (optional, true): B holds [gate | up] (2N columns); the epilogue reads ["acc"] (gate) and ["acc", 1]
+     (up) of each output (the GEMV kernel, or the wgmma kernel where M is larger)
   aq (optional): null | "tensor" | "row" | "nvfp4"   quantization of A' (after the norm) as the kernel stages
      it (kernels/quant.py): FP8 E4M3 with the static scale a_scale [1] (float32) or each row's max |A'| / 448;
      or NVFP4 with run-time E4M3 block scales per 16 values along K and the static global scale a_scale [1];
@@ -15,7 +23,7 @@ params:
   epi_inputs: [{dtype, atoms}]         extra epilogue tensors, atoms over batch + [M, N]
   expr: elementwise expression over ["acc"] and the epilogue inputs
   out_dtype: C's dtype, C contiguous over batch + [M, N]
-args: a, b, [b quant scales], [a_scale], [ln_gamma, [ln_beta]], e0..e{n-1}, c"""
+args: a, b, [b quant scales], [a_scale], [ln_gamma, [ln_beta]] or folded [ln_colsum], [ln_bias], e0..e{n-1}, c"""
 
 import math
 
@@ -40,9 +48,12 @@ def arg_spec(p: dict) -> list[tuple[str, str]]:
     args = [("a", "ptr"), ("b", "ptr")] + QUANT_ARGS.get(p["b"].get("quant"), [])
     if p.get("aq") in SCALED_ACT_QUANT:
         args.append(("a_scale", "ptr"))
-    if p["ln"]:
+    ln = p["ln"]
+    if ln and ln.get("fold"):
+        args += ([] if ln["rms"] else [("ln_colsum", "ptr")]) + ([("ln_bias", "ptr")] if ln["has_beta"] else [])
+    elif ln:
         args.append(("ln_gamma", "ptr"))
-        if p["ln"]["has_beta"]:
+        if ln["has_beta"]:
             args.append(("ln_beta", "ptr"))
     args += [(f"e{i}", "ptr") for i in range(len(p["epi_inputs"]))]
     return args + [("c", "ptr")]
@@ -89,6 +100,9 @@ def problem_struct(p: dict, kind: str) -> tuple[str, list[str], list[str]]:
     parameter declarations and the names that initialize P::Args from them."""
     M, N, K = p["M"], p["N"], p["K"]
     a, b, ln = p["a"], p["b"], p["ln"]
+    fold = bool(ln and ln.get("fold"))
+    if fold and not (kind == "mma" and p["mma"].get("wgmma")):
+        raise ValueError("gemm: a folded norm (ln.fold) runs only in the wgmma kernel")
     fields = [f"const {CTYPES[a['dtype']]}* a;", f"const {CTYPES[b['dtype']]}* b;"]
     params = [f"const {CTYPES[a['dtype']]}* __restrict__ a", f"const {CTYPES[b['dtype']]}* __restrict__ b"]
     names = ["a", "b"]
@@ -105,7 +119,13 @@ def problem_struct(p: dict, kind: str) -> tuple[str, list[str], list[str]]:
         names.append("a_scale")
     else:
         names.append("nullptr")
-    if ln:
+    if fold:
+        fields += ["const float* colsum;", "const float* bias;"]
+        for name, present in (("ln_colsum", not ln["rms"]), ("ln_bias", ln["has_beta"])):
+            if present:
+                params.append(f"const float* __restrict__ {name}")
+            names.append(name if present else "nullptr")
+    elif ln:
         fields += ["const float* gamma;", "const float* beta;"]
         params.append("const float* __restrict__ ln_gamma")
         names.append("ln_gamma")
@@ -142,17 +162,22 @@ def problem_struct(p: dict, kind: str) -> tuple[str, list[str], list[str]]:
   }}
   __device__ static const TW* weights(const Args& g) {{ return g.b; }}"""
     value = "" if kind != "mma" else f"""
-  __device__ static float value(const Args& g, int bat, int m, int n, float acc) {{  // the epilogue, unstored
+  __device__ static float value(const Args& g, int bat, int m, int n, float acc, float acc1 = 0.f) {{  // unstored
     const long o = ((long)bat * M + m) * N + n;
     {body_text}
     return {result};
   }}"""
+    unfolded = bool(ln) and not fold
+    gamma, beta = ("g.gamma[k]" if unfolded else "1.f"), ("g.beta[k]" if unfolded and ln["has_beta"] else "0.f")
+    colsum = "g.colsum[n]" if fold and not ln["rms"] else "0.f"
+    bias = "g.bias[n]" if fold and ln["has_beta"] else "0.f"
     struct = f'''namespace {{
 struct P {{
   struct Args {{ {" ".join(fields)} }};
   {shape}
-  static constexpr bool LN = {"true" if ln else "false"};
+  static constexpr bool LN = {"true" if ln and not fold else "false"};
   static constexpr bool RMS = {"true" if ln and ln.get("rms") else "false"};
+  static constexpr int NORM_FOLD = {(1 if ln["rms"] else 2) if fold else 0};  // 1 RMSNorm, 2 LayerNorm folded
   static constexpr float EPS = {eps};
   {operand_loads}
   static constexpr int QUANT = {quant_id};
@@ -160,8 +185,10 @@ struct P {{
   __device__ static float a_scale(const Args& g) {{ return {"g.a_scale[0]" if aq in SCALED_ACT_QUANT else "1.f"}; }}
   __device__ static float row_scale(const Args& g, int row) {{ return {row_scale}; }}
   __device__ static float block_scale(const Args& g, int row, int kb) {{ return {block_scale}; }}
-  __device__ static float ln_gamma(const Args& g, int k) {{ return {"g.gamma[k]" if ln else "1.f"}; }}
-  __device__ static float ln_beta(const Args& g, int k) {{ return {"g.beta[k]" if ln and ln["has_beta"] else "0.f"}; }}
+  __device__ static float ln_gamma(const Args& g, int k) {{ return {gamma}; }}
+  __device__ static float ln_beta(const Args& g, int k) {{ return {beta}; }}
+  __device__ static float fold_colsum(const Args& g, int n) {{ return {colsum}; }}
+  __device__ static float fold_bias(const Args& g, int n) {{ return {bias}; }}
   __device__ static void epilogue(const Args& g, int bat, int m, int n, float acc, float acc1 = 0.f) {{
     const long o = ((long)bat * M + m) * N + n;
     {body_text}
@@ -227,7 +254,13 @@ def reference(p: dict, args: dict) -> None:
     M, N, K, batch = p["M"], p["N"], p["K"], list(p["batch"])
     a, b, ln = p["a"], p["b"], p["ln"]
     A = load_atoms(args["a"], a["dtype"], list(a["batch"]) + list(a["m"]) + list(a["k"]), batch + [M, K])
-    if ln:
+    fold = None
+    if ln and ln.get("fold"):  # statistics now, applied to the sums (the kernel's formula: E[x^2] - mean^2)
+        mean = np.zeros(A.shape[:-1] + (1,), np.float32) if ln["rms"] else A.mean(axis=-1, keepdims=True,
+                                                                                  dtype=np.float32)
+        var = np.maximum(np.square(A).mean(axis=-1, keepdims=True, dtype=np.float32) - mean * mean, 0)
+        fold = (mean, np.float32(1) / np.sqrt(var + np.float32(ln["eps"])))
+    elif ln:
         mean = np.float32(0) if ln.get("rms") else A.mean(axis=-1, keepdims=True, dtype=np.float32)
         var = np.square(A - mean).mean(axis=-1, keepdims=True, dtype=np.float32)
         A = (A - mean) * (np.float32(1) / np.sqrt(var + np.float32(ln["eps"])))
@@ -263,6 +296,13 @@ def reference(p: dict, args: dict) -> None:
     acc = np.matmul(A.astype(np.float32), B).astype(np.float32)
     if mma and scale is not None:
         acc = (acc * scale).astype(np.float32)
+    if fold is not None:  # a gated GEMM's gate and up columns alike (colsum and bias over all 2N)
+        mean, rstd = fold
+        if not ln["rms"]:
+            acc = acc - mean * load(args["ln_colsum"], "float32", [width])
+        acc = (rstd * acc).astype(np.float32)
+        if ln["has_beta"]:
+            acc = (acc + load(args["ln_bias"], "float32", [width])).astype(np.float32)
     if p.get("gated"):
         acc = (np.ascontiguousarray(acc[..., :N]), np.ascontiguousarray(acc[..., N:]))
     out_shape = batch + [M, N]

@@ -11,8 +11,10 @@ params["mma"] = {dtype, bm, bn, split, stages, wg, a_mode, b_mode, b_const}:
   b_mode     0 cp.async chunks, 1 fp8, 2 nvfp4 (raw bytes decoded in shared memory), 3 element loads
   b_const    B is a constant weight: its first tiles load before the kernel waits for its predecessor
   wgmma      (optional, true) the sm_90a warp-group MMA kernel (kernels/cuda/gemm_wgmma.cuh) instead of
-             mma.sync: a_mode 0, b_mode 0, no norm prologue or activation quantization; bm = 64 wg (wg warp
-             groups stacked along M), bn 64 / 128, stages >= 3. Opt-in (FLASHRT_WGMMA=1, aot/targets.py)"""
+             mma.sync: a_mode 0, b_mode 0, a norm only folded (ln.fold, kernels/gemm.py), no activation
+             quantization, and gated GEMMs (only there); bm = 64 wg (wg warp
+             groups stacked along M), bn 64 / 128, stages >= 3. Used wherever it applies when every target is
+             sm_90a (FLASHRT_WGMMA=0 turns it off: aot/targets.py)"""
 
 import itertools
 import math
@@ -137,12 +139,17 @@ def wgmma_smem_bytes(bm: int, bn: int, stages: int) -> int:
     return max(stages * (bm + bn) * BK * 2, bm * (bn + 8) * 4) + 1024
 
 
+def out_bn(p: dict, bn: int) -> int:
+    """Outputs per block along N: a gated GEMM's BN tile columns are BN / 2 gate rows and their up rows."""
+    return bn // 2 if p.get("gated") else bn
+
+
 def wgmma_config(p: dict, a_offset: int, b_offset: int, dtype: str, b_const: bool = False) -> dict | None:
-    """The wgmma configuration, or None where that kernel does not apply (16-bit A and B by 16-byte chunks, no
-    norm prologue, no activation quantization, not gated). Rule: the most blocks that still fit one wave of
-    the 132 SMs; ties: the least padding, the larger tile, the smaller split, the wider BN. Past one wave: no
-    split, the least padding, the largest tile."""
-    if dtype not in OPERAND_DTYPES or p.get("gated") or p["ln"] or p.get("aq"):
+    """The wgmma configuration, or None where that kernel does not apply (16-bit A and B by 16-byte chunks, a
+    norm only folded into B, no activation quantization; gated: BN / 2 outputs per block). Rule: the most blocks
+    that still fit one wave of the 132 SMs; ties: the least padding, the larger tile, the smaller split, the wider
+    BN. Past one wave: no split, the least padding, the largest tile."""
+    if dtype not in OPERAND_DTYPES or (p["ln"] and not p["ln"].get("fold")) or p.get("aq"):
         return None
     if staging(p, a_offset, b_offset, dtype) != (True, 0):
         return None
@@ -155,14 +162,14 @@ def wgmma_config(p: dict, a_offset: int, b_offset: int, dtype: str, b_const: boo
         for split in WGMMA_SPLITS:
             if split > 1 and (kt % split or kt // split < 2) or nb * split > 65535:
                 continue
-            blocks = math.ceil(M / bm) * math.ceil(N / bn) * nb * split
+            blocks = math.ceil(M / bm) * math.ceil(N / out_bn(p, bn)) * nb * split
             kts = math.ceil(kt / split)
             stages = max(s for s in range(3, WGMMA_MAX_STAGES + 1)
                          if s == 3 or (s <= kts + 2 and wgmma_smem_bytes(bm, bn, s) <= WGMMA_SMEM_CAP))
             one_wave = blocks <= SMS
             if not one_wave and split > 1:
                 continue
-            padded = math.ceil(M / bm) * bm * math.ceil(N / bn) * bn
+            padded = math.ceil(M / bm) * bm * math.ceil(N / out_bn(p, bn)) * bn
             key = (not one_wave, -blocks if one_wave else 0, padded, -bm * bn, split, -bn)
             if best is None or key < best[0]:
                 best = (key, {"dtype": dtype, "bm": bm, "bn": bn, "split": split, "stages": stages, "wg": bm // 64,
@@ -178,8 +185,10 @@ def config(p: dict, a_offset: int, b_offset: int, dtype: str, b_const: bool = Fa
     target has E4M3 mma.sync (sm_89+), so FP8 activations times an fp8 weight multiply as E4M3. clusters:
     every target has thread-block clusters (sm_90+), which split-K reduces through. wgmma: every target is
     sm_90a and the wgmma kernel is enabled (aot/targets.py wgmma_enabled): it is used where it applies."""
-    if dtype not in OPERAND_DTYPES or p.get("gated"):
+    if dtype not in OPERAND_DTYPES:
         return None
+    if p.get("gated") or (p["ln"] and p["ln"].get("fold")):  # only the wgmma kernel has these
+        return wgmma_config(p, a_offset, b_offset, dtype, b_const) if wgmma else None
     if wgmma and (c := wgmma_config(p, a_offset, b_offset, dtype, b_const)):
         return c
     M, N, K, nb = p["M"], p["N"], p["K"], math.prod(p["batch"])
@@ -215,7 +224,7 @@ def config(p: dict, a_offset: int, b_offset: int, dtype: str, b_const: bool = Fa
 
 def launch_config(p: dict) -> tuple[tuple[int, int, int], tuple[int, int, int], int]:
     c = p["mma"]
-    grid = (math.ceil(p["N"] / c["bn"]), math.ceil(p["M"] / c["bm"]), math.prod(p["batch"]) * c["split"])
+    grid = (math.ceil(p["N"] / out_bn(p, c["bn"])), math.ceil(p["M"] / c["bm"]), math.prod(p["batch"]) * c["split"])
     wg = c.get("wg", 1)
     if c.get("wgmma"):
         return grid, (WARP_GROUP * wg, 1, 1), wgmma_smem_bytes(c["bm"], c["bn"], c["stages"])
@@ -252,6 +261,7 @@ def members(p: dict) -> tuple[str, str]:
   static constexpr int A_MODE = {c["a_mode"]}, B_MODE = {c["b_mode"]};
   using OutT = {CTYPES[p["out_dtype"]]};
   static constexpr bool B_CONST = {"true" if c.get("b_const") else "false"};
+  static constexpr bool GATED = {"true" if p.get("gated") else "false"};  // wgmma only
   static constexpr bool A_M_INNER = {"true" if inner_is(a["m"]) and p.get("aq") != "nvfp4" else "false"};
   static constexpr bool B_N_INNER = {"true" if inner_is(b["n"]) else "false"};"""
     a_t, b_t = CTYPES[a["dtype"]], CTYPES[b["dtype"]]

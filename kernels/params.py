@@ -137,7 +137,7 @@ _GEMM = Dict(
     {"M": DIM, "N": DIM, "K": DIM, "batch": List(DIM, max_len=MAX_VIEW_RANK - 2),
      "a": Dict({"dtype": Dtype, "batch": ATOMS, "m": ATOMS, "k": ATOMS}),
      "b": Dict({"dtype": Dtype, "batch": ATOMS, "k": ATOMS, "n": ATOMS}, {"quant": Enum("fp8", "nvfp4")}),
-     "ln": Nullable(Dict({"eps": Num(0.0, 1e30), "has_beta": Bool}, {"rms": Bool})),
+     "ln": Nullable(Dict({"eps": Num(0.0, 1e30), "has_beta": Bool}, {"rms": Bool, "fold": Bool})),
      "epi_inputs": List(Dict(OPERAND)), "expr": EXPR, "out_dtype": Dtype},
     {"gated": Bool, "mma": Dict({"dtype": Enum("bfloat16", "float16", "e4m3")},  # the reference rounds to it
                                 {"wgmma": Bool}),
@@ -181,6 +181,8 @@ def _gemm(p: dict) -> None:
         raise _Bad(".mma.dtype", "= 'e4m3' needs FP8 activations (params.aq) times an fp8 weight (params.b.quant)")
     if p.get("mma", {}).get("wgmma"):
         _wgmma(p, raw_mma)
+    elif p["ln"] and p["ln"].get("fold"):
+        raise _Bad(".ln.fold", "= true (the norm folded into the weight) needs the wgmma kernel (params.mma.wgmma)")
     M, N, K, batch = p["M"], p["N"], p["K"], p["batch"]
     if p.get("aq") == "nvfp4" and K % 16:
         raise _Bad(".K", f"= {K}: NVFP4 activations need K to be a multiple of 16 (params.aq = 'nvfp4')")
@@ -193,9 +195,16 @@ def _gemm(p: dict) -> None:
     _expr(p, len(p["epi_inputs"]), True, out)
 
 
+def _gemm_family(p: dict) -> None:
+    """The gemm family's kernels compute a gated GEMM only in the wgmma kernel (the gemv family has its own)."""
+    _gemm(p)
+    if p.get("gated") and not (p.get("mma") or {}).get("wgmma"):
+        raise _Bad(".gated", "= true in the gemm family needs the wgmma kernel (params.mma.wgmma)")
+
+
 def _wgmma(p: dict, raw_mma: dict) -> None:
     """The sm_90a wgmma GEMM (kernels/cuda/gemm_wgmma.cuh) stages 16-bit A and B by 16-byte chunks (mma.a_mode and
-    b_mode 0, read from the unfiltered params) and has no norm prologue or activation quantization."""
+    b_mode 0, read from the unfiltered params); a norm only comes folded (ln.fold), no activation quantization."""
     mma, why = {**raw_mma, **p["mma"]}, None
     if mma["dtype"] not in ("bfloat16", "float16"):
         why = f"mma.dtype = {mma['dtype']!r} (16-bit operands only)"
@@ -203,8 +212,8 @@ def _wgmma(p: dict, raw_mma: dict) -> None:
         why = f"operands a: {p['a']['dtype']}, b: {p['b']['dtype']} (both {mma['dtype']}, unquantized)"
     elif mma.get("a_mode", 0) != 0 or mma.get("b_mode", 0) != 0:
         why = f"mma.a_mode = {_show(mma.get('a_mode'))}, b_mode = {_show(mma.get('b_mode'))} (16-byte chunks: 0 and 0)"
-    elif p["ln"] or p.get("aq") or p.get("gated"):
-        why = "a norm prologue, activation quantization or a gated epilogue"
+    elif (p["ln"] and not p["ln"].get("fold")) or p.get("aq"):
+        why = "a norm prologue not folded into the weight, or activation quantization"
     if why:
         raise _Bad(".mma.wgmma", f"= true cannot be used with {why}")
 
@@ -317,7 +326,7 @@ def _state(p: dict) -> None:
         _elements("T", "output", p["T"])
 
 
-CHECKS = {"gemm": _gemm, "gemv": _gemm, "attention": _attention, "eltwise": _eltwise, "softmax": _softmax,
+CHECKS = {"gemm": _gemm_family, "gemv": _gemm, "attention": _attention, "eltwise": _eltwise, "softmax": _softmax,
           "layernorm": _layernorm, "gather": _gather, "concat": _concat, "reduce": _reduce,
           "state": _state}
 

@@ -31,6 +31,8 @@ def cuda_source(p: dict, symbol: str) -> str:
     return f'''#include "common.cuh"
 
 extern "C" __global__ void __launch_bounds__(256) {symbol}(const {ti}* __restrict__ x, {to}* __restrict__ out) {{
+  griddep_launch_dependents();
+  griddep_wait();
   for (long o = (long)blockIdx.x * 256 + threadIdx.x; o < {p["outer"]}L; o += (long)gridDim.x * 256) {{
     float a = {_INIT[op]};
     for (long r = 0; r < {R}L; ++r) {{

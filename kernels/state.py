@@ -53,6 +53,8 @@ def cuda_source(p: dict, symbol: str) -> str:
         return f'''#include "common.cuh"
 
 extern "C" __global__ void __launch_bounds__(256) {symbol}(const int* __restrict__ pos, {to}* __restrict__ out) {{
+  griddep_launch_dependents();
+  griddep_wait();
   const int i = blockIdx.x * 256 + threadIdx.x;
   if (i < {p["T"]}) out[i] = {value};
 }}
@@ -60,7 +62,11 @@ extern "C" __global__ void __launch_bounds__(256) {symbol}(const int* __restrict
     if p["op"] == "advance":
         step = str(p["count"]) if p["count"] is not None else "*length"
         length = ", const int* __restrict__ length" if p["count"] is None else ""
-        return f'''extern "C" __global__ void {symbol}(int* __restrict__ pos{length}) {{
+        return f'''#include "common.cuh"
+
+extern "C" __global__ void {symbol}(int* __restrict__ pos{length}) {{
+  griddep_launch_dependents();
+  griddep_wait();
   if (threadIdx.x == 0) *pos += {step};
 }}
 '''
@@ -75,6 +81,8 @@ extern "C" __global__ void __launch_bounds__(256) {symbol}(const int* __restrict
     return f'''#include "common.cuh"
 
 extern "C" __global__ void __launch_bounds__(256) {symbol}({", ".join(params)}) {{
+  griddep_launch_dependents();
+  griddep_wait();
   const int p = *pos, n = {n};
   for (long i = (long)blockIdx.x * 256 + threadIdx.x; i < {outer * T * inner}L; i += (long)gridDim.x * 256) {{
     const long t = (i / {inner}L) % {T}L, o = i / {T * inner}L;

@@ -1,12 +1,15 @@
 """The CUDA loader: cuda-bindings' driver API only. Load the cubin for this GPU, allocate the arena and
 weights once, patch the relocations, and record the launch list into CUDA graphs replayed by every run:
-one with the host copies (run) and one of kernels alone for callers holding device memory (launch)."""
+one with the host copies (run) and one of kernels alone for callers holding device memory (launch).
+On sm_90+, for engines whose manifest says their kernels wait for their predecessor (`"pdl": true`), every
+launch of an entry after its first is a programmatic dependent launch (FLASHRT_PDL=0 turns that off)."""
 
 import ctypes
+import os
 
 import numpy as np
 
-from flashrt.engine_format.format import BASE_ARENA
+from flashrt.engine_format.format import BASE_ARENA, Launch
 from flashrt.engine_format.reader import EngineFile, EntryInfo
 from flashrt.errors import DeviceError, InputError
 from flashrt.runtime.engine import Engine, host_dtype
@@ -59,6 +62,14 @@ def pick_cubin_arch(targets: list[str], major: int, minor: int) -> str:
                       f"rebuild with --target sm_{major}{minor}{'a' if major >= 9 else ''}")
 
 
+def use_pdl(manifest: dict, major: int) -> bool:
+    """Whether to launch an engine's kernels (each entry's after its first) with programmatic dependent launch, on a
+    GPU of compute capability `major`: they may then start while their predecessor finishes, which is safe only
+    for engines whose kernels all call griddepcontrol.wait first (manifest `pdl`, engine_format/SPEC.md §5).
+    FLASHRT_PDL=0 turns it off."""
+    return major >= 9 and manifest.get("pdl") is True and os.environ.get("FLASHRT_PDL") != "0"
+
+
 class CUDAEngine(Engine):
     device = "cuda"
 
@@ -77,6 +88,7 @@ class CUDAEngine(Engine):
         self.check_kernels()  # the same params / argument checks the CPU executor makes, before any launch
         major, minor = device_arch(ordinal)
         self.arch = pick_cubin_arch(engine_file.targets, major, minor)
+        self.pdl = use_pdl(self.manifest, major)
         self._module = _check(cu.cuModuleLoadData(engine_file.cubin(self.arch)), f"loading the {self.arch} cubin")
         self._functions = []
         for k in engine_file.kernels:
@@ -181,9 +193,9 @@ class CUDAEngine(Engine):
                 if e.length is not None:  # the token count sits after the inputs in the pinned buffer
                     _check(cu.cuMemcpyHtoDAsync(self.arena + e.length, self._pinned_in.ctypes.data + pos, 4, s),
                            "copying the token count")
-            for launch, p in zip(self.file.launches[e.first:e.first + e.count], params):
-                _check(cu.cuLaunchKernel(self._functions[launch.kernel], *launch.grid, *launch.block, launch.smem,
-                                         s, ctypes.addressof(p), 0), f"launching kernel {launch.kernel}")
+            for i, (launch, p) in enumerate(zip(self.file.launches[e.first:e.first + e.count], params)):
+                # the first launch follows the input copies (or the caller's work): a full dependency
+                self._launch(launch, p, s, self.pdl and i > 0)
             if with_copies:
                 pos = 0
                 for t in e.outputs:
@@ -196,6 +208,24 @@ class CUDAEngine(Engine):
         exe = _check(cu.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
         self._graphs.append((graph, exe))  # kernel nodes copied their parameters at capture
         return exe
+
+    def _launch(self, launch: Launch, params, stream, pdl: bool) -> None:
+        """Launch one record on `stream`; pdl: as a programmatic dependent launch of the previous kernel."""
+        fn = self._functions[launch.kernel]
+        if not pdl:
+            _check(cu.cuLaunchKernel(fn, *launch.grid, *launch.block, launch.smem, stream, ctypes.addressof(params),
+                                     0), f"launching kernel {launch.kernel}")
+            return
+        cfg = cu.CUlaunchConfig()
+        cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = launch.grid
+        cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = launch.block
+        cfg.sharedMemBytes, cfg.hStream = launch.smem, stream
+        attr = cu.CUlaunchAttribute()
+        attr.id = cu.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+        attr.value.programmaticStreamSerializationAllowed = 1
+        cfg.attrs, cfg.numAttrs = [attr], 1
+        _check(cu.cuLaunchKernelEx(cfg, fn, ctypes.addressof(params), 0),
+               f"launching kernel {launch.kernel} (programmatic dependent launch; FLASHRT_PDL=0 turns it off)")
 
     # ---- running -------------------------------------------------------------------------------------
 
@@ -332,8 +362,7 @@ class CUDAEngine(Engine):
             self._restore_position()
             _check(cu.cuEventRecord(events[0], self._stream), "cuEventRecord")
             for i, (launch, p) in enumerate(zip(launches, params)):
-                _check(cu.cuLaunchKernel(self._functions[launch.kernel], *launch.grid, *launch.block, launch.smem,
-                                         self._stream, ctypes.addressof(p), 0), f"launching kernel {launch.kernel}")
+                self._launch(launch, p, self._stream, False)  # events between launches: no overlap to allow
                 _check(cu.cuEventRecord(events[i + 1], self._stream), "cuEventRecord")
             _check(cu.cuStreamSynchronize(self._stream), "cuStreamSynchronize")
             for i in range(len(launches)):

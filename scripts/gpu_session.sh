@@ -6,7 +6,7 @@
 #   bash scripts/gpu_session.sh bench     # the three workloads vs PyTorch at bf16 / fp8 / nvfp4 -> RESULTS.md
 #   bash scripts/gpu_session.sh loops     # the pi0 expert chunk and the VLA chunk vs PyTorch (issue 6)
 #   bash scripts/gpu_session.sh verify    # tests of new attention/elementwise code, wgmma probe, expert + VLA rows
-#   bash scripts/gpu_session.sh sanitize  # compute-sanitizer memcheck on the samples
+#   bash scripts/gpu_session.sh sanitize  # compute-sanitizer memcheck on the three workloads and the samples
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -45,8 +45,11 @@ case "$stage" in
     timeout 150 python3 benchmarks/vla_bench.py --scale full --layers 4 --vocab 16384 --precisions bf16 \
       --out "$OUT" > "$OUT/vla.log" 2>&1; echo "vla rc=$?"; tail -8 "$OUT/vla.log"
     ;;
-  sanitize)
-    timeout 560 compute-sanitizer --tool memcheck python3 scripts/run_samples_cuda.py 2>&1 | tee "$OUT/sanitize.log" | tail -20
+  sanitize)  # memcheck on the three benchmark workloads, then on the samples
+    timeout 380 compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitize_workloads.py \
+      2>&1 | tee "$OUT/sanitize.log" | tail -12
+    timeout 180 compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/run_samples_cuda.py 2>&1 \
+      | tee -a "$OUT/sanitize.log" | tail -8
     ;;
   *) echo "usage: $0 tests|kernels|bench|loops|verify|sanitize" >&2; exit 2 ;;
 esac

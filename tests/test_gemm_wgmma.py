@@ -42,9 +42,9 @@ def load_probe():
 
 # ---------------------------------------------------------------------------------------------- selection
 
-def test_enabled_only_with_the_env_var_and_sm90a_targets(monkeypatch):
+def test_enabled_for_sm90a_only_builds_unless_turned_off(monkeypatch):
     monkeypatch.delenv("FLASHRT_WGMMA", raising=False)
-    assert not wgmma_enabled(["sm_90a"])
+    assert wgmma_enabled(["sm_90a"])
     monkeypatch.setenv("FLASHRT_WGMMA", "1")
     assert wgmma_enabled(["sm_90a"])
     assert not wgmma_enabled(["sm_90a", "sm_100a"]) and not wgmma_enabled(["sm_90"]) and not wgmma_enabled([])
@@ -82,10 +82,56 @@ def test_config_falls_back_where_wgmma_does_not_apply():
     assert (big["bm"], big["bn"], big["split"]) == (128, 128, 1)
 
 
+@pytest.mark.parametrize("ln", [RMS, {"eps": 1e-5, "has_beta": True, "rms": False},
+                                {"eps": 1e-5, "has_beta": False, "rms": False}], ids=["rms", "layernorm", "no-beta"])
+def test_folded_norm_reference_equals_the_norm_prologue(ln):
+    """ln.fold's reference (statistics applied to the sums of A times gamma * W) gives the norm-prologue GEMM's
+    result on the same data, with colsum and bias made as aot/partition.py fold_norm makes them; A's rows have a
+    large mean (3), where LayerNorm's mean * colsum term matters most."""
+    from flashrt.kernels.dtypes import from_f32, to_f32
+    from flashrt.kernels.memory import Pointer
+
+    M, N, K = 40, 96, 256
+    rng = np.random.default_rng(0)
+    A = to_f32(from_f32(rng.standard_normal((M, K)).astype(np.float32) + 3, "bfloat16"), "bfloat16")
+    W = (rng.standard_normal((K, N)) * 0.05).astype(np.float32)
+    gamma = (1 + 0.2 * rng.standard_normal(K)).astype(np.float32)
+    beta = (0.1 * rng.standard_normal(K)).astype(np.float32)
+
+    def run(p, arrays):
+        bufs = {k: np.ascontiguousarray(v).view(np.uint8).reshape(-1).copy() for k, v in arrays.items()}
+        bufs["c"] = np.zeros(M * N * 4, np.uint8)
+        gemm.reference(p, {k: Pointer(v, 0, v.size, k) for k, v in bufs.items()})
+        return bufs["c"].view(np.float32).reshape(M, N)
+
+    base = {**gemm_params(M, N, K, dtype="float32"), "ln": ln}  # the float32 path: no operand rounding
+    arrays = {"a": A, "b": W.T, "ln_gamma": gamma}
+    if ln["has_beta"]:
+        arrays["ln_beta"] = beta
+    want = run(base, arrays)
+    folded_nk = from_f32(np.ascontiguousarray((W * gamma[:, None]).T), "bfloat16")
+    p = {**gemm_params(M, N, K), "ln": {**ln, "fold": True}, "out_dtype": "float32"}
+    p["mma"] = gemm_mma.config(p, 0, 0, "bfloat16", True, wgmma=True)
+    assert p["mma"]["wgmma"] and [n for n, _ in gemm.arg_spec(p)][2:-1] == \
+        ([] if ln["rms"] else ["ln_colsum"]) + (["ln_bias"] if ln["has_beta"] else [])
+    params.check("gemm", p)
+    arrays = {"a": from_f32(A, "bfloat16"), "b": folded_nk}
+    if not ln["rms"]:
+        arrays["ln_colsum"] = to_f32(folded_nk, "bfloat16").sum(axis=1, dtype=np.float64).astype(np.float32)
+    if ln["has_beta"]:
+        arrays["ln_bias"] = (beta.astype(np.float64) @ W).astype(np.float32)
+    got = run(p, arrays)
+    assert rel_l2(got, want) < 4e-3, rel_l2(got, want)
+    # without the wgmma kernel a folded norm is refused: no other kernel applies its statistics
+    assert gemm_mma.config({**p, "mma": None}, 0, 0, "bfloat16", True) is None
+    with pytest.raises(EngineFormatError, match=r"params\.ln\.fold"):
+        params.check("gemm", {k: v for k, v in p.items() if k != "mma"})
+
+
 def test_params_check_rejects_wgmma_with_incompatible_modes():
     p = wgmma_params(50, 1024, 1024)
     params.check("gemm", p)
-    bad = [{**p, "ln": RMS}, {**p, "aq": "tensor"}, {**p, "gated": True},
+    bad = [{**p, "ln": RMS}, {**p, "aq": "tensor"},
            {**p, "mma": {**p["mma"], "a_mode": 1}}, {**p, "mma": {**p["mma"], "b_mode": 3}},
            {**p, "mma": {**p["mma"], "dtype": "e4m3"}},
            {**p, "a": {**p["a"], "dtype": "float32"}}]
@@ -96,6 +142,13 @@ def test_params_check_rejects_wgmma_with_incompatible_modes():
             params.check("gemm", b)
     with pytest.raises(EngineFormatError, match=r"params\.mma\.wgmma"):
         params.check("gemm", {**p, "mma": {**p["mma"], "wgmma": 1}})
+    # a gated GEMM only in the wgmma kernel (the gemv family has its own)
+    gated = {**p, "gated": True, "b": {**p["b"], "n": [[2048, 1024]]}}
+    params.check("gemm", gated)
+    params.check("gemv", {k: v for k, v in gated.items() if k != "mma"})
+    for bad in ({k: v for k, v in gated.items() if k != "mma"}, {**gated, "mma": {**p["mma"], "wgmma": False}}):
+        with pytest.raises(EngineFormatError, match=r"params\.gated"):
+            params.check("gemm", bad)
 
 
 # ---------------------------------------------------------------------------------------------- layout
@@ -144,9 +197,10 @@ def gemm_probe_desc(probe, saddr: int, kk: int) -> int:
 def test_engine_built_with_wgmma_matches_onnxruntime(samples, tmp_path, monkeypatch):
     # mlp at 80 rows (fewer would take the GEMV kernel): GEMMs with bias / activation epilogues, K 32 and 64
     model, shapes = samples / "mlp.onnx", {"x": (80, 32)}
-    default = tmp_path / "default.frt"
+    monkeypatch.setenv("FLASHRT_WGMMA", "0")
+    default = tmp_path / "mma_sync.frt"
     build_engine(str(model), ["sm_90a"], str(default), shapes, "bf16")
-    monkeypatch.setenv("FLASHRT_WGMMA", "1")
+    monkeypatch.delenv("FLASHRT_WGMMA")
     path = tmp_path / "wgmma.frt"
     build_engine(str(model), ["h100"], str(path), shapes, "bf16")
     ef = read_engine(path)
@@ -169,19 +223,70 @@ def test_engine_built_with_wgmma_matches_onnxruntime(samples, tmp_path, monkeypa
     assert not any(k["params"].get("mma", {}).get("wgmma") for k in read_engine(mixed).manifest["kernels"])
 
 
-def test_encoder_engine_mixes_wgmma_and_mma_sync(samples, tmp_path, monkeypatch):
-    """The tiny encoder's norm-prologue GEMMs keep mma.sync; its plain ones take wgmma."""
-    monkeypatch.setenv("FLASHRT_WGMMA", "1")
+def test_encoder_engine_folds_its_norms_into_wgmma_gemms(samples, tmp_path, monkeypatch):
+    """The tiny encoder's LayerNorm-prologue GEMMs on bf16 activations take wgmma with the norm folded into the
+    weight (ln.fold); the first one reads the float32 input (element loads), so it keeps mma.sync and its
+    prologue. The engine matches onnxruntime."""
     path = tmp_path / "enc.frt"
     build_engine(str(samples / "tiny_encoder.onnx"), ["h200"], str(path), None, "bf16")
-    gemms = [k["params"] for k in read_engine(path).manifest["kernels"] if k["family"] == "gemm"]
-    assert any(p["mma"].get("wgmma") for p in gemms)
-    assert all(bool(p["mma"].get("wgmma")) == (not p["ln"]) for p in gemms)
+    ef = read_engine(path)
+    gemms = [k for k in ef.manifest["kernels"] if k["family"] == "gemm"]
+    for k in gemms:
+        p, wg = k["params"], bool(k["params"]["mma"].get("wgmma"))
+        assert wg == (p["a"]["dtype"] == "bfloat16"), p["mma"]
+        assert not p["ln"] or p["ln"].get("fold", False) == wg
+    kernels = ef.manifest["kernels"]
+    folded = {i for i, k in enumerate(kernels) if k["family"] == "gemm" and (k["params"]["ln"] or {}).get("fold")}
+    assert folded and all([a["name"] for a in kernels[i]["args"]][2:4] == ["ln_colsum", "ln_bias"] for i in folded)
+    assert {r["kernel"] for r in ef.manifest["regions"] if "gamma folded into the weight" in r["reason"]} == folded
     engine = flashrt.load(path, device="cpu")
     feeds = engine.example_inputs(0)
     got, want = engine.run(feeds), onnxruntime_outputs(samples / "tiny_encoder.onnx", feeds)
     for name in want:
         assert rel_l2(got[name], want[name]) <= 2e-2
+
+
+def test_swiglu_blocks_become_gated_wgmma_gemms(tmp_path, monkeypatch):
+    """A pre-norm SwiGLU block at 40 tokens (past the GEMV's 8 rows): with wgmma, RMSNorm + x @ [Wg | Wu] +
+    silu(g) * u is one gated GEMM with the norm folded (no elementwise launch); FLASHRT_WGMMA=0 keeps mma.sync
+    and the separate elementwise kernel. Both match onnxruntime."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    d, f, T = 64, 96, 40
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((1 + 0.1 * rng.standard_normal(d)).astype(np.float32), "gamma"),
+             numpy_helper.from_array((rng.standard_normal((d, 2 * f)) * 0.1).astype(np.float32), "w_gu"),
+             numpy_helper.from_array((rng.standard_normal((f, d)) * 0.1).astype(np.float32), "w_down"),
+             numpy_helper.from_array(np.array([f, f], np.int64), "halves")]
+    inits.append(numpy_helper.from_array((rng.standard_normal((d, d)) * 0.2).astype(np.float32), "w_in"))
+    nodes = [helper.make_node("MatMul", ["x", "w_in"], ["h"]),  # the stream in bf16 (the float32 input is not)
+             helper.make_node("RMSNormalization", ["h", "gamma"], ["n"], epsilon=1e-6, axis=-1),
+             helper.make_node("MatMul", ["n", "w_gu"], ["gu"]),
+             helper.make_node("Split", ["gu", "halves"], ["g", "u"], axis=-1),
+             helper.make_node("Sigmoid", ["g"], ["sg"]), helper.make_node("Mul", ["g", "sg"], ["silu"]),
+             helper.make_node("Mul", ["silu", "u"], ["act"]), helper.make_node("MatMul", ["act", "w_down"], ["dn"]),
+             helper.make_node("Add", ["h", "dn"], ["y"])]
+    graph = helper.make_graph(nodes, "swiglu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, T, d])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, T, d])], inits)
+    model = tmp_path / "swiglu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)]), model)
+    kinds = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FLASHRT_WGMMA", flag)
+        path = tmp_path / f"swiglu{flag}.frt"
+        build_engine(str(model), ["h100"], str(path), None, "bf16")
+        ef = read_engine(path)
+        kinds[flag] = [r["kind"] for r in ef.manifest["regions"]]
+        gated = [k["params"] for k in ef.manifest["kernels"] if k["params"].get("gated")]
+        if flag == "1":
+            assert len(gated) == 1 and gated[0]["mma"]["wgmma"] and gated[0]["ln"]["fold"] and gated[0]["N"] == f
+        else:
+            assert not gated
+        engine = flashrt.load(path, device="cpu")
+        feeds = {"x": np.random.default_rng(1).standard_normal((1, T, d)).astype(np.float32)}
+        assert rel_l2(engine.run(feeds)["y"], onnxruntime_outputs(model, feeds)["y"]) <= 2e-2
+    assert "eltwise" in kinds["0"] and "eltwise" not in kinds["1"] and len(kinds["1"]) < len(kinds["0"])
 
 
 # ---------------------------------------------------------------------------------------------- compile
@@ -192,6 +297,16 @@ def variants() -> list[dict]:
     out = [wgmma_params(M, N, K) for M, N, K in PROBE_SHAPES]
     out += [wgmma_params(197, 1000, 1000), wgmma_params(50, 1024, 1024, dtype="float16"),
             wgmma_params(197, 197, 64, batch=(12,))]
+    layernorm = {"eps": 1e-5, "has_beta": True, "rms": False, "fold": True}
+    out += [wgmma_params(50, 2560, 1024, ln={**RMS, "fold": True}), wgmma_params(197, 2304, 768, ln=layernorm),
+            wgmma_params(197, 3072, 768, ln=layernorm)]
+    swiglu = [["acc"], ["sigmoid", 0], ["mul", 0, 1], ["acc", 1], ["mul", 2, 3]]
+    for M, N, K, ln in ((50, 4096, 1024, {**RMS, "fold": True}), (197, 3072, 768, layernorm), (197, 1000, 1000, None)):
+        p = {**gemm_params(M, N, K, ln=ln), "gated": True, "expr": swiglu}
+        p["b"] = {**p["b"], "n": [[2 * N, K]]}
+        p["mma"] = gemm_mma.config(p, 0, 0, "bfloat16", True, wgmma=True)
+        assert p["mma"]["wgmma"]
+        out.append(p)
     p = wgmma_params(50, 1024, 4096)
     out.append({**p, "mma": {**p["mma"], "stages": 3}})
     for bm, bn in gemm_mma.WGMMA_TILES:
@@ -220,7 +335,7 @@ def test_every_variant_compiles_for_sm90a_without_spills(tmp_path):
     path = tmp_path / "wgmma.cubin"
     path.write_bytes(cubins["sm_90a"])
     sass = subprocess.run([tool, "-sass", str(path)], capture_output=True, text=True, check=True).stdout
-    per_kernel = sass.split("Function : ")[1:]
+    per_kernel = [f for f in sass.split("Function : ")[1:] if f.startswith("frt_")]  # not nvcc's helpers
     assert len(per_kernel) >= len({s.symbol for s in sources})
     for body in per_kernel:
         assert "HGMMA.64x" in body, body.splitlines()[0]

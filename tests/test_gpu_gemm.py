@@ -25,19 +25,21 @@ RESIDUAL = [["acc"], ["in", 0], ["add", 0, 1]]
 
 
 def problem(M: int, N: int, K: int, batch=(), ln=None, quant=None, expr=None, a=None, b=None, dtype="bfloat16",
-            config=None, aq=None, fp8_mma=False, wgmma=False) -> dict:
+            config=None, aq=None, fp8_mma=False, wgmma=False, gated=False) -> dict:
     """GEMM family params: A [batch, M, K] and B stored [N, K] (a weight) unless views are given; the epilogue
     inputs follow from the expression (bias [N] for BIAS_GELU, a residual [batch, M, N] for RESIDUAL);
     aq: FP8 activations ("tensor" | "row"), multiplied as E4M3 with an fp8 weight when fp8_mma; config
     overrides fields of the chosen mma configuration (no mma key: the SIMT tiled kernel, as for float32);
-    wgmma: the sm_90a wgmma kernel where it applies (kernels/cuda/gemm_wgmma.cuh)."""
+    wgmma: the sm_90a wgmma kernel where it applies (kernels/cuda/gemm_wgmma.cuh); gated: B holds [gate | up]
+    (2N rows), the expression reads both accumulators (wgmma only)."""
     nb = int(np.prod(batch)) if batch else 1
     a = a or {"dtype": dtype, "batch": [[nb, M * K]] if batch else [[1, 0]], "m": [[M, K]], "k": [[K, 1]]}
     if quant:
         b = {"dtype": {"fp8": "fp8_e4m3", "nvfp4": "nvfp4"}[quant], "quant": quant, "batch": [[1, 0]],
              "k": [[K, 1]], "n": [[N, K]]}
     weight = b is None
-    b = b or {"dtype": dtype, "batch": [[1, 0]], "k": [[K, 1]], "n": [[N, K]]}
+    width = 2 * N if gated else N
+    b = b or {"dtype": dtype, "batch": [[nb, 0]], "k": [[K, 1]], "n": [[width, K]]}  # one weight for every batch
     expr = expr or [["acc"]]
     epi = []
     if expr is BIAS_GELU:
@@ -46,6 +48,8 @@ def problem(M: int, N: int, K: int, batch=(), ln=None, quant=None, expr=None, a=
         epi = [{"dtype": dtype, "atoms": [[nb * M * N, 1]]}]
     p = {"M": M, "N": N, "K": K, "batch": list(batch), "a": a, "b": b, "ln": ln, "out_dtype": dtype,
          "epi_inputs": epi, "expr": expr, "aq": aq}
+    if gated:
+        p["gated"] = True
     mma = gemm_mma.config(p, 0, 0, dtype, b_const=weight, fp8_mma=fp8_mma, wgmma=wgmma)
     if mma:
         p["mma"] = {**mma, **(config or {})}
@@ -81,7 +85,13 @@ def make_args(p: dict, seed: int) -> dict[str, np.ndarray]:
         out["a_scale"] = np.array([4.0 / 448], np.float32).view(np.uint8)
     elif p.get("aq") == "nvfp4":  # the global scale of ~5 sigma: block scales well inside E4M3's range
         out["a_scale"] = np.array([5.0 / (6 * 448)], np.float32).view(np.uint8)
-    if p["ln"]:
+    if p["ln"] and p["ln"].get("fold"):  # gamma already in b; colsum of b's values (~ sqrt(K) 0.05), beta . W
+        width = 2 * N if p.get("gated") else N
+        if not p["ln"]["rms"]:
+            out["ln_colsum"] = values(width, "float32", 0.05 * K ** 0.5)
+        if p["ln"]["has_beta"]:
+            out["ln_bias"] = values(width, "float32", 0.1)
+    elif p["ln"]:
         out["ln_gamma"] = values(K, "float32", 0.2, 1.0)
         if p["ln"]["has_beta"]:
             out["ln_beta"] = values(K, "float32", 0.1)

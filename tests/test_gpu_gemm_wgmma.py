@@ -1,7 +1,8 @@
 """On an sm_90a GPU (H100 / H200): the wgmma GEMM (kernels/cuda/gemm_wgmma.cuh) launched alone matches the GEMM
 family's numpy reference: the probe's 8 shapes (benchmarks/wgmma_probe.py) with bias / residual epilogues, split-K
-on and off, every tile, fp16, tails in M, N and K, and a batched case. The output is poisoned (NaN) before each
-launch and the inputs are fresh random values per seed. Skipped without such a GPU.
+on and off, every tile, fp16, tails in M, N and K, a batched case, RMSNorm / LayerNorm folded into the weight,
+and gated (SwiGLU) GEMMs. The output is poisoned (NaN) before each launch and the inputs are fresh random values
+per seed. Skipped without such a GPU.
 
   FLASHRT_WGMMA is not needed here: the cases ask gemm_mma.config for the wgmma kernel directly.
   python -m pytest -q tests/test_gpu_gemm_wgmma.py"""
@@ -9,7 +10,8 @@ launch and the inputs are fresh random values per seed. Skipped without such a G
 import numpy as np
 import pytest
 from conftest import GPU_ARCH, requires_gpu
-from test_gpu_gemm import BIAS_GELU, RESIDUAL, GemmLauncher, check_close, make_args, problem, reference
+from test_gpu_gemm import BIAS_GELU, LN, RESIDUAL, RMS, SILU, GemmLauncher, check_close, make_args, problem, \
+    reference
 
 from flashrt.kernels import gemm_mma
 
@@ -44,8 +46,32 @@ def cases() -> list[tuple[str, dict]]:
     out.append(("batched 3x M197 N768 K768 split4", wgmma_problem(197, 768, 768, batch=(3,),
                                                                   config={"split": 4, "stages": 3})))
     out.append(("M1 N256 K64", wgmma_problem(1, 256, 64)))
+    # norm prologues folded into the weight (ln.fold): the workloads' norm GEMMs, split-K on and off, two warp
+    # groups, tails, a batch; A has mean 0.5, so LayerNorm's mean * colsum term matters
+    for M, N, K, ln in ((50, 2560, 1024, RMS), (50, 8192, 1024, RMS), (197, 2304, 768, LN), (197, 3072, 768, LN)):
+        chosen = wgmma_problem(M, N, K, ln={**ln, "fold": True}, expr=SILU if ln is RMS else BIAS_GELU)
+        out.append((f"fold {'rms' if ln is RMS else 'layernorm'} M{M} N{N} K{K} split{chosen['mma']['split']}",
+                    chosen))
+    for bm, bn, split in ((64, 128, 1), (128, 64, 4), (128, 128, 3)):
+        out.append((f"fold layernorm tile {bm}x{bn} split{split} M197 N1000 K1000",
+                    wgmma_problem(197, 1000, 1000, ln={**LN, "fold": True},
+                                  config={"bm": bm, "bn": bn, "wg": bm // 64, "split": split, "stages": 3})))
+    out.append(("fold rms batched 2x M50 N1024 K1024", wgmma_problem(50, 1024, 1024, batch=(2,),
+                                                                    ln={**RMS, "fold": True})))
+    # gated (SwiGLU): silu(gate) * up of B's two halves per block, with and without a folded norm
+    for M, N, K, ln in ((50, 4096, 1024, RMS), (197, 3072, 768, RMS), (197, 1000, 1000, LN), (50, 1024, 1024, None)):
+        fold = {**ln, "fold": True} if ln else None
+        chosen = wgmma_problem(M, N, K, ln=fold, expr=SWIGLU, gated=True)
+        out.append((f"gated {'fold ' if ln else ''}M{M} N{N} K{K} split{chosen['mma']['split']}", chosen))
+    out.append(("gated tile 128x64 split2 M197 N1000 K1000",
+                wgmma_problem(197, 1000, 1000, expr=SWIGLU, gated=True,
+                              config={"bm": 128, "bn": 64, "wg": 2, "split": 2, "stages": 3})))
+    out.append(("fold layernorm no beta M100 N512 K512", wgmma_problem(100, 512, 512,
+                                                                      ln={**LN, "has_beta": False, "fold": True})))
     return out
 
+
+SWIGLU = [["acc"], ["sigmoid", 0], ["mul", 0, 1], ["acc", 1], ["mul", 2, 3]]
 
 pytestmark = [pytest.mark.gpu, requires_gpu,
               pytest.mark.skipif(GPU_ARCH not in (None, "sm_90a"), reason="wgmma: sm_90a only")]

@@ -150,7 +150,10 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 // Programmatic dependent launch (sm_90+): no-ops unless the launch allows the next kernel to start early.
-// A kernel reads nothing an earlier kernel wrote, and writes nothing, before griddep_wait().
+// A kernel reads nothing an earlier kernel wrote, and writes nothing, before griddep_wait(); every thread calls it,
+// before any early return: a kernel only waits for its predecessor, so the ordering is transitive only if every
+// kernel completes after the one before it (the loader launches an engine this way only where its manifest says
+// "pdl": true, engine_format/SPEC.md §5).
 // Before sm_90 there is no such launch, and these compile to nothing.
 __device__ __forceinline__ void griddep_wait() {
 #if __CUDA_ARCH__ >= 900

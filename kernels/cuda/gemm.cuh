@@ -14,6 +14,8 @@ __device__ __forceinline__ void gemm_tile(const typename P::Args& g) {
   __shared__ float row_mean[BM], row_rstd[BM], row_qs[BM];  // norm statistics, FP8 scale of A' (P::AQ)
   const int bat = blockIdx.z, m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  griddep_launch_dependents();
+  griddep_wait();  // A, B (a weight or an activation) and the epilogue inputs may come from earlier kernels
 
   constexpr bool FP8_A = P::AQ == 1 || P::AQ == 2;  // FP8 A' (per tensor or per row); P::AQ == 3: NVFP4
   if constexpr (P::LN || FP8_A) {  // per-row statistics of this block's rows, one warp per row

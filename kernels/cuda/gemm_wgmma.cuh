@@ -1,8 +1,15 @@
 // Tensor-core GEMM for sm_90a with wgmma (warp-group MMA, both operands from shared memory), ported from
 // benchmarks/wgmma_probe.cu:
 //   C[b, m, n] = P::epilogue(b, m, n, sum_k A(b, m, k) * B(b, k, n))
-// for 16-bit operands of type T staged by 16-byte cp.async chunks (gemm_mma's A_MODE 0 / B_MODE 0), no norm
-// prologue, no activation quantization.
+// for 16-bit operands of type T staged by 16-byte cp.async chunks (gemm_mma's A_MODE 0 / B_MODE 0), no
+// activation quantization. A norm prologue comes folded (P::NORM_FOLD, kernels/gemm.py): the build multiplied
+// gamma into B, so A is multiplied as it is and each row's statistics (sum and sum of squares over K) are
+// gathered from the A tiles in shared memory as they pass; the epilogue applies
+//   rstd[m] * (acc - mean[m] * colsum[n]) + bias[n]     (RMSNorm: mean 0, no colsum, no bias)
+// with colsum = sum_k B[k, n] and bias = beta . W computed at build time.
+// Gated (P::GATED, SwiGLU-style): B holds 2N rows, [gate | up]; a block's BN tile columns are BN / 2 gate rows
+// and the BN / 2 up rows of the same outputs, so the epilogue sees both accumulators of an output together:
+//   C[m, n] = P::value(b, m, n, gate sum, up sum) for the BN / 2 outputs n of the block.
 //
 // Block: WG warp groups stacked along M (BM = 64 WG), each issuing wgmma.mma_async.m64n{BN}k16 on its 64 rows
 // of A and all BN rows of B (both K-major: A row-major [m][k], B stored [n][k], no transposes).
@@ -101,7 +108,9 @@ __device__ __forceinline__ void gemm_wgmma(const typename P::Args& g) {
   static_assert(P::BM == BM && (BN == 64 || BN == 128) && (P::WG == 1 || P::WG == 2), "tile: BM 64 / 128, BN 64 / 128");
   static_assert(ST >= 3, "the copies of tile i + ST - 2 go to the stage of tile i - 2");
   static_assert(P::A_MODE == 0 && P::B_MODE == 0 && !P::LN && P::AQ == 0 && !P::FP8 && P::K % 8 == 0,
-                "wgmma: 16-byte chunks of 16-bit A and B, no norm prologue, no activation quantization");
+                "wgmma: 16-byte chunks of 16-bit A and B, norm prologues folded, no activation quantization");
+  constexpr bool FOLD = P::NORM_FOLD != 0, GATED = P::GATED;
+  constexpr int OUT_BN = GATED ? BN / 2 : BN;  // outputs per block along N
   static_assert(S::SMEM_BYTES <= 227 * 1024, "shared memory per block");
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   static_assert(sizeof(T) == 0, "wgmma needs sm_90a");
@@ -113,7 +122,7 @@ __device__ __forceinline__ void gemm_wgmma(const typename P::Args& g) {
   const int tid = threadIdx.x, wgi = tid / 128, lane = tid % 32, warp = tid / 32 % 4;
   int rank = 0;
   if constexpr (SPLIT > 1) rank = mma::cluster_rank();
-  const int bat = blockIdx.z / SPLIT, m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+  const int bat = blockIdx.z / SPLIT, m0 = blockIdx.y * BM, n0 = blockIdx.x * OUT_BN;
   const int kt0 = rank * S::KT / SPLIT, kt1 = (rank + 1) * S::KT / SPLIT, nkt = kt1 - kt0;
 
   // ---- stage loads: thread t copies chunk t % 8 of rows t / 8 + RSTEP i, to chunk (t % 8) ^ (row % 8) ----
@@ -130,8 +139,8 @@ __device__ __forceinline__ void gemm_wgmma(const typename P::Args& g) {
   }
 #pragma unroll
   for (int i = 0; i < B_CH; ++i) {
-    const int n = n0 + cr + RSTEP * i;
-    b_rows[i] = n < P::N ? P::b_row(g, bat, n) : nullptr;
+    const int j = cr + RSTEP * i, n = n0 + (GATED && j >= OUT_BN ? j - OUT_BN : j);  // tile column j's output
+    b_rows[i] = n < P::N ? P::b_row(g, bat, GATED && j >= OUT_BN ? P::N + n : n) : nullptr;
   }
   auto cp16 = [](unsigned dst, const void* src, bool ok) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0));
@@ -179,6 +188,11 @@ __device__ __forceinline__ void gemm_wgmma(const typename P::Args& g) {
 #pragma unroll
   for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
   wg::fence_acc(acc);
+  // folded norm: this thread's partial sum and sum of squares of rows cr + RSTEP i over its 8-value chunk of
+  // every k tile: the chunk its own cp.async wrote (visible to it after its wait), so no extra barrier
+  float row_s[A_CH], row_q[A_CH];
+#pragma unroll
+  for (int i = 0; i < A_CH; ++i) row_s[i] = row_q[i] = 0.f;
 
   // ---- main loop ----------------------------------------------------------------------------------
   for (int i = 0; i < nkt; ++i) {
@@ -198,9 +212,33 @@ __device__ __forceinline__ void gemm_wgmma(const typename P::Args& g) {
     for (int kk = 0; kk < BK / 16; ++kk) wg::mma<T, BN>(acc, da + 2 * kk, db + 2 * kk);  // + 32 bytes per k16
     wg::commit();
     wg::wait<1>();
+    if constexpr (FOLD) {  // while tile i's wgmma runs (after the wait: so the compiler
+      // cannot interleave these loads with its issue); zero-filled rows and k add nothing
+      const unsigned char* chunk = smem + s * S::STAGE_BYTES + dst0;
+#pragma unroll
+      for (int r = 0; r < A_CH; ++r) {
+        const uint4 v = *reinterpret_cast<const uint4*>(chunk + RSTEP * r * 128);
+        const unsigned w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float x0 = mma::unpack_lo<T>(w[j]), x1 = mma::unpack_hi<T>(w[j]);
+          row_s[r] += x0 + x1;
+          row_q[r] += x0 * x0 + x1 * x1;
+        }
+      }
+    }
   }
   wg::wait<0>();
   wg::fence_acc(acc);
+  if constexpr (FOLD) {  // the 8 lanes of a row (lanes equal but for bits 0-2) sum their chunks
+#pragma unroll
+    for (int i = 0; i < A_CH; ++i)
+#pragma unroll
+      for (int o = 1; o < 8; o *= 2) {
+        row_s[i] += __shfl_xor_sync(0xffffffffu, row_s[i], o);
+        row_q[i] += __shfl_xor_sync(0xffffffffu, row_q[i], o);
+      }
+  }
 
   // ---- epilogue: the f32 tile over the ring, reduced over the cluster, P::value -----------------------
   mma::cp_async_wait<0>();  // only empty groups remain
@@ -215,34 +253,85 @@ __device__ __forceinline__ void gemm_wgmma(const typename P::Args& g) {
       *reinterpret_cast<float2*>(red + (r + 8) * S::RED_LD + c + 8 * j) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
     }
   }
+  if constexpr (FOLD) {  // row statistics in the tile's padding columns BN, BN + 1
+    if (tid % 8 == 0)
+#pragma unroll
+      for (int i = 0; i < A_CH; ++i)
+        *reinterpret_cast<float2*>(red + (cr + RSTEP * i) * S::RED_LD + BN) = make_float2(row_s[i], row_q[i]);
+  }
   if constexpr (SPLIT > 1) mma::cluster_sync();
   else __syncthreads();
+  // folded norm: each row's mean and 1 / sqrt(var + eps) over the whole K (the cluster's partial sums, in rank
+  // order); var = E[x^2] - mean^2 in f32
+  constexpr int STAT_ROWS = FOLD ? BM : 1;
+  __shared__ float row_mean[STAT_ROWS], row_rstd[STAT_ROWS];
+  if constexpr (FOLD) {
+    if (tid < BM) {
+      float sum = 0.f, sq = 0.f;
+#pragma unroll
+      for (int src = 0; src < SPLIT; ++src) {
+        float2 v;
+        if constexpr (SPLIT > 1) {
+          v.x = mma::ld_cluster(red + tid * S::RED_LD + BN, src);
+          v.y = mma::ld_cluster(red + tid * S::RED_LD + BN + 1, src);
+        } else {
+          v = *reinterpret_cast<const float2*>(red + tid * S::RED_LD + BN);
+        }
+        sum += v.x;
+        sq += v.y;
+      }
+      const float mean = P::NORM_FOLD == 1 ? 0.f : sum / P::K;
+      row_mean[tid] = mean;
+      row_rstd[tid] = 1.f / sqrtf(fmaxf(sq / P::K - mean * mean, 0.f) + P::EPS);
+    }
+    __syncthreads();
+  }
   // This block finishes 1/SPLIT of the tile's float4 groups: all epilogue values first (their input loads
   // issue together), then the stores (as gemm_mma.cuh).
-  constexpr int GROUPS = BM * BN / 4, PER_THREAD = ((GROUPS + SPLIT - 1) / SPLIT + THREADS - 1) / THREADS;
+  constexpr int GROUPS = BM * OUT_BN / 4, PER_THREAD = ((GROUPS + SPLIT - 1) / SPLIT + THREADS - 1) / THREADS;
   const int q0 = rank * GROUPS / SPLIT, q1 = (rank + 1) * GROUPS / SPLIT;
   float out[PER_THREAD][4];
 #pragma unroll
   for (int i = 0; i < PER_THREAD; ++i) {
-    const int q = q0 + tid + THREADS * i, r = q / (BN / 4), c = (q % (BN / 4)) * 4, m = m0 + r, n = n0 + c;
+    const int q = q0 + tid + THREADS * i, r = q / (OUT_BN / 4), c = (q % (OUT_BN / 4)) * 4, m = m0 + r, n = n0 + c;
     if (q >= q1 || m >= P::M || n >= P::N) continue;
-    float4 v;
-    if constexpr (SPLIT > 1) {
-      v = mma::ld_cluster_f4(mma::cluster_addr(red + r * S::RED_LD + c, 0));
-      for (int src = 1; src < SPLIT; ++src) {  // fixed order: the sum does not depend on timing
-        const float4 p = mma::ld_cluster_f4(mma::cluster_addr(red + r * S::RED_LD + c, src));
-        v.x += p.x; v.y += p.y; v.z += p.z; v.w += p.w;
+    // the f32 sums of tile columns c..c+3 (gated: and of their up columns c + OUT_BN..), over the cluster in
+    // rank order, so the result does not depend on timing
+    auto sum4 = [&](int col) {
+      float4 v;
+      if constexpr (SPLIT > 1) {
+        v = mma::ld_cluster_f4(mma::cluster_addr(red + r * S::RED_LD + col, 0));
+        for (int src = 1; src < SPLIT; ++src) {
+          const float4 p = mma::ld_cluster_f4(mma::cluster_addr(red + r * S::RED_LD + col, src));
+          v.x += p.x; v.y += p.y; v.z += p.z; v.w += p.w;
+        }
+      } else {
+        v = *reinterpret_cast<const float4*>(red + r * S::RED_LD + col);
       }
-    } else {
-      v = *reinterpret_cast<const float4*>(red + r * S::RED_LD + c);
+      return v;
+    };
+    const float4 v = sum4(c);
+    float vals[4] = {v.x, v.y, v.z, v.w}, ups[4] = {0.f, 0.f, 0.f, 0.f};
+    if constexpr (GATED) {
+      const float4 u = sum4(c + OUT_BN);
+      ups[0] = u.x; ups[1] = u.y; ups[2] = u.z; ups[3] = u.w;
     }
-    const float vals[4] = {v.x, v.y, v.z, v.w};
+    if constexpr (FOLD) {  // gated: the up column of output n is B's row N + n
 #pragma unroll
-    for (int j = 0; j < 4; ++j) out[i][j] = n + j < P::N ? P::value(g, bat, m, n + j, vals[j]) : 0.f;
+      for (int j = 0; j < 4; ++j)
+        if (n + j < P::N) {
+          vals[j] = row_rstd[r] * (vals[j] - row_mean[r] * P::fold_colsum(g, n + j)) + P::fold_bias(g, n + j);
+          if constexpr (GATED)
+            ups[j] = row_rstd[r] * (ups[j] - row_mean[r] * P::fold_colsum(g, P::N + n + j)) +
+                     P::fold_bias(g, P::N + n + j);
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) out[i][j] = n + j < P::N ? P::value(g, bat, m, n + j, vals[j], ups[j]) : 0.f;
   }
 #pragma unroll
   for (int i = 0; i < PER_THREAD; ++i) {
-    const int q = q0 + tid + THREADS * i, r = q / (BN / 4), c = (q % (BN / 4)) * 4, m = m0 + r, n = n0 + c;
+    const int q = q0 + tid + THREADS * i, r = q / (OUT_BN / 4), c = (q % (OUT_BN / 4)) * 4, m = m0 + r, n = n0 + c;
     if (q >= q1 || m >= P::M || n >= P::N) continue;
     mma::store4<typename P::OutT, P::N>(g.c, g.c + ((long)bat * P::M + m) * P::N + n, n, out[i]);
   }

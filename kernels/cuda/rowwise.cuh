@@ -5,6 +5,8 @@
 
 template <typename TI, typename TO, long ROWS, int L, int INNER, bool MASKED_ROWS_ZERO>
 __device__ __forceinline__ void softmax_rows(const TI* __restrict__ x, TO* __restrict__ y) {
+  griddep_launch_dependents();
+  griddep_wait();  // before the rows past the end return: the next kernel waits only for this one
   const long row = (long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= ROWS) return;
@@ -24,6 +26,8 @@ __device__ __forceinline__ void softmax_rows(const TI* __restrict__ x, TO* __res
 template <typename TI, typename TO, long ROWS, int K, bool HAS_BETA, bool RMS, typename TG>
 __device__ __forceinline__ void layernorm_rows(const TI* __restrict__ x, const TG* __restrict__ gamma,
                                                const TG* __restrict__ beta, TO* __restrict__ y, float eps) {
+  griddep_launch_dependents();
+  griddep_wait();  // before the rows past the end return: the next kernel waits only for this one
   const long row = (long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= ROWS) return;
