@@ -205,10 +205,11 @@ def before_wait_problems(insns: list, allowed_load=None) -> list[str]:
 
 def allowed_prefetch(family: str, params: dict):
     """Which global loads a kernel may issue before the wait: constant weights only (kernels/cuda/gemv.cuh step 1:
-    read-only loads of the weights and NVFP4 block scales; gemm_mma.cuh / gemm_wgmma.cuh: cp.async of B tiles where
-    params say B is a weight). SASS does not say which pointer a load reads: that part is audited by reading."""
+    the weights' 16-byte loads (ld_weight16) and NVFP4 block scales' read-only loads; gemm_mma.cuh / gemm_wgmma.cuh:
+    cp.async of B tiles where params say B is a weight). SASS does not say which pointer a load reads: that part
+    is audited by reading."""
     if family == "gemv":
-        return lambda op: op.startswith("LDG.") and ".CONSTANT" in op
+        return lambda op: op.startswith("LDG.") and (".CONSTANT" in op or ".128" in op)
     if family == "gemm" and (params.get("mma") or {}).get("b_const"):
         return lambda op: op.startswith("LDGSTS.")
     return None

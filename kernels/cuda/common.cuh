@@ -160,6 +160,14 @@ __device__ __forceinline__ void griddep_wait() {
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
+// A constant weight's 16 bytes, loaded so that the load stays where it is written: ptxas sinks read-only loads
+// (ld.global.nc, __ldg) below griddepcontrol.wait, which would delay weight streaming under programmatic
+// dependent launch until the previous kernel has finished; a plain ld.global it keeps in place.
+__device__ __forceinline__ uint4 ld_weight16(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
 __device__ __forceinline__ void griddep_launch_dependents() {
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");

@@ -83,8 +83,7 @@ __device__ __forceinline__ void gemv(const typename P::Args& g) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const bool ok = k < (ks + 1) * KS && n0 + (r % PAIRS) < N;
-      wv[r][step] = ok ? __ldg(reinterpret_cast<const uint4*>(w + rows[r] * ROW_BYTES + (long)k * BITS / 8))
-                       : make_uint4(0, 0, 0, 0);
+      wv[r][step] = ok ? ld_weight16(w + rows[r] * ROW_BYTES + (long)k * BITS / 8) : make_uint4(0, 0, 0, 0);
       if constexpr (P::QUANT == 2) bs[r][step] = ok ? P::block_scales(g, rows[r], k / 16) : 0;
     }
   }
