@@ -79,6 +79,68 @@ class Pi0Expert(torch.nn.Module):
         return x
 
 
+class Pi0ExpertStatic(torch.nn.Module):
+    """Pi0Expert's chunk with the same weights in plain torch ops at fixed shapes (no cache objects, no
+    transformers call per layer), so torch.compile captures a whole step once: the compiled PyTorch baseline of
+    benchmarks/pi0_bench.py. The step times' embeddings come in as `temb` [steps, width] (step_embeddings)."""
+
+    def __init__(self, model: Pi0Expert):
+        super().__init__()
+        self.m = model
+
+    def forward(self, state, noise, prefix_keys, prefix_values, temb):
+        m, c = self.m, self.m.c
+        e, H, P = c["expert"], c["chunk_size"], prefix_keys.shape[2]
+        nh, d, eps, T = e["num_attention_heads"], e["head_dim"], m.cfg.rms_norm_eps, 1 + H
+        pos = torch.arange(P, P + T, device=noise.device)[None]
+        cos, sin = (t[:, None] for t in m.rotary(noise, pos))  # [1, 1, T, d]
+        mask = torch.zeros(1, 1, T, P + T, device=noise.device, dtype=noise.dtype)
+        mask[0, 0, 0, P + 1:] = torch.finfo(noise.dtype).min
+        state_token = m.state_proj(state)[:, None]
+        dt, x = -1.0 / temb.shape[0], noise
+        for step in range(temb.shape[0]):
+            a = m.action_in_proj(x)
+            a = torch.cat([a, temb[step].to(a)[None, None].expand(1, H, -1)], 2)
+            h = torch.cat([state_token, m.action_time_mlp_out(torch.nn.functional.silu(m.action_time_mlp_in(a)))], 1)
+            for i, layer in enumerate(m.expert.layers):
+                att = layer.self_attn
+                n = gemma_rms(h, layer.input_layernorm.weight, eps)
+                q = att.q_proj(n).view(1, T, nh, d).transpose(1, 2)
+                k = att.k_proj(n).view(1, T, -1, d).transpose(1, 2)
+                v = att.v_proj(n).view(1, T, -1, d).transpose(1, 2)
+                q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+                keys, values = torch.cat([prefix_keys[i][None], k], 2), torch.cat([prefix_values[i][None], v], 2)
+                o = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=d ** -0.5,
+                                                                     enable_gqa=True)
+                h = h + att.o_proj(o.transpose(1, 2).reshape(1, T, nh * d))
+                n = gemma_rms(h, layer.post_attention_layernorm.weight, eps)
+                mlp = layer.mlp
+                h = h + mlp.down_proj(torch.nn.functional.gelu(mlp.gate_proj(n), approximate="tanh") * mlp.up_proj(n))
+            x = x + dt * m.action_out_proj(gemma_rms(h, m.expert.norm.weight, eps)[:, -H:])
+        return x
+
+
+def gemma_rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm: in float32, times (1 + w), back to x's type."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + w.float())).type_as(x)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat([-x[..., h:], x[..., :h]], -1)
+
+
+def step_embeddings(model: Pi0Expert, steps: int) -> torch.Tensor:
+    """Each Euler step's time embedding [steps, width], with t accumulated in float32 from 1 by -1/steps (as
+    Pi0Expert.forward and lerobot do)."""
+    t, dt, out = torch.tensor(1.0, dtype=torch.float32), -1.0 / steps, []
+    for _ in range(steps):
+        out.append(time_embedding(t[None], model.c["expert"]["hidden_size"]))
+        t = t + dt
+    return torch.cat(out, 0)
+
+
 def time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """lerobot's create_sinusoidal_pos_embedding (periods 4e-3 .. 4, float64)."""
     fraction = torch.linspace(0.0, 1.0, dim // 2, dtype=torch.float64)

@@ -128,3 +128,18 @@ def test_cli_runs_a_chunk_and_reports_chunks_per_second(tmp_path):
                           text=True)
     assert proc.returncode == 0, proc.stderr
     assert "chunks/s (2 steps per chunk)" in proc.stdout and "actions: float32[1, 8, 6]" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_static_torch_baseline_matches_the_reference(steps):
+    """benchmarks/pi0_bench.py's torch.compile baseline (pi0.Pi0ExpertStatic: the same chunk in plain torch ops at
+    fixed shapes) computes what transformers' layers driven lerobot's way compute, in float32 on the CPU."""
+    import torch
+
+    model = pi0.make_model("ci")
+    t = {k: torch.from_numpy(v) for k, v in _feeds().items()}
+    want = pi0.reference(model, _feeds(), steps)
+    with torch.no_grad():
+        got = pi0.Pi0ExpertStatic(model)(t["state"], t["noise"], t["prefix_keys"], t["prefix_values"],
+                                         pi0.step_embeddings(model, steps)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
