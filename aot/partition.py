@@ -32,6 +32,7 @@ from flashrt.aot.targets import fp8_mma, sm_number, wgmma_enabled
 from flashrt.aot.views import Buffer, TensorRef
 from flashrt.errors import BuildError, ModelError
 from flashrt.kernels import attention as attention_kernel
+from flashrt.kernels import concat as concat_kernel
 from flashrt.kernels import gemm_mma, gemv
 from flashrt.kernels.dtypes import ITEMSIZE, STORAGE, from_f32, to_f32
 
@@ -1163,6 +1164,8 @@ class Partitioner:
             flat = [TensorRef.contiguous_view(r.buffer, (r.buffer.nelems,)) for r in refs]
             params = {"shape": [buf.nelems], "axis": 0, "out_dtype": dtype,
                       "inputs": [{"dtype": r.dtype, "size": r.shape[0], "atoms": r.atoms_over(r.shape)} for r in flat]}
+            if concat_kernel.vector_ok(params):  # whole inputs into 16-byte aligned slots: 8 elements a thread
+                params["vec"] = 8
             self.calls.append(KernelCall(f"converted_inputs/{dtype}", "concat", params,
                                          flat + [TensorRef.contiguous_view(buf, (buf.nelems,))], ["Cast"] * len(names),
                                          _unique(c for name in names for c in sources[name])))

@@ -290,13 +290,20 @@ def _gather(p: dict) -> None:
 
 def _concat(p: dict) -> None:
     p = Dict({"shape": List(DIM0, min_len=1, max_len=MAX_VIEW_RANK), "axis": Int(0, MAX_VIEW_RANK),
-              "inputs": List(Dict({**OPERAND, "size": DIM0}), min_len=1), "out_dtype": Dtype})(p, "")
+              "inputs": List(Dict({**OPERAND, "size": DIM0}), min_len=1), "out_dtype": Dtype},
+             {"vec": Int(8, 8)})(p, "")
     shape, axis = p["shape"], p["axis"]
     if axis >= len(shape):
         raise _Bad(".axis", f"= {axis} is not an axis of shape {shape}")
     sizes = [x["size"] for x in p["inputs"]]
     if sum(sizes) != shape[axis]:
         raise _Bad(".inputs", f"sizes {str(sizes)[:80]} add up to {sum(sizes)}, not shape[{axis}] = {shape[axis]}")
+    if p.get("vec"):
+        from flashrt.kernels.concat import vector_ok
+
+        if not vector_ok(p):
+            raise _Bad(".vec", "= 8 needs a 1-D concat of contiguous 16- / 32-bit float inputs whose sizes are "
+                               "multiples of 8")
     _elements("shape", "output", *shape)
 
 

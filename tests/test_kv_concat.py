@@ -119,7 +119,24 @@ def test_concat_is_read_in_place(built, variant, precision):
     else:
         assert [(c["ops"], c["launches"]) for c in converts] == [(["Cast", "Cast"], [0])]
         assert set(converts[0]["source_nodes"]) == {"concat_k", "concat_v"} and len(ef.launches) == 4
+        # whole inputs into 16-byte aligned slots: 8 elements per thread (head dims 32 / 64: multiples of 8)
+        assert ef.manifest["kernels"][converts[0]["kernel"]]["params"]["vec"] == 8
     matches_onnxruntime(onnx_path, path, precision)
+
+
+def test_concat_vector_path_is_validated():
+    from flashrt.errors import EngineFormatError
+    from flashrt.kernels import params
+
+    p = {"shape": [48], "axis": 0, "out_dtype": "bfloat16", "vec": 8,
+         "inputs": [{"dtype": "float32", "size": 16, "atoms": [[16, 1]]}, {"dtype": "float32", "size": 32,
+                                                                             "atoms": [[32, 1]]}]}
+    params.check("concat", p)
+    for bad in ({**p, "inputs": [{**p["inputs"][0], "size": 12, "atoms": [[12, 1]]}, p["inputs"][1]], "shape": [44]},
+                {**p, "inputs": [{**p["inputs"][0], "atoms": [[8, 2], [2, 1]]}, p["inputs"][1]]},
+                {**p, "out_dtype": "int64"}, {**p, "vec": 4}):
+        with pytest.raises(EngineFormatError, match=r"params\.vec"):
+            params.check("concat", bad)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

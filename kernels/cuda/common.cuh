@@ -160,6 +160,21 @@ __device__ __forceinline__ void griddep_wait() {
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
+// 8 consecutive elements converted between 16- / 32-bit float types with 16-byte loads and stores (both pointers
+// 16-byte aligned)
+template <typename TI, typename TO>
+__device__ __forceinline__ void convert8(const TI* __restrict__ src, TO* __restrict__ dst) {
+  static_assert((sizeof(TI) == 2 || sizeof(TI) == 4) && (sizeof(TO) == 2 || sizeof(TO) == 4), "16- or 32-bit");
+  union { uint4 u[sizeof(TI) / 2]; TI v[8]; } in;
+  union { uint4 u[sizeof(TO) / 2]; TO v[8]; } out;
+#pragma unroll
+  for (int i = 0; i < (int)sizeof(TI) / 2; ++i) in.u[i] = reinterpret_cast<const uint4*>(src)[i];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) out.v[j] = from_float<TO>(to_float(in.v[j]));
+#pragma unroll
+  for (int i = 0; i < (int)sizeof(TO) / 2; ++i) reinterpret_cast<uint4*>(dst)[i] = out.u[i];
+}
+
 // A constant weight's 16 bytes, loaded so that the load stays where it is written: ptxas sinks read-only loads
 // (ld.global.nc, __ldg) below griddepcontrol.wait, which would delay weight streaming under programmatic
 // dependent launch until the previous kernel has finished; a plain ld.global it keeps in place.
