@@ -110,6 +110,21 @@ def build(model: str, target_list: tuple, output: str | None, shapes: str | None
 _LAYER = re.compile(r"(?:layers?|blocks?)[./_]?(\d+)(?=[./_]|$)")
 
 
+def _variant(kernel: dict) -> str:
+    """Which implementation a kernel is, for the GEMM families: wgmma (sm_90a), mma.sync, SIMT tiles, GEMV; with
+    a fused norm (folded into the weight or a prologue), gating and quantized operands."""
+    p, family = kernel.get("params") or {}, kernel["family"]
+    if family not in ("gemm", "gemv") or not isinstance(p, dict):
+        return family
+    mma = p.get("mma") if isinstance(p.get("mma"), dict) else None
+    name = "gemv" if family == "gemv" else "wgmma" if mma and mma.get("wgmma") else "mma.sync" if mma else "simt"
+    ln = p.get("ln") if isinstance(p.get("ln"), dict) else None
+    extras = [("norm folded" if ln.get("fold") else "norm prologue") if ln else "", "gated" if p.get("gated") else "",
+              f"{p['b']['quant']} weight" if isinstance(p.get("b"), dict) and p["b"].get("quant") else "",
+              f"{p['aq']} activations" if p.get("aq") else ""]
+    return ", ".join([name] + [e for e in extras if e])
+
+
 def _kernels_per_layer(regions: list[dict], entry: str | None) -> dict:
     """Launches per transformer layer, from the layer index in each region's source node names (a region
     belongs to the layer most of its source nodes name); {} when the names carry no layer index."""
@@ -137,7 +152,7 @@ def _inspect_dict(ef) -> dict:
         "provenance": m["provenance"],
         "memory": m["memory"],
         "regions": m["regions"],
-        "kernels": [{"symbol": k["symbol"], "family": k["family"],
+        "kernels": [{"symbol": k["symbol"], "family": k["family"], "variant": _variant(k),
                      "resources": {a: m.get("kernel_resources", {}).get(a, {}).get(k["symbol"], {})
                                    for a in ef.targets}} for k in m["kernels"]],
         "launches": len(ef.launches),
@@ -195,7 +210,7 @@ def inspect(engine: str, as_json: bool) -> None:
     for k in info["kernels"]:
         res = "; ".join(f"{a}: {v.get('registers', '?')} regs, {v.get('shared_bytes', '?')} B smem, "
                         f"{v.get('spill_bytes', 0)} B spill" for a, v in k["resources"].items())
-        click.echo(f"    {k['symbol']}  {res}")
+        click.echo(f"    {k['symbol']}  {k['variant']}  {res}")
     click.echo("  sections")
     for s in info["sections"]:
         click.echo(f"    kind {s['kind']} {s['name']:12s} offset {s['offset']:>10d} size {s['size']:>10d}")

@@ -4,12 +4,13 @@ model of TMA's 128-byte swizzle and the wgmma descriptors (benchmarks/wgmma_prob
 the CPU reference executor, and compilation for sm_90a with no spills and HGMMA in the SASS."""
 
 import importlib.util
+import json
 import shutil
 import subprocess
 
 import numpy as np
 import pytest
-from conftest import ROOT, onnxruntime_outputs, rel_l2
+from conftest import ROOT, flashrt_cli, onnxruntime_outputs, rel_l2
 from test_gemm_mma import RMS, gemm_params
 
 import flashrt
@@ -287,6 +288,11 @@ def test_swiglu_blocks_become_gated_wgmma_gemms(tmp_path, monkeypatch):
         feeds = {"x": np.random.default_rng(1).standard_normal((1, T, d)).astype(np.float32)}
         assert rel_l2(engine.run(feeds)["y"], onnxruntime_outputs(model, feeds)["y"]) <= 2e-2
     assert "eltwise" in kinds["0"] and "eltwise" not in kinds["1"] and len(kinds["1"]) < len(kinds["0"])
+    # flashrt inspect names each GEMM kernel's implementation
+    out = subprocess.run(flashrt_cli() + ["inspect", "--json", str(tmp_path / "swiglu1.frt")], capture_output=True,
+                         text=True, check=True).stdout
+    variants = sorted(k["variant"] for k in json.loads(out)["kernels"] if k["family"] == "gemm")
+    assert variants == ["mma.sync", "wgmma", "wgmma, norm folded, gated"], variants
 
 
 # ---------------------------------------------------------------------------------------------- compile
