@@ -702,10 +702,13 @@ class Partitioner:
         """The norm prologue folded into the weight for the sm_90a wgmma kernel (kernels/gemm.py ln.fold), which
         stages A as it is and has no register pass to normalize it in: B = gamma * W rounded to the activation
         type, colsum = sum_k B (LayerNorm), bias = beta . W (with a beta). (the weight ref [K, N], (ln params,
-        [colsum, bias refs])), or None where that kernel would not run it (decode GEMVs, other targets)."""
+        [colsum, bias refs])), or None where that kernel would not run it (decode GEMVs, other targets) or where
+        the engine's entry points share weights (prefill + decode: the decode GEMVs read W itself, and a folded
+        copy would store the weight twice)."""
         K, N = w.shape
         batch, M = tuple(a.shape[:-2]), a.shape[-2]
-        if not self.wgmma or gemv.eligible(math.prod(a.shape[:-1]), K, gemv.VALUES_PER_16B.get(self.act, 1)):
+        if not self.wgmma or self.shared is not None or \
+                gemv.eligible(math.prod(a.shape[:-1]), K, gemv.VALUES_PER_16B.get(self.act, 1)):
             return None
         rms = norm.op == "RMSNormalization"
         has_beta = not rms and len(norm.inputs) > 2 and bool(norm.inputs[2])
@@ -728,7 +731,7 @@ class Partitioner:
             extra.append(self.weight(f"{name}/colsum", "float32", stored.sum(axis=1, dtype=np.float64)))
         if has_beta:
             beta = np.broadcast_to(np.asarray(self.g.constants[norm.inputs[2]], np.float64), (K,))
-            extra.append(self.weight(f"{name}/bias", "float32", beta @ w.astype(np.float64)))
+            extra.append(self.weight(f"{name}/bias/{norm.inputs[2]}", "float32", beta @ w.astype(np.float64)))
         return b, (ln, extra)
 
     def plan_weight(self, mm: Node, K: int, N: int, rows: int) -> tuple[str, str]:
@@ -837,10 +840,11 @@ class Partitioner:
         fmt, reason = self.plan_weight(mm, K, 2 * F, rows)
         aq, reason = self.plan_activation(mm, fq, fmt, rows, reason)
         a2 = a.reshape((rows, K))
-        if a2 is None:
-            a2 = self.contiguous(a, mm.name, mm.source).reshape((rows, K))
         folded = None
         if rows > gemv.MAX_M:
+            if a2 is None:  # the GEMM reads A's view as it is
+                self.emit_gated_unfused(group)
+                return
             a_atoms = {"dtype": a2.dtype, "batch": [[1, 0]], "m": a2.dim_atoms(0), "k": a2.dim_atoms(1)}
             trial = {"M": rows, "N": F, "K": K, "batch": [], "a": a_atoms, "ln": None, "gated": True,
                      "b": {"dtype": self.act, "batch": [[1, 0]], "k": [[K, 1]], "n": [[2 * F, K]]}}
@@ -852,6 +856,8 @@ class Partitioner:
                 if folded is None:
                     self.emit_gated_unfused(group)
                     return
+        if a2 is None:
+            a2 = self.contiguous(a, mm.name, mm.source).reshape((rows, K))
         if folded is not None:
             b, folded = folded
             reason = (f"{reason}; " if reason else "") + "the norm's gamma folded into the weight (wgmma)"

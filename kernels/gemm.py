@@ -50,7 +50,7 @@ def arg_spec(p: dict) -> list[tuple[str, str]]:
         args.append(("a_scale", "ptr"))
     ln = p["ln"]
     if ln and ln.get("fold"):
-        args += ([] if ln["rms"] else [("ln_colsum", "ptr")]) + ([("ln_bias", "ptr")] if ln["has_beta"] else [])
+        args += ([] if ln.get("rms") else [("ln_colsum", "ptr")]) + ([("ln_bias", "ptr")] if ln["has_beta"] else [])
     elif ln:
         args.append(("ln_gamma", "ptr"))
         if ln["has_beta"]:
@@ -121,7 +121,7 @@ def problem_struct(p: dict, kind: str) -> tuple[str, list[str], list[str]]:
         names.append("nullptr")
     if fold:
         fields += ["const float* colsum;", "const float* bias;"]
-        for name, present in (("ln_colsum", not ln["rms"]), ("ln_bias", ln["has_beta"])):
+        for name, present in (("ln_colsum", not ln.get("rms")), ("ln_bias", ln["has_beta"])):
             if present:
                 params.append(f"const float* __restrict__ {name}")
             names.append(name if present else "nullptr")
@@ -169,7 +169,7 @@ def problem_struct(p: dict, kind: str) -> tuple[str, list[str], list[str]]:
   }}"""
     unfolded = bool(ln) and not fold
     gamma, beta = ("g.gamma[k]" if unfolded else "1.f"), ("g.beta[k]" if unfolded and ln["has_beta"] else "0.f")
-    colsum = "g.colsum[n]" if fold and not ln["rms"] else "0.f"
+    colsum = "g.colsum[n]" if fold and not ln.get("rms") else "0.f"
     bias = "g.bias[n]" if fold and ln["has_beta"] else "0.f"
     struct = f'''namespace {{
 struct P {{
@@ -177,7 +177,7 @@ struct P {{
   {shape}
   static constexpr bool LN = {"true" if ln and not fold else "false"};
   static constexpr bool RMS = {"true" if ln and ln.get("rms") else "false"};
-  static constexpr int NORM_FOLD = {(1 if ln["rms"] else 2) if fold else 0};  // 1 RMSNorm, 2 LayerNorm folded
+  static constexpr int NORM_FOLD = {(1 if ln.get("rms") else 2) if fold else 0};  // 1 RMSNorm, 2 LayerNorm folded
   static constexpr float EPS = {eps};
   {operand_loads}
   static constexpr int QUANT = {quant_id};
@@ -256,7 +256,7 @@ def reference(p: dict, args: dict) -> None:
     A = load_atoms(args["a"], a["dtype"], list(a["batch"]) + list(a["m"]) + list(a["k"]), batch + [M, K])
     fold = None
     if ln and ln.get("fold"):  # statistics now, applied to the sums (the kernel's formula: E[x^2] - mean^2)
-        mean = np.zeros(A.shape[:-1] + (1,), np.float32) if ln["rms"] else A.mean(axis=-1, keepdims=True,
+        mean = np.zeros(A.shape[:-1] + (1,), np.float32) if ln.get("rms") else A.mean(axis=-1, keepdims=True,
                                                                                   dtype=np.float32)
         var = np.maximum(np.square(A).mean(axis=-1, keepdims=True, dtype=np.float32) - mean * mean, 0)
         fold = (mean, np.float32(1) / np.sqrt(var + np.float32(ln["eps"])))
@@ -298,7 +298,7 @@ def reference(p: dict, args: dict) -> None:
         acc = (acc * scale).astype(np.float32)
     if fold is not None:  # a gated GEMM's gate and up columns alike (colsum and bias over all 2N)
         mean, rstd = fold
-        if not ln["rms"]:
+        if not ln.get("rms"):
             acc = acc - mean * load(args["ln_colsum"], "float32", [width])
         acc = (rstd * acc).astype(np.float32)
         if ln["has_beta"]:

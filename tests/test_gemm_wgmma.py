@@ -123,6 +123,10 @@ def test_folded_norm_reference_equals_the_norm_prologue(ln):
         arrays["ln_bias"] = (beta.astype(np.float64) @ W).astype(np.float32)
     got = run(p, arrays)
     assert rel_l2(got, want) < 4e-3, rel_l2(got, want)
+    if not ln["rms"]:  # "rms" is optional in params (absent: LayerNorm)
+        without = {**p, "ln": {k: v for k, v in p["ln"].items() if k != "rms"}}
+        params.check("gemm", without)
+        assert gemm.arg_spec(without) == gemm.arg_spec(p)
     # without the wgmma kernel a folded norm is refused: no other kernel applies its statistics
     assert gemm_mma.config({**p, "mma": None}, 0, 0, "bfloat16", True) is None
     with pytest.raises(EngineFormatError, match=r"params\.ln\.fold"):

@@ -271,3 +271,20 @@ def test_targets_before_hopper_build_without_clusters(decoder, tmp_path):
     a, b = load(path, device="cpu"), load(reference, device="cpu")
     np.testing.assert_array_equal(a.run({"input_ids": ids}, entry="prefill")["logits"],
                                   b.run({"input_ids": ids}, entry="prefill")["logits"])
+
+
+def test_prefill_and_decode_share_unfolded_weights(decoder, tmp_path, monkeypatch):
+    """On sm_90a the prefill GEMMs run on wgmma, but a norm is not folded into a weight the decode GEMVs also read:
+    the engine stores each weight once, as many bytes as with the mma.sync kernels (FLASHRT_WGMMA=0)."""
+    from flashrt.engine_format.reader import read_engine
+
+    _, onnx_path, _ = decoder
+    sizes = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("FLASHRT_WGMMA", flag)
+        path = str(tmp_path / f"wgmma{flag}.frt")
+        build_engine(onnx_path, ["sm_90a"], path, precision="bf16", max_context=MAX_CONTEXT, prefill_len=16)
+        manifest = read_engine(path).manifest  # 16 prefill rows: past the GEMV's 8, so GEMMs
+        sizes[flag] = manifest["memory"]["weights_bytes"]
+        assert not any((k["params"].get("ln") or {}).get("fold") for k in manifest["kernels"])
+    assert sizes["1"] == sizes["0"]
