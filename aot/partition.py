@@ -28,13 +28,14 @@ from flashrt.aot.ir import Graph, Node
 from flashrt.aot.quantize import quantize_fp8, quantize_nvfp4
 from flashrt.aot.state import CACHE_WRITE, POSITIONS
 from flashrt.aot.gemv_cost import choose_gemv_format
-from flashrt.aot.targets import fp8_mma, sm_number, wgmma_enabled
+from flashrt.aot.targets import fp8_mma, sm_number, wgmma_enabled, wgmma_fp8_enabled
 from flashrt.aot.views import Buffer, TensorRef
 from flashrt.errors import BuildError, ModelError
 from flashrt.kernels import attention as attention_kernel
 from flashrt.kernels import concat as concat_kernel
 from flashrt.kernels import gemm_mma, gemv
 from flashrt.kernels.dtypes import ITEMSIZE, STORAGE, from_f32, to_f32
+from flashrt.kernels.quant import dequant_fp8
 
 ACT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp8": "bfloat16", "nvfp4": "bfloat16",
               "auto": "bfloat16"}
@@ -99,6 +100,9 @@ class EntryState:
     tokens: int
 
 
+FOLDED = "the norm's gamma folded into the weight (wgmma)"
+
+
 @dataclass(eq=False)
 class Group:
     kind: str  # "gemm" | "eltwise" | "norm" | "softmax" | "view" | "gather" | "concat" | "reduce" | "conv"
@@ -130,6 +134,7 @@ class Partitioner:
         self.clusters = all(sm_number(t) >= 90 for t in targets or [])  # thread-block clusters
         self.mma = all(sm_number(t) >= 80 for t in targets or [])  # bf16 mma.sync and cp.async
         self.wgmma = wgmma_enabled(self.targets)  # the sm_90a wgmma GEMM (off: FLASHRT_WGMMA=0)
+        self.wgmma_fp8 = wgmma_fp8_enabled(self.targets)  # fp8 weights in it too (opt-in: FLASHRT_WGMMA_FP8=1)
         self.not_native = sorted(t for t, v in support.items() if v != "native")
         self.warnings: list[str] = list(graph.prequantized.warnings) if graph.prequantized else []
         if self.no_fp8 and precision in ("fp8", "nvfp4", "auto"):
@@ -635,7 +640,7 @@ class Partitioner:
             params["M"], params["batch"] = rows, []
             params["a"] = {**a_atoms, "batch": [[1, 0]], "m": _atoms(a_atoms["batch"] + a_atoms["m"])}
         elif self.mma and (mma := gemm_mma.config(params, a.offset, b.offset, self.act, b.buffer.kind == "weight",
-                                                  self.fp8_mma, self.clusters, self.wgmma)):
+                                                  self.fp8_mma, self.clusters, self.wgmma, self.wgmma_fp8)):
             params["mma"] = mma  # 16-bit activations: the tensor-core GEMM (kernels/gemm_mma.py)
         if (folded is not None or family == "gemm" and gated) and not params.get("mma", {}).get("wgmma"):
             raise BuildError(f"node '{name}': internal: a folded norm or a gated GEMM without the wgmma kernel")
@@ -661,12 +666,12 @@ class Partitioner:
                 b_shape = b.shape
         elif w is not None and w.ndim == 2:  # weights are stored [N, K]: K contiguous, as GEMV streams them
             fmt, reason = self.plan_weight(mm, w.shape[0], w.shape[1], math.prod(a.shape[:-1]))
-            if fmt in QUANT_FORMATS:
+            if norm is not None and fq is None and (fold := self.fold_norm(mm, norm, w, a, fmt)) is not None:
+                b, quant_refs, b_atoms, folded = fold
+                quant = (quant_refs, (f"{reason}; " if reason else "") + FOLDED)
+            elif fmt in QUANT_FORMATS:
                 b, quant_refs, b_atoms = self.quant_weight(mm.inputs[1], np.ascontiguousarray(w.T), fmt)
                 quant = (quant_refs, reason)
-            elif norm is not None and fq is None and (fold := self.fold_norm(mm, norm, w, a)) is not None:
-                b, folded = fold
-                quant = ((), (f"{reason}; " if reason else "") + "the norm's gamma folded into the weight (wgmma)")
             else:
                 b = self.weight(mm.inputs[1], self.act, np.ascontiguousarray(w.T)).transpose((1, 0))
                 quant = ((), reason)
@@ -698,17 +703,21 @@ class Partitioner:
                         folded=folded)
         self.refs[last] = TensorRef.contiguous_view(out_buf, onnx_shape)
 
-    def fold_norm(self, mm: Node, norm: Node, w: np.ndarray, a: TensorRef) -> tuple[TensorRef, tuple] | None:
+    def fold_norm(self, mm: Node, norm: Node, w: np.ndarray, a: TensorRef, fmt: str) -> tuple | None:
         """The norm prologue folded into the weight for the sm_90a wgmma kernel (kernels/gemm.py ln.fold), which
-        stages A as it is and has no register pass to normalize it in: B = gamma * W rounded to the activation
-        type, colsum = sum_k B (LayerNorm), bias = beta . W (with a beta). (the weight ref [K, N], (ln params,
-        [colsum, bias refs])), or None where that kernel would not run it (decode GEMVs, other targets) or where
-        the engine's entry points share weights (prefill + decode: the decode GEMVs read W itself, and a folded
-        copy would store the weight twice)."""
+        stages A as it is and has no register pass to normalize it in: B = gamma * W stored in fmt (the activation
+        type, or fp8 where FLASHRT_WGMMA_FP8=1), colsum = sum_k B as stored (LayerNorm), bias = beta . W (with a
+        beta). Returns (the weight ref, its quantization scale refs, its B params or None, (ln params, [colsum,
+        bias refs])), or None where that kernel would not run it (decode GEMVs, other targets, nvfp4, the
+        model's own fp8 codes) or where the engine's entry points share weights (prefill + decode: the decode
+        GEMVs read W itself, and a folded copy would store the weight twice)."""
         K, N = w.shape
         batch, M = tuple(a.shape[:-2]), a.shape[-2]
-        if not self.wgmma or self.shared is not None or \
-                gemv.eligible(math.prod(a.shape[:-1]), K, gemv.VALUES_PER_16B.get(self.act, 1)):
+        quant = fmt == "fp8"
+        if not self.wgmma or self.shared is not None or fmt not in (self.act, "fp8") or (quant and not self.wgmma_fp8) \
+                or gemv.eligible(math.prod(a.shape[:-1]), K, gemv.VALUES_PER_16B.get(self.act, 1)):
+            return None
+        if quant and self.g.prequantized and self.g.prequantized.find(w.T) is not None:
             return None
         rms = norm.op == "RMSNormalization"
         has_beta = not rms and len(norm.inputs) > 2 and bool(norm.inputs[2])
@@ -716,23 +725,29 @@ class Partitioner:
               "fold": True}
         gamma = np.broadcast_to(np.asarray(self.g.constants[norm.inputs[1]], np.float32), (K,))
         folded_nk = np.ascontiguousarray((w.astype(np.float32) * gamma[:, None]).T)
-        trial = TensorRef.contiguous_view(Buffer("trial", "weight", self.act, w.size), (N, K)).transpose((1, 0))
         a_atoms = {"dtype": a.dtype, "batch": a.batch_atoms(batch), "m": a.dim_atoms(-2), "k": a.dim_atoms(-1)}
-        params = {"M": M, "N": N, "K": K, "batch": list(batch), "a": a_atoms, "ln": ln,
-                  "b": {"dtype": self.act, "batch": trial.batch_atoms(batch), "k": trial.dim_atoms(-2),
-                        "n": trial.dim_atoms(-1)}}
-        if gemm_mma.wgmma_config(params, a.offset, 0, self.act, True) is None:
+        b_trial = {"dtype": "fp8_e4m3", "quant": "fp8", "batch": [[math.prod(batch), 0]], "k": [[K, 1]],
+                   "n": [[N, K]]} if quant else {"dtype": self.act, "batch": [[math.prod(batch), 0]], "k": [[K, 1]],
+                                                  "n": [[N, K]]}
+        params = {"M": M, "N": N, "K": K, "batch": list(batch), "a": a_atoms, "ln": ln, "b": b_trial}
+        if gemm_mma.wgmma_config(params, a.offset, 0, self.act, True, quant) is None:
             return None
         name = f"{mm.inputs[1]}*{norm.inputs[1]}"
-        b = self.weight(name, self.act, folded_nk).transpose((1, 0))
+        if quant:
+            b, scale_refs, b_atoms = self.quant_weight(name, folded_nk, "fp8")
+            codes, scales = b.buffer.data.reshape(N, K), scale_refs[0].buffer.data
+            stored = dequant_fp8(codes, scales)
+        else:
+            b = self.weight(name, self.act, folded_nk).transpose((1, 0))
+            scale_refs, b_atoms = [], None
+            stored = to_f32(from_f32(folded_nk, self.act), self.act)
         extra = []
         if not rms:  # sum_k of B as stored (rounded): the mean's share cancels exactly
-            stored = to_f32(from_f32(folded_nk, self.act), self.act)
-            extra.append(self.weight(f"{name}/colsum", "float32", stored.sum(axis=1, dtype=np.float64)))
+            extra.append(self.weight(f"{name}/{fmt}/colsum", "float32", stored.sum(axis=1, dtype=np.float64)))
         if has_beta:
             beta = np.broadcast_to(np.asarray(self.g.constants[norm.inputs[2]], np.float64), (K,))
             extra.append(self.weight(f"{name}/bias/{norm.inputs[2]}", "float32", beta @ w.astype(np.float64)))
-        return b, (ln, extra)
+        return b, scale_refs, b_atoms, (ln, extra)
 
     def plan_weight(self, mm: Node, K: int, N: int, rows: int) -> tuple[str, str]:
         """The storage format of a GEMM's constant weight [K, N] and the reason (the precision planner).
@@ -846,22 +861,25 @@ class Partitioner:
                 self.emit_gated_unfused(group)
                 return
             a_atoms = {"dtype": a2.dtype, "batch": [[1, 0]], "m": a2.dim_atoms(0), "k": a2.dim_atoms(1)}
+            fp8 = fmt == "fp8" and self.wgmma_fp8
+            b_trial = {"dtype": "fp8_e4m3", "quant": "fp8"} if fp8 else {"dtype": self.act}
             trial = {"M": rows, "N": F, "K": K, "batch": [], "a": a_atoms, "ln": None, "gated": True,
-                     "b": {"dtype": self.act, "batch": [[1, 0]], "k": [[K, 1]], "n": [[2 * F, K]]}}
-            if fmt in QUANT_FORMATS or aq or gemm_mma.wgmma_config(trial, a2.offset, 0, self.act, True) is None:
+                     "b": {**b_trial, "batch": [[1, 0]], "k": [[K, 1]], "n": [[2 * F, K]]}}
+            if (fmt in QUANT_FORMATS and not fp8) or aq or \
+                    gemm_mma.wgmma_config(trial, a2.offset, 0, self.act, True, fp8) is None:
                 self.emit_gated_unfused(group)
                 return
             if norm is not None:
-                folded = self.fold_norm(mm, norm, w, a2)
+                folded = self.fold_norm(mm, norm, w, a2, fmt)
                 if folded is None:
                     self.emit_gated_unfused(group)
                     return
         if a2 is None:
             a2 = self.contiguous(a, mm.name, mm.source).reshape((rows, K))
         if folded is not None:
-            b, folded = folded
-            reason = (f"{reason}; " if reason else "") + "the norm's gamma folded into the weight (wgmma)"
-            quant_refs, b_atoms = [], {"dtype": b.dtype, "batch": [[1, 0]], "k": [[K, 1]], "n": [[2 * F, K]]}
+            b, quant_refs, b_atoms, folded = folded
+            reason = (f"{reason}; " if reason else "") + FOLDED
+            b_atoms = b_atoms or {"dtype": b.dtype, "batch": [[1, 0]], "k": [[K, 1]], "n": [[2 * F, K]]}
         elif fmt in QUANT_FORMATS:
             b, quant_refs, b_atoms = self.quant_weight(mm.inputs[1], np.ascontiguousarray(w.T), fmt)
         else:

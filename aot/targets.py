@@ -53,3 +53,9 @@ def wgmma_enabled(archs: list[str]) -> bool:
     """Whether GEMMs may use the sm_90a wgmma kernel (kernels/cuda/gemm_wgmma.cuh): when every target is sm_90a
     (wgmma exists nowhere else), unless FLASHRT_WGMMA=0 at build time (the mma.sync kernels, for comparison)."""
     return os.environ.get("FLASHRT_WGMMA") != "0" and bool(archs) and all(a == "sm_90a" for a in archs)
+
+
+def wgmma_fp8_enabled(archs: list[str]) -> bool:
+    """Whether the wgmma GEMM also takes fp8 weights (decoded to 16 bits in shared memory): opt-in with
+    FLASHRT_WGMMA_FP8=1 until it has run on a GPU."""
+    return wgmma_enabled(archs) and os.environ.get("FLASHRT_WGMMA_FP8") == "1"

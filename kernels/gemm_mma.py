@@ -134,9 +134,11 @@ WGMMA_SMEM_CAP = 200 * 1024  # of sm_90's 227 KB per block
 WGMMA_MAX_STAGES = 8
 
 
-def wgmma_smem_bytes(bm: int, bn: int, stages: int) -> int:
-    """Dynamic shared memory of the wgmma kernel; mirrors WgmmaShape in gemm_wgmma.cuh (+ 1024: ring alignment)."""
-    return max(stages * (bm + bn) * BK * 2, bm * (bn + 8) * 4) + 1024
+def wgmma_smem_bytes(bm: int, bn: int, stages: int, b_mode: int = 0) -> int:
+    """Dynamic shared memory of the wgmma kernel; mirrors WgmmaShape in gemm_wgmma.cuh (+ 1024: ring alignment;
+    b_mode 1: each stage also holds the fp8 rows as stored)."""
+    stage = (bm + bn) * BK * 2 + (bn * BK if b_mode == 1 else 0)
+    return max(stages * stage, bm * (bn + 8) * 4) + 1024
 
 
 def out_bn(p: dict, bn: int) -> int:
@@ -144,14 +146,17 @@ def out_bn(p: dict, bn: int) -> int:
     return bn // 2 if p.get("gated") else bn
 
 
-def wgmma_config(p: dict, a_offset: int, b_offset: int, dtype: str, b_const: bool = False) -> dict | None:
+def wgmma_config(p: dict, a_offset: int, b_offset: int, dtype: str, b_const: bool = False,
+                 fp8_weights: bool = False) -> dict | None:
     """The wgmma configuration, or None where that kernel does not apply (16-bit A and B by 16-byte chunks, a
-    norm only folded into B, no activation quantization; gated: BN / 2 outputs per block). Rule: the most blocks
+    norm only folded into B, no activation quantization; gated: BN / 2 outputs per block; fp8_weights: an fp8
+    B (b_mode 1) too, decoded in shared memory: opt-in, FLASHRT_WGMMA_FP8=1 in aot/targets.py). Rule: the most blocks
     that still fit one wave of the 132 SMs; ties: the least padding, the larger tile, the smaller split, the wider
     BN. Past one wave: no split, the least padding, the largest tile."""
     if dtype not in OPERAND_DTYPES or (p["ln"] and not p["ln"].get("fold")) or p.get("aq"):
         return None
-    if staging(p, a_offset, b_offset, dtype) != (True, 0):
+    a_chunks, b_mode = staging(p, a_offset, b_offset, dtype)
+    if not a_chunks or not (b_mode == 0 or (b_mode == 1 and fp8_weights)):
         return None
     M, N, K, nb = p["M"], p["N"], p["K"], math.prod(p["batch"])
     kt = math.ceil(K / BK)
@@ -165,7 +170,7 @@ def wgmma_config(p: dict, a_offset: int, b_offset: int, dtype: str, b_const: boo
             blocks = math.ceil(M / bm) * math.ceil(N / out_bn(p, bn)) * nb * split
             kts = math.ceil(kt / split)
             stages = max(s for s in range(3, WGMMA_MAX_STAGES + 1)
-                         if s == 3 or (s <= kts + 2 and wgmma_smem_bytes(bm, bn, s) <= WGMMA_SMEM_CAP))
+                         if s == 3 or (s <= kts + 2 and wgmma_smem_bytes(bm, bn, s, b_mode) <= WGMMA_SMEM_CAP))
             one_wave = blocks <= SMS
             if not one_wave and split > 1:
                 continue
@@ -173,12 +178,12 @@ def wgmma_config(p: dict, a_offset: int, b_offset: int, dtype: str, b_const: boo
             key = (not one_wave, -blocks if one_wave else 0, padded, -bm * bn, split, -bn)
             if best is None or key < best[0]:
                 best = (key, {"dtype": dtype, "bm": bm, "bn": bn, "split": split, "stages": stages, "wg": bm // 64,
-                              "a_mode": 0, "b_mode": 0, "b_const": b_const, "wgmma": True})
+                              "a_mode": 0, "b_mode": b_mode, "b_const": b_const or b_mode == 1, "wgmma": True})
     return best[1] if best else None
 
 
 def config(p: dict, a_offset: int, b_offset: int, dtype: str, b_const: bool = False,
-           fp8_mma: bool = False, clusters: bool = True, wgmma: bool = False) -> dict | None:
+           fp8_mma: bool = False, clusters: bool = True, wgmma: bool = False, wgmma_fp8: bool = False) -> dict | None:
     """The cheapest configuration by the cost model, or None where the tensor-core path does not apply
     (operand type not 16-bit, a grid beyond CUDA's limits). b_const: B is a constant weight, so the kernel
     may prefetch it before waiting for the previous kernel (programmatic dependent launch). fp8_mma: every
@@ -188,8 +193,8 @@ def config(p: dict, a_offset: int, b_offset: int, dtype: str, b_const: bool = Fa
     if dtype not in OPERAND_DTYPES:
         return None
     if p.get("gated") or (p["ln"] and p["ln"].get("fold")):  # only the wgmma kernel has these
-        return wgmma_config(p, a_offset, b_offset, dtype, b_const) if wgmma else None
-    if wgmma and (c := wgmma_config(p, a_offset, b_offset, dtype, b_const)):
+        return wgmma_config(p, a_offset, b_offset, dtype, b_const, wgmma_fp8) if wgmma else None
+    if wgmma and (c := wgmma_config(p, a_offset, b_offset, dtype, b_const, wgmma_fp8)):
         return c
     M, N, K, nb = p["M"], p["N"], p["K"], math.prod(p["batch"])
     a_chunks, b_mode = staging(p, a_offset, b_offset, dtype)
@@ -227,7 +232,7 @@ def launch_config(p: dict) -> tuple[tuple[int, int, int], tuple[int, int, int], 
     grid = (math.ceil(p["N"] / out_bn(p, c["bn"])), math.ceil(p["M"] / c["bm"]), math.prod(p["batch"]) * c["split"])
     wg = c.get("wg", 1)
     if c.get("wgmma"):
-        return grid, (WARP_GROUP * wg, 1, 1), wgmma_smem_bytes(c["bm"], c["bn"], c["stages"])
+        return grid, (WARP_GROUP * wg, 1, 1), wgmma_smem_bytes(c["bm"], c["bn"], c["stages"], c["b_mode"])
     smem = smem_bytes(p["K"], c["bm"], c["bn"], c["split"], c["stages"], c["a_mode"], c["b_mode"], wg,
                       c["dtype"] == "e4m3")
     return grid, (WARP_GROUP * wg, 1, 1), smem

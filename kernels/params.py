@@ -208,10 +208,12 @@ def _wgmma(p: dict, raw_mma: dict) -> None:
     mma, why = {**raw_mma, **p["mma"]}, None
     if mma["dtype"] not in ("bfloat16", "float16"):
         why = f"mma.dtype = {mma['dtype']!r} (16-bit operands only)"
-    elif p["a"]["dtype"] != mma["dtype"] or p["b"]["dtype"] != mma["dtype"] or p["b"].get("quant"):
-        why = f"operands a: {p['a']['dtype']}, b: {p['b']['dtype']} (both {mma['dtype']}, unquantized)"
-    elif mma.get("a_mode", 0) != 0 or mma.get("b_mode", 0) != 0:
-        why = f"mma.a_mode = {_show(mma.get('a_mode'))}, b_mode = {_show(mma.get('b_mode'))} (16-byte chunks: 0 and 0)"
+    elif p["a"]["dtype"] != mma["dtype"] or p["b"].get("quant") not in (None, "fp8") or \
+            (not p["b"].get("quant") and p["b"]["dtype"] != mma["dtype"]):
+        why = f"operands a: {p['a']['dtype']}, b: {p['b']['dtype']} (both {mma['dtype']}, or an fp8 b)"
+    elif mma.get("a_mode", 0) != 0 or mma.get("b_mode", 0) != (1 if p["b"].get("quant") else 0):
+        why = (f"mma.a_mode = {_show(mma.get('a_mode'))}, b_mode = {_show(mma.get('b_mode'))} (16-byte chunks: 0, "
+               "and b_mode 0, or 1 for an fp8 b)")
     elif (p["ln"] and not p["ln"].get("fold")) or p.get("aq"):
         why = "a norm prologue not folded into the weight, or activation quantization"
     if why:

@@ -58,6 +58,10 @@ case "$stage" in
       | tee "$OUT/pi0.log" | tail -8
     timeout 200 python3 benchmarks/bench.py --workloads decode --precisions bf16 fp8 --out "$OUT" 2>&1 \
       | tee "$OUT/bench_decode.log" | grep '^| '
+    FLASHRT_WGMMA_FP8=1 timeout 150 python3 -m pytest -q -n 8 tests/test_gpu_gemm_wgmma.py tests/test_kv_concat.py \
+      > "$OUT/tests_fp8.log" 2>&1; echo "fp8 wgmma + converter tests rc=$?"; tail -3 "$OUT/tests_fp8.log"
+    FLASHRT_WGMMA_FP8=1 timeout 200 python3 benchmarks/bench.py --no-torch --workloads expert vit --precisions bf16 \
+      fp8 --out "$OUT" 2>&1 | grep '^| '
     timeout 90 ncu --kernel-name regex:frt_gemm --set full -o "$OUT/fold" python3 benchmarks/gemm_sweep.py \
       --wgmma-fused --out "$OUT" > "$OUT/ncu.log" 2>&1; echo "ncu rc=$?"
     ;;

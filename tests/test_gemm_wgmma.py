@@ -292,6 +292,19 @@ def test_swiglu_blocks_become_gated_wgmma_gemms(tmp_path, monkeypatch):
         feeds = {"x": np.random.default_rng(1).standard_normal((1, T, d)).astype(np.float32)}
         assert rel_l2(engine.run(feeds)["y"], onnxruntime_outputs(model, feeds)["y"]) <= 2e-2
     assert "eltwise" in kinds["0"] and "eltwise" not in kinds["1"] and len(kinds["1"]) < len(kinds["0"])
+    # fp8 weights in the wgmma kernel (opt-in): the gated GEMM with the folded norm over E4M3 rows
+    monkeypatch.setenv("FLASHRT_WGMMA", "1")
+    monkeypatch.setenv("FLASHRT_WGMMA_FP8", "1")
+    path = tmp_path / "swiglu_fp8.frt"
+    build_engine(str(model), ["h100"], str(path), None, "fp8")
+    gemms = [k["params"] for k in read_engine(path).manifest["kernels"] if k["family"] == "gemm"]
+    gated = [p for p in gemms if p.get("gated")]
+    assert len(gated) == 1 and gated[0]["mma"]["b_mode"] == 1 and gated[0]["ln"]["fold"]
+    assert gated[0]["b"]["quant"] == "fp8" and all(bool(p["mma"].get("wgmma")) == (p["a"]["dtype"] == "bfloat16")
+                                                    for p in gemms)
+    engine = flashrt.load(path, device="cpu")
+    feeds = {"x": np.random.default_rng(1).standard_normal((1, T, d)).astype(np.float32)}
+    assert rel_l2(engine.run(feeds)["y"], onnxruntime_outputs(model, feeds)["y"]) <= 4e-2
     # flashrt inspect names each GEMM kernel's implementation
     out = subprocess.run(flashrt_cli() + ["inspect", "--json", str(tmp_path / "swiglu1.frt")], capture_output=True,
                          text=True, check=True).stdout
@@ -311,6 +324,13 @@ def variants() -> list[dict]:
     out += [wgmma_params(50, 2560, 1024, ln={**RMS, "fold": True}), wgmma_params(197, 2304, 768, ln=layernorm),
             wgmma_params(197, 3072, 768, ln=layernorm)]
     swiglu = [["acc"], ["sigmoid", 0], ["mul", 0, 1], ["acc", 1], ["mul", 2, 3]]
+    for M, N, K, ln, gated in ((50, 1024, 4096, None, False), (50, 4096, 1024, {**RMS, "fold": True}, True),
+                               (197, 768, 3072, None, False)):  # fp8 weights (b_mode 1)
+        p = {**gemm_params(M, N, K, ln=ln, quant="fp8"), "gated": gated, "expr": swiglu if gated else [["acc"]]}
+        p["b"] = {**p["b"], "n": [[2 * N if gated else N, K]]}
+        p["mma"] = gemm_mma.config(p, 0, 0, "bfloat16", True, wgmma=True, wgmma_fp8=True)
+        assert p["mma"]["wgmma"] and p["mma"]["b_mode"] == 1
+        out.append(p)
     for M, N, K, ln in ((50, 4096, 1024, {**RMS, "fold": True}), (197, 3072, 768, layernorm), (197, 1000, 1000, None)):
         p = {**gemm_params(M, N, K, ln=ln), "gated": True, "expr": swiglu}
         p["b"] = {**p["b"], "n": [[2 * N, K]]}

@@ -25,18 +25,18 @@ RESIDUAL = [["acc"], ["in", 0], ["add", 0, 1]]
 
 
 def problem(M: int, N: int, K: int, batch=(), ln=None, quant=None, expr=None, a=None, b=None, dtype="bfloat16",
-            config=None, aq=None, fp8_mma=False, wgmma=False, gated=False) -> dict:
+            config=None, aq=None, fp8_mma=False, wgmma=False, gated=False, wgmma_fp8=False) -> dict:
     """GEMM family params: A [batch, M, K] and B stored [N, K] (a weight) unless views are given; the epilogue
     inputs follow from the expression (bias [N] for BIAS_GELU, a residual [batch, M, N] for RESIDUAL);
     aq: FP8 activations ("tensor" | "row"), multiplied as E4M3 with an fp8 weight when fp8_mma; config
     overrides fields of the chosen mma configuration (no mma key: the SIMT tiled kernel, as for float32);
     wgmma: the sm_90a wgmma kernel where it applies (kernels/cuda/gemm_wgmma.cuh); gated: B holds [gate | up]
-    (2N rows), the expression reads both accumulators (wgmma only)."""
+    (2N rows), the expression reads both accumulators (wgmma only); wgmma_fp8: an fp8 weight may take wgmma."""
     nb = int(np.prod(batch)) if batch else 1
     a = a or {"dtype": dtype, "batch": [[nb, M * K]] if batch else [[1, 0]], "m": [[M, K]], "k": [[K, 1]]}
     if quant:
         b = {"dtype": {"fp8": "fp8_e4m3", "nvfp4": "nvfp4"}[quant], "quant": quant, "batch": [[1, 0]],
-             "k": [[K, 1]], "n": [[N, K]]}
+             "k": [[K, 1]], "n": [[2 * N if gated else N, K]]}
     weight = b is None
     width = 2 * N if gated else N
     b = b or {"dtype": dtype, "batch": [[nb, 0]], "k": [[K, 1]], "n": [[width, K]]}  # one weight for every batch
@@ -50,7 +50,7 @@ def problem(M: int, N: int, K: int, batch=(), ln=None, quant=None, expr=None, a=
          "epi_inputs": epi, "expr": expr, "aq": aq}
     if gated:
         p["gated"] = True
-    mma = gemm_mma.config(p, 0, 0, dtype, b_const=weight, fp8_mma=fp8_mma, wgmma=wgmma)
+    mma = gemm_mma.config(p, 0, 0, dtype, b_const=weight, fp8_mma=fp8_mma, wgmma=wgmma, wgmma_fp8=wgmma_fp8)
     if mma:
         p["mma"] = {**mma, **(config or {})}
     return p
@@ -72,7 +72,7 @@ def make_args(p: dict, seed: int) -> dict[str, np.ndarray]:
 
     out = {"a": values(_extent(a["batch"] + a["m"] + a["k"]), a["dtype"], mean=0.5 if p["ln"] else 0.0)}
     quant = b.get("quant")
-    w = (rng.standard_normal((N, K)) * 0.05).astype(np.float32)
+    w = (rng.standard_normal((2 * N if p.get("gated") else N, K)) * 0.05).astype(np.float32)
     if quant == "fp8":
         q, scale = quantize_fp8(w)
         out.update(b=q.reshape(-1), b_scale=scale.view(np.uint8))

@@ -1,8 +1,8 @@
 """On an sm_90a GPU (H100 / H200): the wgmma GEMM (kernels/cuda/gemm_wgmma.cuh) launched alone matches the GEMM
 family's numpy reference: the probe's 8 shapes (benchmarks/wgmma_probe.py) with bias / residual epilogues, split-K
 on and off, every tile, fp16, tails in M, N and K, a batched case, RMSNorm / LayerNorm folded into the weight,
-and gated (SwiGLU) GEMMs. The output is poisoned (NaN) before each launch and the inputs are fresh random values
-per seed. Skipped without such a GPU.
+gated (SwiGLU) GEMMs and fp8 weights (FLASHRT_WGMMA_FP8's path). The output is poisoned (NaN) before each launch
+and the inputs are fresh random values per seed. Skipped without such a GPU.
 
   FLASHRT_WGMMA is not needed here: the cases ask gemm_mma.config for the wgmma kernel directly.
   python -m pytest -q tests/test_gpu_gemm_wgmma.py"""
@@ -66,6 +66,16 @@ def cases() -> list[tuple[str, dict]]:
     out.append(("gated tile 128x64 split2 M197 N1000 K1000",
                 wgmma_problem(197, 1000, 1000, expr=SWIGLU, gated=True,
                               config={"bm": 128, "bn": 64, "wg": 2, "split": 2, "stages": 3})))
+    # fp8 weights (b_mode 1: E4M3 rows decoded into the B tile), plain, folded, gated, tails, two warp groups
+    for M, N, K, ln, gated in ((50, 1024, 4096, None, False), (50, 2560, 1024, RMS, False),
+                               (50, 4096, 1024, RMS, True), (197, 768, 3072, None, False),
+                               (197, 3072, 768, LN, True), (197, 1008, 1008, None, False)):
+        fold = {**ln, "fold": True} if ln else None
+        chosen = wgmma_problem(M, N, K, ln=fold, quant="fp8", wgmma_fp8=True, gated=gated,
+                               expr=SWIGLU if gated else RESIDUAL)
+        assert chosen["mma"]["b_mode"] == 1
+        out.append((f"fp8 {'gated ' if gated else ''}{'fold ' if ln else ''}M{M} N{N} K{K} "
+                    f"BM{chosen['mma']['bm']} BN{chosen['mma']['bn']} split{chosen['mma']['split']}", chosen))
     out.append(("fold layernorm no beta M100 N512 K512", wgmma_problem(100, 512, 512,
                                                                       ln={**LN, "has_beta": False, "fold": True})))
     return out

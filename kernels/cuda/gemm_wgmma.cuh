@@ -10,6 +10,10 @@
 // Gated (P::GATED, SwiGLU-style): B holds 2N rows, [gate | up]; a block's BN tile columns are BN / 2 gate rows
 // and the BN / 2 up rows of the same outputs, so the epilogue sees both accumulators of an output together:
 //   C[m, n] = P::value(b, m, n, gate sum, up sum) for the BN / 2 outputs n of the block.
+// FP8 weights (P::B_MODE 1, opt-in: FLASHRT_WGMMA_FP8=1): each stage also holds the raw E4M3 rows (BN x 64
+// bytes, cp.async); after tile i lands, every thread decodes the 8 values of the chunk the 16-bit copy would
+// have written into the B tile (exact in bf16 / f16), then a proxy fence and a barrier before the wgmma; each
+// output column's weight scale multiplies its sum (as the mma.sync kernel's b_mode 1).
 //
 // Block: WG warp groups stacked along M (BM = 64 WG), each issuing wgmma.mma_async.m64n{BN}k16 on its 64 rows
 // of A and all BN rows of B (both K-major: A row-major [m][k], B stored [n][k], no transposes).
@@ -91,7 +95,9 @@ template <class P>
 struct WgmmaShape {
   static constexpr int BM = 64 * P::WG, BN = P::BN, BK = 64, ST = P::STAGES;
   static constexpr int KT = (P::K + BK - 1) / BK;  // k-tiles of the whole K
-  static constexpr int A_BYTES = BM * BK * 2, STAGE_BYTES = (BM + BN) * BK * 2;
+  static constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
+  static constexpr int RAW_BYTES = P::B_MODE == 1 ? BN * BK : 0;  // fp8 weight rows as stored
+  static constexpr int STAGE_BYTES = A_BYTES + B_BYTES + RAW_BYTES;
   static constexpr int RED_LD = BN + 8;            // f32 partial tile row stride
   static constexpr int RED_BYTES = BM * RED_LD * 4;
   static constexpr int RING_BYTES = ST * STAGE_BYTES;
@@ -107,9 +113,11 @@ __device__ __forceinline__ void gemm_wgmma(const typename P::Args& g) {
   constexpr int THREADS = 128 * P::WG, NACC = BN / 2;
   static_assert(P::BM == BM && (BN == 64 || BN == 128) && (P::WG == 1 || P::WG == 2), "tile: BM 64 / 128, BN 64 / 128");
   static_assert(ST >= 3, "the copies of tile i + ST - 2 go to the stage of tile i - 2");
-  static_assert(P::A_MODE == 0 && P::B_MODE == 0 && !P::LN && P::AQ == 0 && !P::FP8 && P::K % 8 == 0,
-                "wgmma: 16-byte chunks of 16-bit A and B, norm prologues folded, no activation quantization");
-  constexpr bool FOLD = P::NORM_FOLD != 0, GATED = P::GATED;
+  static_assert(P::A_MODE == 0 && !P::LN && P::AQ == 0 && !P::FP8 && P::K % 8 == 0,
+                "wgmma: 16-byte chunks of 16-bit A, norm prologues folded, no activation quantization");
+  static_assert(P::B_MODE == 0 || (P::B_MODE == 1 && P::QUANT == 1 && P::K % 16 == 0),
+                "wgmma: B by 16-byte chunks of 16-bit values or of fp8 rows");
+  constexpr bool FOLD = P::NORM_FOLD != 0, GATED = P::GATED, FP8B = P::B_MODE == 1;
   constexpr int OUT_BN = GATED ? BN / 2 : BN;  // outputs per block along N
   static_assert(S::SMEM_BYTES <= 227 * 1024, "shared memory per block");
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -137,10 +145,12 @@ __device__ __forceinline__ void gemm_wgmma(const typename P::Args& g) {
     const int m = m0 + cr + RSTEP * i;
     a_rows[i] = m < P::M ? P::a_row(g, bat, m) : nullptr;
   }
+  if constexpr (!FP8B) {
 #pragma unroll
-  for (int i = 0; i < B_CH; ++i) {
-    const int j = cr + RSTEP * i, n = n0 + (GATED && j >= OUT_BN ? j - OUT_BN : j);  // tile column j's output
-    b_rows[i] = n < P::N ? P::b_row(g, bat, GATED && j >= OUT_BN ? P::N + n : n) : nullptr;
+    for (int i = 0; i < B_CH; ++i) {
+      const int j = cr + RSTEP * i, n = n0 + (GATED && j >= OUT_BN ? j - OUT_BN : j);  // tile column j's output
+      b_rows[i] = n < P::N ? P::b_row(g, bat, GATED && j >= OUT_BN ? P::N + n : n) : nullptr;
+    }
   }
   auto cp16 = [](unsigned dst, const void* src, bool ok) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0));
@@ -155,14 +165,37 @@ __device__ __forceinline__ void gemm_wgmma(const typename P::Args& g) {
       cp16(dst + RSTEP * i * 128, ok ? a_rows[i] + ko : g.a, ok);
     }
   };
-  auto load_b_tile = [&](int kt, int s) {
-    const int k = kt * BK + ck;
-    const long ko = P::b_kofs(k);
-    const unsigned dst = ring + s * S::STAGE_BYTES + S::A_BYTES + dst0;
+  // fp8 rows: thread t copies 16-byte chunk t % 4 (16 values) of raw rows t / 4 + RAW_RSTEP i
+  constexpr int RAW_RSTEP = THREADS / 4, RAW_CH = FP8B ? BN / RAW_RSTEP : 1;
+  static_assert(!FP8B || BN % RAW_RSTEP == 0, "whole raw rows per pass");
+  const unsigned char* raw_rows[RAW_CH];
+  if constexpr (FP8B) {
 #pragma unroll
-    for (int i = 0; i < B_CH; ++i) {
-      const bool ok = b_rows[i] != nullptr && k < P::K;
-      cp16(dst + RSTEP * i * 128, ok ? b_rows[i] + ko : g.b, ok);
+    for (int i = 0; i < RAW_CH; ++i) {
+      const int j = tid / 4 + RAW_RSTEP * i, n = n0 + (GATED && j >= OUT_BN ? j - OUT_BN : j);
+      raw_rows[i] = n < P::N ? reinterpret_cast<const unsigned char*>(g.b) +
+                                   (long)(GATED && j >= OUT_BN ? P::N + n : n) * P::K
+                             : nullptr;
+    }
+  }
+  auto load_b_tile = [&](int kt, int s) {
+    if constexpr (FP8B) {
+      const int k = kt * BK + (tid % 4) * 16;
+      const unsigned dst = ring + s * S::STAGE_BYTES + S::A_BYTES + S::B_BYTES + (tid / 4) * BK + (tid % 4) * 16;
+#pragma unroll
+      for (int i = 0; i < RAW_CH; ++i) {
+        const bool ok = raw_rows[i] != nullptr && k < P::K;
+        cp16(dst + RAW_RSTEP * i * BK, ok ? raw_rows[i] + k : reinterpret_cast<const void*>(g.b), ok);
+      }
+    } else {
+      const int k = kt * BK + ck;
+      const long ko = P::b_kofs(k);
+      const unsigned dst = ring + s * S::STAGE_BYTES + S::A_BYTES + dst0;
+#pragma unroll
+      for (int i = 0; i < B_CH; ++i) {
+        const bool ok = b_rows[i] != nullptr && k < P::K;
+        cp16(dst + RSTEP * i * 128, ok ? b_rows[i] + ko : g.b, ok);
+      }
     }
   };
 
@@ -205,6 +238,22 @@ __device__ __forceinline__ void gemm_wgmma(const typename P::Args& g) {
       load_b_tile(kt0 + i + ST - 2, (i + ST - 2) % ST);
     }
     mma::cp_async_commit();
+    if constexpr (FP8B) {  // tile i's E4M3 rows -> the B tile, each thread the chunks its 16-bit copy would write
+      const unsigned char* raw = smem + s * S::STAGE_BYTES + S::A_BYTES + S::B_BYTES;
+      unsigned char* bt = smem + s * S::STAGE_BYTES + S::A_BYTES;
+#pragma unroll
+      for (int r = 0; r < B_CH; ++r) {
+        const uint2 v = *reinterpret_cast<const uint2*>(raw + (cr + RSTEP * r) * BK + (tid % 8) * 8);
+        uint4 o;
+        o.x = mma::e4m3x2_to<T>((unsigned short)(v.x & 0xffffu));
+        o.y = mma::e4m3x2_to<T>((unsigned short)(v.x >> 16));
+        o.z = mma::e4m3x2_to<T>((unsigned short)(v.y & 0xffffu));
+        o.w = mma::e4m3x2_to<T>((unsigned short)(v.y >> 16));
+        *reinterpret_cast<uint4*>(bt + dst0 + RSTEP * r * 128) = o;
+      }
+      wg::fence_proxy_async();  // generic writes before the async-proxy wgmma reads
+      __syncthreads();
+    }
     const unsigned stage = ring + s * S::STAGE_BYTES;
     const unsigned long long da = wg::sw128_desc(stage + wgi * 64 * 128), db = wg::sw128_desc(stage + S::A_BYTES);
     wg::fence();
@@ -315,6 +364,14 @@ __device__ __forceinline__ void gemm_wgmma(const typename P::Args& g) {
     if constexpr (GATED) {
       const float4 u = sum4(c + OUT_BN);
       ups[0] = u.x; ups[1] = u.y; ups[2] = u.z; ups[3] = u.w;
+    }
+    if constexpr (FP8B) {  // each weight row's scale (gated: the up row N + n)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        if (n + j < P::N) {
+          vals[j] *= P::row_scale(g, n + j);
+          if constexpr (GATED) ups[j] *= P::row_scale(g, P::N + n + j);
+        }
     }
     if constexpr (FOLD) {  // gated: the up column of output n is B's row N + n
 #pragma unroll
