@@ -773,7 +773,8 @@ class Partitioner:
                                    "tensor cores: twice the bf16 rate, half the operand bytes")
                 where = f"not native on {', '.join(self.not_native)}" if self.not_native else "not known native"
                 return self.act, (f"bf16: compute-bound GEMM (M={rows}); E4M3 mma is {where} (full-rate FP8 "
-                                  "there needs wgmma / tcgen05, not generated yet), so fp8 would not pay")
+                                  "there needs FP8 wgmma with FP8 activations / tcgen05, not generated yet), so fp8 "
+                                  "would not pay")
             if not fp8_ok:
                 return self.act, f"{self.act}: K={K} is not a multiple of 16"
             fmt, why = choose_gemv_format(K * N, self.targets, ["fp8", "nvfp4"] if nvfp4_ok else ["fp8"])

@@ -42,7 +42,8 @@ def sm_number(arch: str) -> int:
 def fp8_mma(arch: str) -> str:
     """How an E4M3 mma.sync (m16n8k32) runs on arch, read off ptxas's SASS: "native" (QMMA: sm_89, sm_120,
     sm_121), "converted" (sm_90, sm_100, sm_103, sm_110: ptxas widens the fragments to f16 for HMMA; FP8 at full
-    rate there takes wgmma / tcgen05, which flashrt does not generate yet), or "none" (before sm_89)."""
+    rate there takes FP8 wgmma (QGMMA, with FP8 activations) / tcgen05, which flashrt does not generate yet), or
+    "none" (before sm_89)."""
     sm = sm_number(arch)
     if sm < 89:
         return "none"
