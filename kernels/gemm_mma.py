@@ -11,9 +11,9 @@ params["mma"] = {dtype, bm, bn, split, stages, wg, a_mode, b_mode, b_const}:
   b_mode     0 cp.async chunks, 1 fp8, 2 nvfp4 (raw bytes decoded in shared memory), 3 element loads
   b_const    B is a constant weight: its first tiles load before the kernel waits for its predecessor
   wgmma      (optional, true) the sm_90a warp-group MMA kernel (kernels/cuda/gemm_wgmma.cuh) instead of
-             mma.sync: a_mode 0, b_mode 0, a norm only folded (ln.fold, kernels/gemm.py), no activation
-             quantization, and gated GEMMs (only there); bm = 64 wg (wg warp
-             groups stacked along M), bn 64 / 128, stages >= 3. Used wherever it applies when every target is
+             mma.sync: a_mode 0, b_mode 0 (or 1: an fp8 weight, FLASHRT_WGMMA_FP8=1), a norm only folded
+             (ln.fold, kernels/gemm.py), no activation quantization, and gated GEMMs (only there); bm = 64 wg
+             (wg warp groups stacked along M), bn 64 / 128, stages >= 3. Used wherever it applies when every target is
              sm_90a (FLASHRT_WGMMA=0 turns it off: aot/targets.py)"""
 
 import itertools

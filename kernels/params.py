@@ -204,7 +204,8 @@ def _gemm_family(p: dict) -> None:
 
 def _wgmma(p: dict, raw_mma: dict) -> None:
     """The sm_90a wgmma GEMM (kernels/cuda/gemm_wgmma.cuh) stages 16-bit A and B by 16-byte chunks (mma.a_mode and
-    b_mode 0, read from the unfiltered params); a norm only comes folded (ln.fold), no activation quantization."""
+    b_mode 0, read from the unfiltered params; b_mode 1 for an fp8 B); a norm only comes folded (ln.fold), no
+    activation quantization."""
     mma, why = {**raw_mma, **p["mma"]}, None
     if mma["dtype"] not in ("bfloat16", "float16"):
         why = f"mma.dtype = {mma['dtype']!r} (16-bit operands only)"

@@ -100,7 +100,9 @@ __device__ __forceinline__ long long to_index(int v) { return v; }
 __device__ __forceinline__ long long to_index(float v) { return (long long)v; }
 
 __device__ __forceinline__ float frt_relu(float x) { return x < 0.f ? 0.f : x; }
-__device__ __forceinline__ float frt_sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
+// fast reciprocal (2 ulp): an IEEE division's slow path is a call, which makes ptxas serialize the wgmma GEMM's
+// tensor-core ops when its epilogue holds a SiLU
+__device__ __forceinline__ float frt_sigmoid(float x) { return __fdividef(1.f, 1.f + expf(-x)); }
 __device__ __forceinline__ float frt_gelu(float x) { return 0.5f * x * (1.f + erff(x * 0.70710678118654752f)); }
 __device__ __forceinline__ float frt_softplus(float x) { return x > 20.f ? x : log1pf(expf(x)); }
 

@@ -1,8 +1,8 @@
 // Tensor-core GEMM for sm_90a with wgmma (warp-group MMA, both operands from shared memory), ported from
 // benchmarks/wgmma_probe.cu:
 //   C[b, m, n] = P::epilogue(b, m, n, sum_k A(b, m, k) * B(b, k, n))
-// for 16-bit operands of type T staged by 16-byte cp.async chunks (gemm_mma's A_MODE 0 / B_MODE 0), no
-// activation quantization. A norm prologue comes folded (P::NORM_FOLD, kernels/gemm.py): the build multiplied
+// for 16-bit operands of type T staged by 16-byte cp.async chunks (gemm_mma's A_MODE 0 / B_MODE 0; B_MODE 1:
+// fp8 weight rows, below), no activation quantization. A norm prologue comes folded (P::NORM_FOLD, kernels/gemm.py): the build multiplied
 // gamma into B, so A is multiplied as it is and each row's statistics (sum and sum of squares over K) are
 // gathered from the A tiles in shared memory as they pass; the epilogue applies
 //   rstd[m] * (acc - mean[m] * colsum[n]) + bias[n]     (RMSNorm: mean 0, no colsum, no bias)
@@ -329,9 +329,12 @@ __device__ __forceinline__ void gemm_wgmma(const typename P::Args& g) {
         sum += v.x;
         sq += v.y;
       }
-      const float mean = P::NORM_FOLD == 1 ? 0.f : sum / P::K;
+      // no IEEE division or sqrt here: under -dc their slow paths are extern calls, and ptxas serializes every
+      // wgmma of a kernel that makes one (C7509)
+      constexpr float INV_K = 1.f / P::K;
+      const float mean = P::NORM_FOLD == 1 ? 0.f : sum * INV_K;
       row_mean[tid] = mean;
-      row_rstd[tid] = 1.f / sqrtf(fmaxf(sq / P::K - mean * mean, 0.f) + P::EPS);
+      row_rstd[tid] = rsqrtf(fmaxf(sq * INV_K - mean * mean, 0.f) + P::EPS);
     }
     __syncthreads();
   }
