@@ -39,15 +39,20 @@ def cache_dir() -> Path:
 
 
 def _wheel_nvcc() -> str | None:
+    return wheel_tool("nvcc")
+
+
+def wheel_tool(name: str) -> str | None:
+    """A CUDA command-line tool from NVIDIA's pip wheels (nvidia/cu*/bin, or nvidia/cuda_nvcc/bin for nvcc)."""
     try:
         import nvidia
     except ImportError:
         return None
     for root in list(getattr(nvidia, "__path__", [])):
-        for cand in sorted(glob.glob(os.path.join(root, "cu*", "bin", "nvcc")), reverse=True):
+        for cand in sorted(glob.glob(os.path.join(root, "cu*", "bin", name)), reverse=True):
             if os.access(cand, os.X_OK):
                 return cand
-        cand = os.path.join(root, "cuda_nvcc", "bin", "nvcc")
+        cand = os.path.join(root, f"cuda_{name}", "bin", name)
         if os.access(cand, os.X_OK):
             return cand
     return None

@@ -24,6 +24,24 @@ GPU_ARCH = cuda_device_arch()
 requires_gpu = pytest.mark.skipif(GPU_ARCH is None, reason="no NVIDIA GPU here")
 
 
+def _cuobjdump() -> str | None:
+    """cuobjdump from PATH, else from the nvidia-cuda-cuobjdump wheel (the test extras), with the nvdisasm it runs
+    (NVDISASM_PATH where that is a wheel's); None where either is missing."""
+    from flashrt.aot.codegen import wheel_tool
+
+    exe = shutil.which("cuobjdump") or wheel_tool("cuobjdump")
+    disasm = shutil.which("nvdisasm") or wheel_tool("nvdisasm")
+    if exe is None or disasm is None:
+        return None
+    if not shutil.which("nvdisasm"):
+        os.environ["NVDISASM_PATH"] = os.path.dirname(disasm)
+    return exe
+
+
+CUOBJDUMP = _cuobjdump()
+requires_cuobjdump = pytest.mark.skipif(CUOBJDUMP is None, reason="no cuobjdump / nvdisasm to read the SASS")
+
+
 @pytest.fixture(scope="session")
 def samples(tmp_path_factory) -> Path:
     """The sample models, freshly written (the checked-in copies are what README's command uses)."""

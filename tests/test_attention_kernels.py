@@ -10,7 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import SAMPLES, rel_l2
+from conftest import CUOBJDUMP, SAMPLES, rel_l2, requires_cuobjdump
 
 from flashrt.errors import EngineFormatError
 from flashrt.kernels import attention, gemm_mma, params
@@ -441,7 +441,7 @@ def test_compiles_for_every_target_without_spills(arch):
             assert r["shared_bytes"] == 0, r
 
 
-@pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="no cuobjdump")
+@requires_cuobjdump
 def test_tensor_core_kernel_sass():
     """The machine code does what the design says: HMMA for both products, ldmatrix (transposed for V),
     16-byte cp.async where the views allow it and none where every operand needs element loads."""
@@ -451,7 +451,7 @@ def test_tensor_core_kernel_sass():
 
     def sass(p: dict) -> str:
         path, _, _ = compile_kernel(find_toolchain(), kernel_source("attention", p), "sm_90a")
-        return subprocess.run(["cuobjdump", "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([CUOBJDUMP, "-sass", str(path)], capture_output=True, text=True, check=True).stdout
 
     p = mma_case("expert")[0]
     code = sass(p)

@@ -10,7 +10,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import ROOT, flashrt_cli, onnxruntime_outputs, rel_l2
+from conftest import CUOBJDUMP, ROOT, flashrt_cli, onnxruntime_outputs, rel_l2
 from test_gemm_mma import RMS, gemm_params
 
 import flashrt
@@ -346,7 +346,7 @@ def variants() -> list[dict]:
 
 
 def sass_tool() -> str | None:
-    return shutil.which("cuobjdump")
+    return CUOBJDUMP
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc")

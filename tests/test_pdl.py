@@ -12,13 +12,12 @@ constant B tiles (cp.async) where params say B is a weight. The GPU test runs en
 
 import importlib.util
 import re
-import shutil
 import subprocess
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import GPU_ARCH, rel_l2, requires_gpu
+from conftest import CUOBJDUMP, GPU_ARCH, rel_l2, requires_cuobjdump, requires_gpu
 
 import flashrt
 from flashrt.aot.build import build_engine
@@ -169,7 +168,7 @@ LEAVES = {"EXIT", "RET", "CALL", "BRX", "JMX", "JMP"}
 def sass_functions(cubin: bytes, tmp_path) -> dict[str, list[tuple[int, str, str, str]]]:
     path = tmp_path / "k.cubin"
     path.write_bytes(cubin)
-    sass = subprocess.run([shutil.which("cuobjdump"), "-sass", str(path)], capture_output=True, text=True,
+    sass = subprocess.run([CUOBJDUMP, "-sass", str(path)], capture_output=True, text=True,
                           check=True).stdout
     out = {}
     for chunk in sass.split("Function : ")[1:]:
@@ -215,7 +214,7 @@ def allowed_prefetch(family: str, params: dict):
     return None
 
 
-@pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="no cuobjdump to read the SASS")
+@requires_cuobjdump
 def test_sass_waits_before_any_dependent_access(engines, tmp_path):
     functions, checked = {}, set()
     for path in engines.values():
