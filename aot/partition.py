@@ -726,9 +726,8 @@ class Partitioner:
         gamma = np.broadcast_to(np.asarray(self.g.constants[norm.inputs[1]], np.float32), (K,))
         folded_nk = np.ascontiguousarray((w.astype(np.float32) * gamma[:, None]).T)
         a_atoms = {"dtype": a.dtype, "batch": a.batch_atoms(batch), "m": a.dim_atoms(-2), "k": a.dim_atoms(-1)}
-        b_trial = {"dtype": "fp8_e4m3", "quant": "fp8", "batch": [[math.prod(batch), 0]], "k": [[K, 1]],
-                   "n": [[N, K]]} if quant else {"dtype": self.act, "batch": [[math.prod(batch), 0]], "k": [[K, 1]],
-                                                  "n": [[N, K]]}
+        b_trial = {**({"dtype": "fp8_e4m3", "quant": "fp8"} if quant else {"dtype": self.act}),
+                   "batch": [[math.prod(batch), 0]], "k": [[K, 1]], "n": [[N, K]]}
         params = {"M": M, "N": N, "K": K, "batch": list(batch), "a": a_atoms, "ln": ln, "b": b_trial}
         if gemm_mma.wgmma_config(params, a.offset, 0, self.act, True, quant) is None:
             return None
@@ -880,12 +879,12 @@ class Partitioner:
         if folded is not None:
             b, quant_refs, b_atoms, folded = folded
             reason = (f"{reason}; " if reason else "") + FOLDED
-            b_atoms = b_atoms or {"dtype": b.dtype, "batch": [[1, 0]], "k": [[K, 1]], "n": [[2 * F, K]]}
         elif fmt in QUANT_FORMATS:
             b, quant_refs, b_atoms = self.quant_weight(mm.inputs[1], np.ascontiguousarray(w.T), fmt)
         else:
             b = self.weight(mm.inputs[1], self.act, np.ascontiguousarray(w.T)).transpose((1, 0))
-            quant_refs, b_atoms = [], {"dtype": b.dtype, "batch": [[1, 0]], "k": [[K, 1]], "n": [[2 * F, K]]}
+            quant_refs, b_atoms = [], None
+        b_atoms = b_atoms or {"dtype": b.dtype, "batch": [[1, 0]], "k": [[K, 1]], "n": [[2 * F, K]]}
         expr, inputs = self._expression(dag, {gate: 0, up: 1})
         last = dag[-1].outputs[0]
         out_buf = self.new_output(last)

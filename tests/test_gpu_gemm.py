@@ -292,20 +292,30 @@ pytestmark = [pytest.mark.gpu, requires_gpu]
 CASES = cases() if GPU_ARCH else []
 
 
-@pytest.fixture(scope="module")
-def compiled():
+def compile_cases(cases: list[tuple[str, dict]]) -> tuple["GemmLauncher", dict]:
+    """One module of every case's kernel: (the launcher, name -> function)."""
     launcher = GemmLauncher()
-    fns = launcher.compile([p for _, p in CASES])
-    return launcher, dict(zip([n for n, _ in CASES], fns))
+    fns = launcher.compile([p for _, p in cases])
+    return launcher, dict(zip([n for n, _ in cases], fns))
 
 
-@pytest.mark.parametrize("name, p", CASES, ids=[n for n, _ in CASES])
-def test_mma_gemm_matches_reference(compiled, name, p):
+def check_case(compiled: tuple, name: str, p: dict) -> None:
+    """The case's kernel against the numpy reference on two seeds of fresh inputs."""
     launcher, fns = compiled
     for seed in (0, 1):
         host = make_args(p, seed)
         got = launcher.run(fns[name], p, host)
         check_close(got, reference(p, host), (name, p.get("mma"), seed))
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return compile_cases(CASES)
+
+
+@pytest.mark.parametrize("name, p", CASES, ids=[n for n, _ in CASES])
+def test_mma_gemm_matches_reference(compiled, name, p):
+    check_case(compiled, name, p)
 
 
 def test_mma_gemm_is_deterministic(compiled):

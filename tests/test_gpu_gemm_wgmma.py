@@ -10,8 +10,7 @@ and the inputs are fresh random values per seed. Skipped without such a GPU.
 import numpy as np
 import pytest
 from conftest import GPU_ARCH, requires_gpu
-from test_gpu_gemm import BIAS_GELU, LN, RESIDUAL, RMS, SILU, GemmLauncher, check_close, make_args, problem, \
-    reference
+from test_gpu_gemm import BIAS_GELU, LN, RESIDUAL, RMS, SILU, check_case, compile_cases, make_args, problem
 
 from flashrt.kernels import gemm_mma
 
@@ -90,18 +89,12 @@ CASES = cases() if GPU_ARCH == "sm_90a" else []
 
 @pytest.fixture(scope="module")
 def compiled():
-    launcher = GemmLauncher()
-    fns = launcher.compile([p for _, p in CASES])
-    return launcher, dict(zip([n for n, _ in CASES], fns))
+    return compile_cases(CASES)
 
 
 @pytest.mark.parametrize("name, p", CASES, ids=[n for n, _ in CASES])
 def test_wgmma_gemm_matches_reference(compiled, name, p):
-    launcher, fns = compiled
-    for seed in (0, 1):
-        host = make_args(p, seed)
-        got = launcher.run(fns[name], p, host)
-        check_close(got, reference(p, host), (name, p["mma"], seed))
+    check_case(compiled, name, p)
 
 
 def test_wgmma_gemm_is_deterministic(compiled):

@@ -145,11 +145,17 @@ __device__ __forceinline__ void gemm_wgmma(const typename P::Args& g) {
     const int m = m0 + cr + RSTEP * i;
     a_rows[i] = m < P::M ? P::a_row(g, bat, m) : nullptr;
   }
+  // B's row in tile column j (gated: the up rows N + n after OUT_BN gate rows), -1 past N
+  auto b_tile_row = [&](int j) {
+    const bool up = GATED && j >= OUT_BN;
+    const int n = n0 + (up ? j - OUT_BN : j);
+    return n < P::N ? (up ? P::N + n : n) : -1;
+  };
   if constexpr (!FP8B) {
 #pragma unroll
     for (int i = 0; i < B_CH; ++i) {
-      const int j = cr + RSTEP * i, n = n0 + (GATED && j >= OUT_BN ? j - OUT_BN : j);  // tile column j's output
-      b_rows[i] = n < P::N ? P::b_row(g, bat, GATED && j >= OUT_BN ? P::N + n : n) : nullptr;
+      const int row = b_tile_row(cr + RSTEP * i);
+      b_rows[i] = row >= 0 ? P::b_row(g, bat, row) : nullptr;
     }
   }
   auto cp16 = [](unsigned dst, const void* src, bool ok) {
@@ -172,10 +178,8 @@ __device__ __forceinline__ void gemm_wgmma(const typename P::Args& g) {
   if constexpr (FP8B) {
 #pragma unroll
     for (int i = 0; i < RAW_CH; ++i) {
-      const int j = tid / 4 + RAW_RSTEP * i, n = n0 + (GATED && j >= OUT_BN ? j - OUT_BN : j);
-      raw_rows[i] = n < P::N ? reinterpret_cast<const unsigned char*>(g.b) +
-                                   (long)(GATED && j >= OUT_BN ? P::N + n : n) * P::K
-                             : nullptr;
+      const int row = b_tile_row(tid / 4 + RAW_RSTEP * i);
+      raw_rows[i] = row >= 0 ? reinterpret_cast<const unsigned char*>(g.b) + (long)row * P::K : nullptr;
     }
   }
   auto load_b_tile = [&](int kt, int s) {
@@ -368,24 +372,18 @@ __device__ __forceinline__ void gemm_wgmma(const typename P::Args& g) {
       const float4 u = sum4(c + OUT_BN);
       ups[0] = u.x; ups[1] = u.y; ups[2] = u.z; ups[3] = u.w;
     }
-    if constexpr (FP8B) {  // each weight row's scale (gated: the up row N + n)
+    // the sum of B's row `row`: times the fp8 weight row's scale, then the folded norm (the reference's order)
+    auto finish = [&](float v, int row) {
+      if constexpr (FP8B) v *= P::row_scale(g, row);
+      if constexpr (FOLD) v = row_rstd[r] * (v - row_mean[r] * P::fold_colsum(g, row)) + P::fold_bias(g, row);
+      return v;
+    };
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
-        if (n + j < P::N) {
-          vals[j] *= P::row_scale(g, n + j);
-          if constexpr (GATED) ups[j] *= P::row_scale(g, P::N + n + j);
-        }
-    }
-    if constexpr (FOLD) {  // gated: the up column of output n is B's row N + n
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-        if (n + j < P::N) {
-          vals[j] = row_rstd[r] * (vals[j] - row_mean[r] * P::fold_colsum(g, n + j)) + P::fold_bias(g, n + j);
-          if constexpr (GATED)
-            ups[j] = row_rstd[r] * (ups[j] - row_mean[r] * P::fold_colsum(g, P::N + n + j)) +
-                     P::fold_bias(g, P::N + n + j);
-        }
-    }
+    for (int j = 0; j < 4; ++j)
+      if (n + j < P::N) {
+        vals[j] = finish(vals[j], n + j);
+        if constexpr (GATED) ups[j] = finish(ups[j], P::N + n + j);  // gated: output n's up sum is B's row N + n
+      }
 #pragma unroll
     for (int j = 0; j < 4; ++j) out[i][j] = n + j < P::N ? P::value(g, bat, m, n + j, vals[j], ups[j]) : 0.f;
   }
