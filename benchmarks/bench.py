@@ -2,6 +2,7 @@
 workloads of benchmarks/workloads.py, in one process, with CUDA events, warm-up and medians.
 
   python3 benchmarks/bench.py [--workloads decode expert vit] [--precisions bf16] [--no-torch] [--out DIR]
+                              [--profile] [--ablate]
 
 Prints one table and writes it (GPU name, date) to DIR/RESULTS.md (default: $OUT, else benchmarks/)."""
 
@@ -53,8 +54,18 @@ def accuracy(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return float((a - b).norm() / b.norm()), float(torch.dot(a, b) / (a.norm() * b.norm()))
 
 
+def kernel_groups(eng, entry) -> dict[str, list[int]]:
+    """An entry's launch indices per kind of kernel, labelled family + ops (e.g. "gemv MatMul+Add")."""
+    span = range(entry.first, entry.first + entry.count)
+    groups: dict[str, list[int]] = {}
+    for r in eng.manifest["regions"]:
+        if all(i in span for i in r["launches"]):
+            groups.setdefault(r["kind"] + " " + ("+".join(r["ops"]))[:48], []).extend(r["launches"])
+    return groups
+
+
 def run_workload(name: str, precisions: list[str], with_torch: bool, tmp: str, bw: float,
-                 profile: bool = False) -> list[dict]:
+                 profile: bool = False, ablate: bool = False) -> list[dict]:
     stack, inputs = W.make(name)
     nparam = sum(p.numel() for p in stack.parameters())
     onnx_path = os.path.join(tmp, f"{name}.onnx")
@@ -127,15 +138,17 @@ def run_workload(name: str, precisions: list[str], with_torch: bool, tmp: str, b
                "pct_floor": 100 * floor.get(precision, floor["bf16"]) / ms}
         if compile_ms:
             row["speedup_vs_compile"] = compile_ms / ms
+        entry = eng.file.entries[-1]  # the timed one: the only entry, or decode
         if profile:  # time per kernel family, each launch alone (events around it; no graph)
-            entry = eng.file.entries[-1]
             times = dict(zip(range(entry.first, entry.first + entry.count), eng.profile(entry=entry.name)))
-            by_kind = {}
-            for r in (r for r in eng.manifest["regions"] if all(i in times for i in r["launches"])):
-                k = r["kind"] + " " + ("+".join(r["ops"]))[:48]
-                by_kind[k] = by_kind.get(k, 0.0) + sum(times[i] for i in r["launches"])
+            by_kind = {k: sum((times[i] for i in ix), 0.0) for k, ix in kernel_groups(eng, entry).items()}
             row["profile_ms"] = dict(sorted(by_kind.items(), key=lambda kv: -kv[1]))
             row["profile_total_ms"] = sum(times.values())
+        if ablate:  # in-graph cost per kernel family: full replay minus a replay without that family's launches
+            groups = {k: [i - entry.first for i in ix] for k, ix in kernel_groups(eng, entry).items() if ix}
+            marginal = eng.ablate(groups, entry=entry.name)
+            row["ablate_ms"] = dict(sorted(marginal.items(), key=lambda kv: -kv[1]))
+            row["ablate_total_ms"] = sum(marginal.values())
         rows.append(row)
         eng.close()
         os.unlink(engine_path)
@@ -171,6 +184,8 @@ def main() -> int:
     ap.add_argument("--precisions", nargs="+", default=["bf16"])
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--profile", action="store_true", help="time each flashrt kernel alone, summed per kind")
+    ap.add_argument("--ablate", action="store_true",
+                    help="in-graph cost per kind: graph replay ms minus that of a graph without the kind's kernels")
     ap.add_argument("--out", default=os.environ.get("OUT", HERE))
     a = ap.parse_args()
     gpu = torch.cuda.get_device_name()
@@ -178,7 +193,7 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.workloads:
-            rows += run_workload(name, a.precisions, not a.no_torch, tmp, bw, a.profile)
+            rows += run_workload(name, a.precisions, not a.no_torch, tmp, bw, a.profile, a.ablate)
             print(json.dumps(rows[-1]), flush=True)
     text = table(rows, gpu, bw)
     print(text)

@@ -177,7 +177,9 @@ class CUDAEngine(Engine):
             params.append(arr)
         return blob, buf, params
 
-    def _capture(self, with_copies: bool, e: EntryInfo):
+    def _capture(self, with_copies: bool, e: EntryInfo, skip: frozenset[int] = frozenset()):
+        """Record entry e into a graph (kept in self._graphs) and instantiate it; with_copies: the host copies
+        around the kernels; skip: indices of e's launches (from its first) to leave out (ablate)."""
         blob, buf, params = self._patched_params(e)
         s = self._stream
         _check(cu.cuStreamBeginCapture(s, cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
@@ -193,7 +195,9 @@ class CUDAEngine(Engine):
                 if e.length is not None:  # the token count sits after the inputs in the pinned buffer
                     _check(cu.cuMemcpyHtoDAsync(self.arena + e.length, self._pinned_in.ctypes.data + pos, 4, s),
                            "copying the token count")
-            for i, (launch, p) in enumerate(zip(self.file.launches[e.first:e.first + e.count], params)):
+            kept = [lp for i, lp in enumerate(zip(self.file.launches[e.first:e.first + e.count], params))
+                    if i not in skip]
+            for i, (launch, p) in enumerate(kept):
                 # the first launch follows the input copies (or the caller's work): a full dependency
                 self._launch(launch, p, s, self.pdl and i > 0)
             if with_copies:
@@ -347,6 +351,50 @@ class CUDAEngine(Engine):
         for ev in events:
             cu.cuEventDestroy(ev)
         return out
+
+    def ablate(self, groups: dict[str, list[int]], iters: int = 200, entry: str | None = None) -> dict[str, float]:
+        """In-graph cost of groups of an entry's launches (label -> indices from the entry's first launch): the
+        median milliseconds of a replay of the entry's kernel graph minus that of a graph captured without the
+        group's launches. Each round replays the full graph, then every ablated one, so drift cancels. Timing
+        only: the ablated replays compute wrong results into the arena (and state); the position counter is
+        restored between replays, as in latencies()."""
+        e = self.entry_info(entry)
+        bad = sorted({i for ix in groups.values() for i in ix if not 0 <= i < e.count})
+        if bad:
+            raise InputError(f"ablate: launch indices {bad[:8]} are not 0..{e.count - 1} of entry '{e.name}'")
+        _check(cu.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
+        if e.tokens is not None:
+            self.prepare({t.name: np.zeros(t.shape, host_dtype(t.dtype)) for t in e.inputs}, e.name)
+        full = self._device_graph(e)
+        owned = len(self._graphs)  # self._graphs[owned:]: the ablated graphs, destroyed below
+        events = []
+        try:
+            graphs = [full] + [self._capture(False, e, frozenset(ix)) for ix in groups.values()]
+            for _ in range(10):  # warm-up
+                for g in graphs:
+                    _check(cu.cuGraphLaunch(g, self._stream), "cuGraphLaunch")
+                    self._restore_position()
+            events = [_check(cu.cuEventCreate(0), "cuEventCreate") for _ in range(2 * iters * len(graphs))]
+            pairs = iter(zip(events[::2], events[1::2]))
+            for _ in range(iters):
+                for g in graphs:
+                    start, end = next(pairs)
+                    _check(cu.cuEventRecord(start, self._stream), "cuEventRecord")
+                    _check(cu.cuGraphLaunch(g, self._stream), "cuGraphLaunch")
+                    _check(cu.cuEventRecord(end, self._stream), "cuEventRecord")
+                    self._restore_position()
+            _check(cu.cuStreamSynchronize(self._stream), "cuStreamSynchronize")
+            ms = [_check(cu.cuEventElapsedTime(a, b), "cuEventElapsedTime") for a, b in zip(events[::2], events[1::2])]
+        finally:
+            cu.cuStreamSynchronize(self._stream)
+            for ev in events:
+                cu.cuEventDestroy(ev)
+            for graph, exe in self._graphs[owned:]:
+                cu.cuGraphExecDestroy(exe)
+                cu.cuGraphDestroy(graph)
+            del self._graphs[owned:]
+        medians = [sorted(ms[j::len(graphs)])[iters // 2] for j in range(len(graphs))]
+        return {label: medians[0] - m for label, m in zip(groups, medians[1:])}
 
     def profile(self, iters: int = 20, entry: str | None = None) -> list[float]:
         """Median milliseconds of each launch of an entry, launched one by one between events (no graph, so

@@ -90,34 +90,46 @@ class Pi0ExpertStatic(torch.nn.Module):
 
     def forward(self, state, noise, prefix_keys, prefix_values, temb):
         m, c = self.m, self.m.c
-        e, H, P = c["expert"], c["chunk_size"], prefix_keys.shape[2]
-        nh, d, eps, T = e["num_attention_heads"], e["head_dim"], m.cfg.rms_norm_eps, 1 + H
+        H, P = c["chunk_size"], prefix_keys.shape[2]
+        T = 1 + H
         pos = torch.arange(P, P + T, device=noise.device)[None]
         cos, sin = (t[:, None] for t in m.rotary(noise, pos))  # [1, 1, T, d]
         mask = torch.zeros(1, 1, T, P + T, device=noise.device, dtype=noise.dtype)
         mask[0, 0, 0, P + 1:] = torch.finfo(noise.dtype).min
         state_token = m.state_proj(state)[:, None]
-        dt, x = -1.0 / temb.shape[0], noise
+        x, dt = noise, -1.0 / temb.shape[0]
         for step in range(temb.shape[0]):
-            a = m.action_in_proj(x)
-            a = torch.cat([a, temb[step].to(a)[None, None].expand(1, H, -1)], 2)
-            h = torch.cat([state_token, m.action_time_mlp_out(torch.nn.functional.silu(m.action_time_mlp_in(a)))], 1)
-            for i, layer in enumerate(m.expert.layers):
-                att = layer.self_attn
-                n = gemma_rms(h, layer.input_layernorm.weight, eps)
-                q = att.q_proj(n).view(1, T, nh, d).transpose(1, 2)
-                k = att.k_proj(n).view(1, T, -1, d).transpose(1, 2)
-                v = att.v_proj(n).view(1, T, -1, d).transpose(1, 2)
-                q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-                keys, values = torch.cat([prefix_keys[i][None], k], 2), torch.cat([prefix_values[i][None], v], 2)
-                o = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=d ** -0.5,
-                                                                     enable_gqa=True)
-                h = h + att.o_proj(o.transpose(1, 2).reshape(1, T, nh * d))
-                n = gemma_rms(h, layer.post_attention_layernorm.weight, eps)
-                mlp = layer.mlp
-                h = h + mlp.down_proj(torch.nn.functional.gelu(mlp.gate_proj(n), approximate="tanh") * mlp.up_proj(n))
-            x = x + dt * m.action_out_proj(gemma_rms(h, m.expert.norm.weight, eps)[:, -H:])
+            x = self.step_fn(x, temb[step], state_token, cos, sin, mask, prefix_keys, prefix_values, dt)
         return x
+
+    def step_fn(self, *args):
+        """One Euler step; benchmarks/pi0_bench.py replaces it by its torch.compile'd form (a whole chunk
+        unrolled is too large a graph for max-autotune to compile in minutes)."""
+        return self.step(*args)
+
+    def step(self, x, temb_row, state_token, cos, sin, mask, prefix_keys, prefix_values, dt: float):
+        """x <- x + dt v(x, t) for the step whose time embedding is temb_row [width] (dt = -1 / steps)."""
+        m, c = self.m, self.m.c
+        e, H = c["expert"], c["chunk_size"]
+        nh, d, eps, T = e["num_attention_heads"], e["head_dim"], m.cfg.rms_norm_eps, 1 + H
+        a = m.action_in_proj(x)
+        a = torch.cat([a, temb_row.to(a)[None, None].expand(1, H, -1)], 2)
+        h = torch.cat([state_token, m.action_time_mlp_out(torch.nn.functional.silu(m.action_time_mlp_in(a)))], 1)
+        for i, layer in enumerate(m.expert.layers):
+            att = layer.self_attn
+            n = gemma_rms(h, layer.input_layernorm.weight, eps)
+            q = att.q_proj(n).view(1, T, nh, d).transpose(1, 2)
+            k = att.k_proj(n).view(1, T, -1, d).transpose(1, 2)
+            v = att.v_proj(n).view(1, T, -1, d).transpose(1, 2)
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+            keys, values = torch.cat([prefix_keys[i][None], k], 2), torch.cat([prefix_values[i][None], v], 2)
+            o = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=d ** -0.5,
+                                                                 enable_gqa=True)
+            h = h + att.o_proj(o.transpose(1, 2).reshape(1, T, nh * d))
+            n = gemma_rms(h, layer.post_attention_layernorm.weight, eps)
+            mlp = layer.mlp
+            h = h + mlp.down_proj(torch.nn.functional.gelu(mlp.gate_proj(n), approximate="tanh") * mlp.up_proj(n))
+        return x + dt * m.action_out_proj(gemma_rms(h, m.expert.norm.weight, eps)[:, -H:])
 
 
 def gemma_rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

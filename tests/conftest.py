@@ -1,12 +1,20 @@
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import flashrt  # noqa: F401  (before the checkout's root leaves sys.path, below)
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"
+
+# `python -m pytest` (and PYTHONPATH=.) put the checkout's root on sys.path, where its folders `kernels`, `runtime`
+# and `aot` (flashrt.kernels, ... once installed) shadow packages of those names: transformers imports
+# Hugging Face's `kernels`. flashrt is imported first, so its subpackages no longer need the root there.
+sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != ROOT]
 
 
 def cuda_device_arch():
