@@ -33,7 +33,7 @@ from flashrt.aot.views import Buffer, TensorRef
 from flashrt.errors import BuildError, ModelError
 from flashrt.kernels import attention as attention_kernel
 from flashrt.kernels import concat as concat_kernel
-from flashrt.kernels import gemm_mma, gemv
+from flashrt.kernels import gemm_mma, gemv, registry
 from flashrt.kernels.dtypes import ITEMSIZE, STORAGE, from_f32, to_f32
 from flashrt.kernels.quant import dequant_fp8
 
@@ -1012,17 +1012,51 @@ class Partitioner:
         if self.entry.length is not None:
             args.append(self.state_ref(self.entry.length))
         T = self.g.values[node.inputs[0]].shape[axis]
+        fused = []
         for n in batch:
             src = self.ref(n.inputs[0], self.act)
             dst = self.state_buffer(n.attrs["state"], n.outputs[0])
-            pairs.append({"atoms": src.atoms_over(src.shape)})
-            args += [src, TensorRef.contiguous_view(dst, (dst.nelems,))]
             self.refs[n.outputs[0]] = TensorRef.contiguous_view(dst, shape)
             self.cache_written.add(id(n))
+            if T == 1 and self.entry.length is None and self._fuse_cache_write(n, src, dst, outer, S, inner):
+                fused.append(n)
+                continue
+            pairs.append({"atoms": src.atoms_over(src.shape)})
+            args += [src, TensorRef.contiguous_view(dst, (dst.nelems,))]
+        if not pairs:
+            return
+        unfused = [n for n in batch if n not in fused]
         params = {"op": "write", "T": T, "S": S, "outer": outer, "inner": inner,
                   "dtype": self.storage(node.outputs[0]), "pairs": pairs, "has_length": self.entry.length is not None}
-        self.calls.append(KernelCall(node.name, "state", params, args, ["CacheWrite"] * len(batch),
-                                     _unique(s for n in batch for s in n.source)))
+        self.calls.append(KernelCall(unfused[0].name, "state", params, args, ["CacheWrite"] * len(unfused),
+                                     _unique(s for n in unfused for s in n.source)))
+
+    def _fuse_cache_write(self, n: Node, src: TensorRef, dst: Buffer, outer: int, S: int, inner: int) -> bool:
+        """A one-token entry: have the GEMV or elementwise kernel that produced the new row (as a contiguous
+        run of its output) also store it into the cache at the position (kernels/state.py), one launch fewer
+        per layer. False where the producer is another kind of kernel or the row is not such a run."""
+        def output(c: KernelCall) -> TensorRef:
+            names = [a for a, _ in registry.family(c.family).arg_spec(c.params)]
+            return c.args[names.index("c" if c.family == "gemv" else "out")]
+
+        call = next((c for c in reversed(self.calls) if c.family in ("gemv", "eltwise")
+                     and output(c).buffer is src.buffer), None)
+        if call is None or call.params.get("gated") or call.family == "gemv" and call.params["M"] != 1:
+            return False
+        out = output(call)
+        size = outer * inner
+        start = src.offset - out.offset
+        if not (out.contiguous() and src.contiguous() and out.dtype == dst.dtype and math.prod(src.shape) == size
+                and 0 <= start <= math.prod(out.shape) - size):
+            return False
+        stores = call.params.setdefault("cache", [])
+        if not stores:
+            call.args.append(self.state_ref(self.entry.pos))
+        stores.append({"start": start, "outer": outer, "inner": inner, "S": S})
+        call.args.append(TensorRef.contiguous_view(dst, (dst.nelems,)))
+        call.ops.append("CacheWrite")
+        call.source_nodes = _unique(call.source_nodes + list(n.source))
+        return True
 
     def emit_positions(self, group: Group) -> None:
         node = group.nodes[0]

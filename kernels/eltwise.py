@@ -2,14 +2,16 @@
 shape; one thread per output element (grid-stride).
 
 params: shape, inputs: [{dtype, atoms}] ((size, stride) atoms over the output's shape), expr (may read an input
-  through RoPE's rotate_half along the last axis: ["in_rot", k]), out_dtype
-args: in0..in{n-1}, out"""
+  through RoPE's rotate_half along the last axis: ["in_rot", k]), out_dtype,
+  cache (optional): fused KV-cache writes of flat output ranges (kernels/state.py)
+args: in0..in{n-1}, out, [cache_pos, cache0, ...]"""
 
 import math
 
 import numpy as np
 
 from flashrt.kernels import expr as ex
+from flashrt.kernels import state
 from flashrt.kernels.dtypes import CTYPES
 from flashrt.kernels.memory import load_atoms, store
 from flashrt.kernels.source import atoms_code
@@ -19,7 +21,7 @@ MAX_BLOCKS = 1 << 16
 
 
 def arg_spec(p: dict) -> list[tuple[str, str]]:
-    return [(f"in{i}", "ptr") for i in range(len(p["inputs"]))] + [("out", "ptr")]
+    return [(f"in{i}", "ptr") for i in range(len(p["inputs"]))] + [("out", "ptr")] + state.cache_arg_spec(p)
 
 
 def launch_config(p: dict):
@@ -30,7 +32,9 @@ def launch_config(p: dict):
 def cuda_source(p: dict, symbol: str) -> str:
     total = math.prod(p["shape"])
     params = [f"const {CTYPES[x['dtype']]}* __restrict__ in{i}" for i, x in enumerate(p["inputs"])]
-    params.append(f"{CTYPES[p['out_dtype']]}* __restrict__ out")
+    out_type = CTYPES[p["out_dtype"]]
+    params.append(f"{out_type}* __restrict__ out")
+    params += state.cache_params(p, out_type)
     loads = [f"to_float(in{i}[{atoms_code('i', x['atoms'])}])" for i, x in enumerate(p["inputs"])]
     d = p["shape"][-1] if p["shape"] else 1  # rotate_half (RoPE): the element half a row away, negated in the
     rot = [f"(i % {d}L < {d // 2}L ? -1.f : 1.f) * to_float(in{k}["  # first half (params: d is even if used)
@@ -45,7 +49,9 @@ extern "C" __global__ void __launch_bounds__(256) {symbol}({", ".join(params)}) 
   griddep_wait();
   for (long i = (long)blockIdx.x * 256 + threadIdx.x; i < {total}L; i += (long)gridDim.x * 256) {{
     {body_text}
-    out[i] = from_float<{CTYPES[p["out_dtype"]]}>({result});
+    const {out_type} r = from_float<{out_type}>({result});
+    out[i] = r;
+    {state.cache_store_code(p, "i", "r")}
   }}
 }}
 '''
@@ -54,4 +60,6 @@ extern "C" __global__ void __launch_bounds__(256) {symbol}({", ".join(params)}) 
 def reference(p: dict, args: dict) -> None:
     shape = list(p["shape"])
     inputs = [load_atoms(args[f"in{i}"], x["dtype"], x["atoms"], shape) for i, x in enumerate(p["inputs"])]
-    store(args["out"], p["out_dtype"], np.broadcast_to(ex.evaluate(p["expr"], inputs), shape))
+    result = np.broadcast_to(ex.evaluate(p["expr"], inputs), shape)
+    store(args["out"], p["out_dtype"], result)
+    state.cache_store_reference(p, args, result, p["out_dtype"])

@@ -23,14 +23,16 @@ params:
   epi_inputs: [{dtype, atoms}]         extra epilogue tensors, atoms over batch + [M, N]
   expr: elementwise expression over ["acc"] and the epilogue inputs
   out_dtype: C's dtype, C contiguous over batch + [M, N]
-args: a, b, [b quant scales], [a_scale], [ln_gamma, [ln_beta]] or folded [ln_colsum], [ln_bias], e0..e{n-1}, c"""
+  cache (optional, one-row GEMV only): fused KV-cache writes of flat output ranges (kernels/state.py)
+args: a, b, [b quant scales], [a_scale], [ln_gamma, [ln_beta]] or folded [ln_colsum], [ln_bias], e0..e{n-1}, c,
+  [cache_pos, cache0, ...]"""
 
 import math
 
 import numpy as np
 
 from flashrt.kernels import expr as ex
-from flashrt.kernels import gemm_mma
+from flashrt.kernels import gemm_mma, state
 from flashrt.kernels.dtypes import CTYPES, from_f32, to_f32
 from flashrt.kernels.memory import load, load_atoms, raw, store
 from flashrt.kernels.quant import SCALED_ACT_QUANT, act_row_scales, dequant_fp8, dequant_nvfp4, fake_quant_act, \
@@ -56,7 +58,7 @@ def arg_spec(p: dict) -> list[tuple[str, str]]:
         if ln["has_beta"]:
             args.append(("ln_beta", "ptr"))
     args += [(f"e{i}", "ptr") for i in range(len(p["epi_inputs"]))]
-    return args + [("c", "ptr")]
+    return args + [("c", "ptr")] + state.cache_arg_spec(p)
 
 
 def tile(p: dict) -> tuple[int, int]:
@@ -135,6 +137,15 @@ def problem_struct(p: dict, kind: str) -> tuple[str, list[str], list[str]]:
         else:
             names.append("nullptr")
     body_text, result = epilogue_decls(p, "c", fields, params, names)
+    out_type = CTYPES[p["out_dtype"]]
+    if p.get("cache"):  # fused KV-cache writes (gemv, one row: kernels/state.py)
+        if kind != "gemv" or p["M"] != 1:
+            raise ValueError("gemm: fused cache writes (cache) are generated for one-row GEMVs only")
+        decls = state.cache_params(p, out_type)
+        params += decls
+        fields += [d.replace(" __restrict__", "") + ";" for d in decls]
+        names += ["cache_pos"] + [f"cache{j}" for j in range(len(p["cache"]))]
+    cache_stores = state.cache_store_code(p, "o", "r", "g.")
     eps = ex.c_float(ln["eps"]) if ln else "0.f"
     row_scale = {"fp8": "g.b_scale[row]", "nvfp4": "g.b_global[0]"}.get(quant, "1.f")
     quant_id = {"fp8": 1, "nvfp4": 2}.get(quant, 0)
@@ -192,7 +203,9 @@ struct P {{
   __device__ static void epilogue(const Args& g, int bat, int m, int n, float acc, float acc1 = 0.f) {{
     const long o = ((long)bat * M + m) * N + n;
     {body_text}
-    g.c[o] = from_float<{CTYPES[p["out_dtype"]]}>({result});
+    const {out_type} r = from_float<{out_type}>({result});
+    g.c[o] = r;
+    {cache_stores}
   }}{value}
 }};
 }}  // namespace
@@ -309,3 +322,4 @@ def reference(p: dict, args: dict) -> None:
     inputs = [load_atoms(args[f"e{i}"], e["dtype"], e["atoms"], out_shape) for i, e in enumerate(p["epi_inputs"])]
     result = np.broadcast_to(ex.evaluate(p["expr"], inputs, acc), out_shape)
     store(args["c"], p["out_dtype"], result)
+    state.cache_store_reference(p, args, result, p["out_dtype"])

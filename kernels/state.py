@@ -130,3 +130,56 @@ def reference(p: dict, args: dict) -> None:
         for o in range(outer):
             start = ((o * S + pos) * inner) * item
             store(Pointer(dst.buffer, dst.offset + start, rows * inner * item, dst.name), dtype, src[o, :rows])
+
+
+# ---- cache writes fused into the kernel that produces the new rows (engine_format/SPEC.md §11, 1.7) ----
+# A gemv or eltwise launch with params["cache"] = [{start, outer, inner, S}] also stores elements
+# start .. start + outer * inner - 1 of its flat output as `outer` rows of `inner` at the position of each cache.
+
+
+def cache_arg_spec(p: dict) -> list[tuple[str, str]]:
+    stores = p.get("cache") or []
+    return ([("cache_pos", "ptr")] + [(f"cache{j}", "ptr") for j in range(len(stores))]) if stores else []
+
+
+def cache_params(p: dict, ctype: str) -> list[str]:
+    """Kernel parameter declarations of the fused cache writes (after the kernel's own)."""
+    stores = p.get("cache") or []
+    if not stores:
+        return []
+    return ["const int* __restrict__ cache_pos"] + [f"{ctype}* __restrict__ cache{j}" for j in range(len(stores))]
+
+
+def cache_store_code(p: dict, index: str, value: str, prefix: str = "") -> str:
+    """CUDA statements storing `value` (already of the cache's type), the flat output element `index`, into every
+    cache whose range holds it; `prefix` qualifies the pointers (e.g. "g.")."""
+    lines = []
+    for j, c in enumerate(p.get("cache") or []):
+        start, n, inner, S = c["start"], c["outer"] * c["inner"], c["inner"], c["S"]
+        lines.append(f"if ({index} >= {start}L && {index} < {start + n}L) {{  // KV-cache row at the position\n"
+                     f"      const int cp = *{prefix}cache_pos;\n"
+                     f"      const long cj = {index} - {start}L;\n"
+                     f"      if (cp < {S}) {prefix}cache{j}[(cj / {inner}L * {S}L + cp) * {inner}L + cj % {inner}L] = "
+                     f"{value};\n    }}")
+    return "\n    ".join(lines)
+
+
+def cache_store_reference(p: dict, args: dict, flat: np.ndarray, dtype: str) -> None:
+    """The fused cache writes of a reference that has computed its flat output `flat` (float)."""
+    stores = p.get("cache") or []
+    if not stores:
+        return
+    pos = read_int(args["cache_pos"])
+    item = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
+    for j, c in enumerate(stores):
+        start, outer, inner, S = c["start"], c["outer"], c["inner"], c["S"]
+        if not 0 <= pos < S:
+            continue
+        dst = args[f"cache{j}"]
+        if dst.extent < outer * S * inner * item:
+            raise EngineFormatError(f"kernel argument 'cache{j}': the relocation grants {dst.extent} bytes, the "
+                                    f"[{outer}, {S}, {inner}] {dtype} cache needs {outer * S * inner * item}")
+        rows = np.asarray(flat).reshape(-1)[start:start + outer * inner].reshape(outer, inner)
+        for o in range(outer):
+            at = dst.offset + (o * S + pos) * inner * item
+            store(Pointer(dst.buffer, at, inner * item, dst.name), dtype, rows[o])

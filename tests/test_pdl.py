@@ -70,7 +70,7 @@ def misc_model(path: str) -> str:
 def decoder_onnx(path: str):
     """The sample decoder exported with dynamic past axes, as tests/test_state.py builds it (needs torch)."""
     import test_state
-    from samples import decoder as dec
+    import decoder as dec  # samples/, on sys.path through test_state
 
     model = dec.make_model("ci")
     return model, test_state.export_dynamic(model, path)
@@ -371,7 +371,7 @@ def test_gpu_pdl_stateful_decoder(gpu_engines, monkeypatch):
     steps, each equal with PDL on and off and close to the CPU reference."""
     if "decoder" not in gpu_engines:
         pytest.skip("the decoder sample needs torch")
-    from samples import decoder as dec
+    import decoder as dec  # samples/, on sys.path through test_state
 
     on, off = load_both(gpu_engines["decoder"], monkeypatch)
     cpu = flashrt.load(gpu_engines["decoder"], device="cpu")
