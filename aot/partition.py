@@ -141,6 +141,8 @@ class Partitioner:
             self.warnings.append(f"{', '.join(self.no_fp8)}: no FP8 instructions (sm_89+); quantized weights are "
                                  "decoded in software there")
         self.users = graph.consumers()
+        self.norm_calls: dict[int, KernelCall] = {}  # id(output buffer) -> a standalone norm's call
+        self.norm_nodes: dict[int, Node] = {}  # id(call) -> its norm node
         self.producers = graph.producers()
         self.outputs = set(graph.outputs)
         self.index = {id(n): i for i, n in enumerate(graph.nodes)}
@@ -591,9 +593,56 @@ class Partitioner:
         shape = self.g.values[last].shape
         expr, inputs = self._expression(group.nodes, None)
         out = self.new_output_ref(last)
+        if self._norm_epilogue(group, shape, expr, inputs, out):
+            self.refs[last] = out
+            return
         self._eltwise_call(group.nodes[-1].name, shape, inputs, expr, out, [n.op for n in group.nodes],
                            [s for n in group.nodes for s in n.source])
         self.refs[last] = out
+
+    def _norm_epilogue(self, group: Group, shape: tuple, expr: list, inputs: list[TensorRef], out: TensorRef) -> bool:
+        """An elementwise group that alone reads a standalone norm's output, in the norm's element order and over
+        rows of the norm's K (the RoPE after Qwen3's per-head q / k norm, at decode): the norm's kernel computes
+        the expression as its epilogue (kernels/layernorm.py `epi`), one launch instead of two."""
+        for j, ref in enumerate(inputs):
+            call = self.norm_calls.get(id(ref.buffer))
+            if call is None or not shape or shape[-1] != call.params["K"] or call.params.get("epi"):
+                continue
+            node, y = self.norm_nodes[id(call)], call.args[-1]
+            if not (ref.contiguous() and ref.offset == y.offset and math.prod(ref.shape) == math.prod(y.shape)
+                    == math.prod(shape) and self._only_read_by(node.outputs[0], group.nodes)):
+                continue
+            order = [j] + [i for i in range(len(inputs)) if i != j]  # the normalized value becomes input 0
+            slot = {old: new for new, old in enumerate(order)}
+            epi_expr = [[ins[0], slot[ins[1]]] if ins[0] in ("in", "in_rot") else list(ins) for ins in expr]
+            others = [inputs[i] for i in order[1:]]
+            call.params = {**call.params, "out_dtype": out.dtype,
+                           "epi": {"expr": epi_expr,
+                                   "inputs": [{"dtype": r.dtype, "atoms": r.atoms_over(shape)} for r in others]}}
+            call.args = call.args[:-1] + others + [out]
+            call.ops += [n.op for n in group.nodes]
+            call.name = group.nodes[-1].name
+            call.source_nodes = _unique(call.source_nodes + [s for n in group.nodes for s in n.source])
+            self.calls.remove(call)  # now after its epilogue's inputs
+            self.calls.append(call)
+            del self.norm_calls[id(ref.buffer)]
+            self.norm_calls[id(out.buffer)] = call
+            return True
+        return False
+
+    def _only_read_by(self, value: str, nodes: list[Node]) -> bool:
+        """Whether every reader of value, through views, is one of nodes (and value is no graph output)."""
+        members, todo = {id(n) for n in nodes}, [value]
+        while todo:
+            v = todo.pop()
+            if v in self.outputs:
+                return False
+            for u in self.users.get(v, []):
+                if u.op in VIEW_OPS:
+                    todo.extend(u.outputs)
+                elif id(u) not in members:
+                    return False
+        return True
 
     def _gemm_call(self, name: str, a: TensorRef, a_atoms: dict, b: TensorRef, b_atoms: dict, mnk: tuple,
                    batch: tuple, norm: Node | None, expr: list, epi_inputs: list[TensorRef], out: TensorRef,
@@ -1032,14 +1081,14 @@ class Partitioner:
                                      _unique(s for n in unfused for s in n.source)))
 
     def _fuse_cache_write(self, n: Node, src: TensorRef, dst: Buffer, outer: int, S: int, inner: int) -> bool:
-        """A one-token entry: have the GEMV or elementwise kernel that produced the new row (as a contiguous
+        """A one-token entry: have the GEMV, elementwise or norm kernel that produced the new row (as a contiguous
         run of its output) also store it into the cache at the position (kernels/state.py), one launch fewer
         per layer. False where the producer is another kind of kernel or the row is not such a run."""
         def output(c: KernelCall) -> TensorRef:
             names = [a for a, _ in registry.family(c.family).arg_spec(c.params)]
-            return c.args[names.index("c" if c.family == "gemv" else "out")]
+            return c.args[names.index({"gemv": "c", "eltwise": "out", "layernorm": "y"}[c.family])]
 
-        call = next((c for c in reversed(self.calls) if c.family in ("gemv", "eltwise")
+        call = next((c for c in reversed(self.calls) if c.family in ("gemv", "eltwise", "layernorm")
                      and output(c).buffer is src.buffer), None)
         if call is None or call.params.get("gated") or call.family == "gemv" and call.params["M"] != 1:
             return False
@@ -1093,7 +1142,10 @@ class Partitioner:
         params = {"rows": rows, "K": K, "eps": float(np.float32(n.attrs.get("epsilon", 1e-5))),
                   "has_beta": has_beta, "rms": n.op == "RMSNormalization", "in_dtype": x.dtype,
                   "out_dtype": out.dtype, "gamma_dtype": gamma_dtype}
-        self.calls.append(KernelCall(n.name, "layernorm", params, args + [out], [n.op], n.source))
+        call = KernelCall(n.name, "layernorm", params, args + [out], [n.op], list(n.source))
+        self.calls.append(call)
+        self.norm_calls[id(out.buffer)] = call  # its output buffer -> the call, for _norm_epilogue
+        self.norm_nodes[id(call)] = n
         self.refs[n.outputs[0]] = out
 
     def emit_softmax(self, group: Group) -> None:

@@ -3,21 +3,33 @@ row; one warp per row. (A LayerNorm that feeds only GEMMs is fused into their pr
 
 params: rows, K, eps, has_beta, rms (RMSNorm: no mean subtraction, no beta), in_dtype, out_dtype,
         gamma_dtype (default float32; the dtype of gamma and beta, contiguous [K])
-args: x, gamma, [beta], y"""
+  epi (optional): {expr, inputs: [{dtype, atoms}]}: an elementwise epilogue (a RoPE after a per-head norm):
+      y = expr(normalized, e1, ...) where expression input 0 is the normalized value and inputs 1.. are
+      views over [rows, K] (atoms); ["in_rot", k] reads rotate_half along K
+  cache (optional): fused KV-cache writes of flat output ranges (kernels/state.py)
+args: x, gamma, [beta], [e1 .. en], y, [cache_pos, cache0, ...]"""
 
 import math
 
 import numpy as np
 
 from flashrt.kernels import expr as ex
+from flashrt.kernels import state
 from flashrt.kernels.dtypes import CTYPES
-from flashrt.kernels.memory import load, store
+from flashrt.kernels.memory import load, load_atoms, store
+from flashrt.kernels.source import atoms_code
 
 FAMILY = "layernorm"
 
 
+def _epi_inputs(p: dict) -> list[dict]:
+    return (p.get("epi") or {}).get("inputs", [])
+
+
 def arg_spec(p: dict) -> list[tuple[str, str]]:
-    return [("x", "ptr"), ("gamma", "ptr")] + ([("beta", "ptr")] if p["has_beta"] else []) + [("y", "ptr")]
+    extra = [(f"e{j + 1}", "ptr") for j in range(len(_epi_inputs(p)))]
+    return ([("x", "ptr"), ("gamma", "ptr")] + ([("beta", "ptr")] if p["has_beta"] else []) + extra + [("y", "ptr")]
+            + state.cache_arg_spec(p))
 
 
 def launch_config(p: dict):
@@ -27,25 +39,69 @@ def launch_config(p: dict):
 def cuda_source(p: dict, symbol: str) -> str:
     ti, to = CTYPES[p["in_dtype"]], CTYPES[p["out_dtype"]]
     tg = CTYPES[p.get("gamma_dtype", "float32")]
-    beta_param = f", const {tg}* __restrict__ beta" if p["has_beta"] else ""
-    has_beta, beta = ("true", "beta") if p["has_beta"] else ("false", "nullptr")
-    rms = "true" if p.get("rms") else "false"
-    return f'''#include "rowwise.cuh"
+    K = p["K"]
+    params = [f"const {ti}* __restrict__ x", f"const {tg}* __restrict__ gamma"]
+    if p["has_beta"]:
+        params.append(f"const {tg}* __restrict__ beta")
+    params += [f"const {CTYPES[e['dtype']]}* __restrict__ e{j + 1}" for j, e in enumerate(_epi_inputs(p))]
+    params += [f"{to}* __restrict__ y"] + state.cache_params(p, to)
+    beta = " + to_float(beta[{k}])" if p["has_beta"] else ""
+    norm = "(to_float(xr[{k}]) - mean) * rstd * to_float(gamma[{k}])" + beta
+    epi = p.get("epi")
+    if epi:
+        half = K // 2  # rotate_half along K: -x[k + h] for k < h, x[k - h] after
+        rot_k = f"(k + {half}) % {K}"
+        sign = f"(k < {half} ? -1.f : 1.f)"
+        loads = ["nv"] + [f"to_float(e{j + 1}[{atoms_code('i', e['atoms'])}])" for j, e in enumerate(epi["inputs"])]
+        rots = [f"{sign} * ({norm.format(k=rot_k)})"] + [
+            f"{sign} * to_float(e{j + 1}[{atoms_code(f'(i - k + {rot_k})', e['atoms'])}])"
+            for j, e in enumerate(epi["inputs"])]
+        body, result = ex.emit(epi["expr"], lambda j, rotated=False: rots[j] if rotated else loads[j])
+        body_text = "\n      ".join(body)
+    else:
+        body_text, result = "", "nv"
+    mean = "" if p.get("rms") else f'''
+    float s = 0.f;
+    for (int k = lane; k < {K}; k += 32) s += to_float(xr[k]);
+    mean = warp_sum(s) / {K};'''
+    return f'''#include "common.cuh"
 
-extern "C" __global__ void __launch_bounds__(256) {symbol}(const {ti}* __restrict__ x,
-    const {tg}* __restrict__ gamma{beta_param}, {to}* __restrict__ y) {{
-  layernorm_rows<{ti}, {to}, {p["rows"]}L, {p["K"]}, {has_beta}, {rms}, {tg}>(x, gamma, {beta}, y,
-                                                                         {ex.c_float(p["eps"])});
+extern "C" __global__ void __launch_bounds__(256) {symbol}({", ".join(params)}) {{
+  griddep_launch_dependents();
+  griddep_wait();  // before the rows past the end return: the next kernel waits only for this one
+  const long row = (long)blockIdx.x * 8 + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= {p["rows"]}L) return;
+  const {ti}* xr = x + row * {K}L;
+  float mean = 0.f;{mean if not p.get("rms") else ""}
+  float q = 0.f;
+  for (int k = lane; k < {K}; k += 32) {{ const float d = to_float(xr[k]) - mean; q += d * d; }}
+  const float rstd = 1.f / sqrtf(warp_sum(q) / {K} + {ex.c_float(p["eps"])});
+  for (int k = lane; k < {K}; k += 32) {{
+    const long i = row * {K}L + k;
+    const float nv = {norm.format(k="k")};
+    {body_text}
+    const {to} r = from_float<{to}>({result});
+    y[i] = r;
+    {state.cache_store_code(p, "i", "r")}
+  }}
 }}
 '''
 
 
 def reference(p: dict, args: dict) -> None:
-    x = load(args["x"], p["in_dtype"], [p["rows"], p["K"]])
+    rows, K = p["rows"], p["K"]
+    x = load(args["x"], p["in_dtype"], [rows, K])
     mean = np.float32(0) if p.get("rms") else x.mean(axis=-1, keepdims=True, dtype=np.float32)
     var = np.square(x - mean).mean(axis=-1, keepdims=True, dtype=np.float32)
     gd = p.get("gamma_dtype", "float32")
-    y = (x - mean) * (np.float32(1) / np.sqrt(var + np.float32(p["eps"]))) * load(args["gamma"], gd, [p["K"]])
+    y = (x - mean) * (np.float32(1) / np.sqrt(var + np.float32(p["eps"]))) * load(args["gamma"], gd, [K])
     if p["has_beta"]:
-        y = y + load(args["beta"], gd, [p["K"]])
+        y = y + load(args["beta"], gd, [K])
+    epi = p.get("epi")
+    if epi:
+        inputs = [y] + [load_atoms(args[f"e{j + 1}"], e["dtype"], e["atoms"], [rows, K])
+                        for j, e in enumerate(epi["inputs"])]
+        y = np.broadcast_to(ex.evaluate(epi["expr"], inputs), (rows, K))
     store(args["y"], p["out_dtype"], y)
+    state.cache_store_reference(p, args, y, p["out_dtype"])

@@ -1,5 +1,5 @@
-// Row-wise kernels: one warp per row. Rows of L elements at stride INNER (softmax over any axis);
-// LayerNorm over the last K contiguous elements.
+// Row-wise kernels: one warp per row. Rows of L elements at stride INNER (softmax over any axis). The LayerNorm
+// family generates its row kernel whole (kernels/layernorm.py: its epilogue expression and cache writes).
 #pragma once
 #include "common.cuh"
 
@@ -21,29 +21,4 @@ __device__ __forceinline__ void softmax_rows(const TI* __restrict__ x, TO* __res
   if (MASKED_ROWS_ZERO && s == 0.f) s = 1.f;
   const float inv = 1.f / s;
   for (int j = lane; j < L; j += 32) y[base + (long)j * INNER] = from_float<TO>(expf(to_float(x[base + (long)j * INNER]) - mx) * inv);
-}
-
-template <typename TI, typename TO, long ROWS, int K, bool HAS_BETA, bool RMS, typename TG>
-__device__ __forceinline__ void layernorm_rows(const TI* __restrict__ x, const TG* __restrict__ gamma,
-                                               const TG* __restrict__ beta, TO* __restrict__ y, float eps) {
-  griddep_launch_dependents();
-  griddep_wait();  // before the rows past the end return: the next kernel waits only for this one
-  const long row = (long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= ROWS) return;
-  const TI* xr = x + row * K;
-  float mean = 0.f;
-  if constexpr (!RMS) {
-    float s = 0.f;
-    for (int k = lane; k < K; k += 32) s += to_float(xr[k]);
-    mean = warp_sum(s) / K;
-  }
-  float q = 0.f;
-  for (int k = lane; k < K; k += 32) { float d = to_float(xr[k]) - mean; q += d * d; }
-  const float rstd = 1.f / sqrtf(warp_sum(q) / K + eps);
-  for (int k = lane; k < K; k += 32) {
-    float v = (to_float(xr[k]) - mean) * rstd * to_float(gamma[k]);
-    if (HAS_BETA) v += to_float(beta[k]);
-    y[row * K + k] = from_float<TO>(v);
-  }
 }
