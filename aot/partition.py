@@ -606,7 +606,8 @@ class Partitioner:
         the expression as its epilogue (kernels/layernorm.py `epi`), one launch instead of two."""
         for j, ref in enumerate(inputs):
             call = self.norm_calls.get(id(ref.buffer))
-            if call is None or not shape or shape[-1] != call.params["K"] or call.params.get("epi"):
+            if call is None or not shape or "epi" in call.params or "parts" in call.params \
+                    or shape[-1] != call.params["K"]:
                 continue
             node, y = self.norm_nodes[id(call)], call.args[-1]
             if not (ref.contiguous() and ref.offset == y.offset and math.prod(ref.shape) == math.prod(y.shape)
@@ -626,9 +627,32 @@ class Partitioner:
             self.calls.remove(call)  # now after its epilogue's inputs
             self.calls.append(call)
             del self.norm_calls[id(ref.buffer)]
-            self.norm_calls[id(out.buffer)] = call
+            self._merge_norms(call)
             return True
         return False
+
+    def _merge_norms(self, call: KernelCall) -> None:
+        """Two norm-with-epilogue launches in a row that do not read each other (a layer's q and k head norms
+        with their RoPE) become one launch of two parts (kernels/layernorm.py `parts`)."""
+        prev = self.calls[-2] if len(self.calls) > 1 else None
+        if prev is None or prev.family != "layernorm" or not (prev.params.get("epi") or prev.params.get("parts")):
+            return
+
+        def split(c: KernelCall) -> tuple[set[int], list[TensorRef]]:  # its outputs' buffers, its inputs
+            names = [a for a, _ in registry.family(c.family).arg_spec(c.params)]
+            written = [a == "y" or a.startswith(("y_", "cache")) for a in names]
+            return ({id(r.buffer) for r, w in zip(c.args, written) if w},
+                    [r for r, w in zip(c.args, written) if not w])
+
+        (prev_out, prev_in), (call_out, call_in) = split(prev), split(call)
+        if any(id(r.buffer) in prev_out for r in call_in) or any(id(r.buffer) in call_out for r in prev_in):
+            return
+        self.calls.pop()
+        prev.params = {"parts": prev.params.get("parts", [prev.params]) + [call.params]}
+        prev.args += call.args
+        prev.ops += call.ops
+        prev.name = call.name
+        prev.source_nodes = _unique(prev.source_nodes + call.source_nodes)
 
     def _only_read_by(self, value: str, nodes: list[Node]) -> bool:
         """Whether every reader of value, through views, is one of nodes (and value is no graph output)."""
@@ -1084,25 +1108,32 @@ class Partitioner:
         """A one-token entry: have the GEMV, elementwise or norm kernel that produced the new row (as a contiguous
         run of its output) also store it into the cache at the position (kernels/state.py), one launch fewer
         per layer. False where the producer is another kind of kernel or the row is not such a run."""
-        def output(c: KernelCall) -> TensorRef:
+        def outputs(c: KernelCall) -> list[tuple[TensorRef, dict, int]]:
+            """(output, the params that list its cache writes, where their arguments go) of each part of c"""
             names = [a for a, _ in registry.family(c.family).arg_spec(c.params)]
-            return c.args[names.index({"gemv": "c", "eltwise": "out", "layernorm": "y"}[c.family])]
+            if "parts" in c.params:
+                return [(c.args[names.index(f"y_{j}")], part,
+                         max(i for i, a in enumerate(names) if a.endswith(f"_{j}")) + 1)
+                        for j, part in enumerate(c.params["parts"])]
+            return [(c.args[names.index({"gemv": "c", "eltwise": "out", "layernorm": "y"}[c.family])], c.params,
+                     len(c.args))]
 
-        call = next((c for c in reversed(self.calls) if c.family in ("gemv", "eltwise", "layernorm")
-                     and output(c).buffer is src.buffer), None)
-        if call is None or call.params.get("gated") or call.family == "gemv" and call.params["M"] != 1:
+        found = next(((c, o) for c in reversed(self.calls) if c.family in ("gemv", "eltwise", "layernorm")
+                      for o in outputs(c) if o[0].buffer is src.buffer), None)
+        if found is None:
             return False
-        out = output(call)
+        call, (out, params, end) = found
+        if call.params.get("gated") or call.family == "gemv" and call.params["M"] != 1:
+            return False
         size = outer * inner
         start = src.offset - out.offset
         if not (out.contiguous() and src.contiguous() and out.dtype == dst.dtype and math.prod(src.shape) == size
                 and 0 <= start <= math.prod(out.shape) - size):
             return False
-        stores = call.params.setdefault("cache", [])
-        if not stores:
-            call.args.append(self.state_ref(self.entry.pos))
+        stores = params.setdefault("cache", [])
+        call.args[end:end] = ([] if stores else [self.state_ref(self.entry.pos)]) + \
+            [TensorRef.contiguous_view(dst, (dst.nelems,))]
         stores.append({"start": start, "outer": outer, "inner": inner, "S": S})
-        call.args.append(TensorRef.contiguous_view(dst, (dst.nelems,)))
         call.ops.append("CacheWrite")
         call.source_nodes = _unique(call.source_nodes + list(n.source))
         return True

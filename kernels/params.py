@@ -141,7 +141,7 @@ _GEMM = Dict(
      "epi_inputs": List(Dict(OPERAND)), "expr": EXPR, "out_dtype": Dtype},
     {"gated": Bool, "mma": Dict({"dtype": Enum("bfloat16", "float16", "e4m3")},  # the reference rounds to it
                                 {"wgmma": Bool}),
-     "aq": Nullable(Enum(*ACT_QUANT))})
+     "aq": Nullable(Enum(*ACT_QUANT)), "cache": lambda v, path: v})  # cache: _cache
 
 
 # ------------------------------------------------------------------------------------------ relations / caps
@@ -193,6 +193,7 @@ def _gemm(p: dict) -> None:
     out = _elements("batch, M, N", "output", nb, M, width)
     _work("batch, M, N, K", "multiply-adds (batch x M x N x K)", nb * M * width * K, MAX_GEMM_WORK)
     _expr(p, len(p["epi_inputs"]), True, out)
+    _cache(p, nb * M * N)
 
 
 def _gemm_family(p: dict) -> None:
@@ -268,6 +269,7 @@ def _eltwise(p: dict) -> None:
     if rot and (not p["shape"] or p["shape"][-1] % 2):
         raise _Bad(".expr", f"rotates a last axis of shape {p['shape']} by half (it must be even)")
     _expr(p, len(p["inputs"]), False, out, allow_rot=True)
+    _cache(p, out)
 
 
 def _softmax(p: dict) -> None:
@@ -278,10 +280,43 @@ def _softmax(p: dict) -> None:
     _elements("rows, L", "input", p["rows"], p["L"])
 
 
-def _layernorm(p: dict) -> None:
+CACHE = List(Dict({"start": DIM0, "outer": DIM, "inner": DIM, "S": DIM}), max_len=64)
+
+
+def _cache(p: dict, elements: int, path: str = "") -> None:
+    """Fused cache writes (kernels/state.py): each range lies in the kernel's flat output; caches are capped."""
+    for i, c in enumerate(CACHE(p.get("cache", []), f"{path}.cache")):
+        _elements("outer, S, inner", "cache", c["outer"], c["S"], c["inner"])
+        if c["start"] + c["outer"] * c["inner"] > elements:
+            raise _Bad(f"{path}.cache[{i}]", f"writes elements {c['start']}..{c['start'] + c['outer'] * c['inner']} "
+                                             f"of an output of {elements}")
+
+
+def _layernorm_part(p: dict, path: str) -> None:
     p = Dict({"rows": DIM, "K": DIM, "eps": Num(0.0, 1e30), "has_beta": Bool, "in_dtype": Dtype,
-              "out_dtype": Dtype}, {"rms": Bool, "gamma_dtype": Dtype})(p, "")
-    _elements("rows, K", "input", p["rows"], p["K"])
+              "out_dtype": Dtype}, {"rms": Bool, "gamma_dtype": Dtype,
+                                    "epi": Dict({"expr": EXPR, "inputs": List(Dict(OPERAND))})})(p, path)
+    n = _elements("rows, K", "input", p["rows"], p["K"])
+    if "epi" in p:
+        epi = p["epi"]
+        rot = any(ins[0] == "in_rot" for ins in epi["expr"] if isinstance(ins, list) and ins)
+        if rot and p["K"] % 2:
+            raise _Bad(f"{path}.epi.expr", f"rotates rows of K = {p['K']} by half (K must be even)")
+        try:
+            _expr(epi, len(epi["inputs"]) + 1, False, n, allow_rot=True)
+        except _Bad as e:
+            raise _Bad(f"{path}.epi", str(e)[len("params"):]) from None
+    _cache(p, n, path)
+
+
+def _layernorm(p: dict) -> None:
+    if isinstance(p, dict) and "parts" in p:
+        for i, part in enumerate(List(lambda v, path: v, min_len=1, max_len=64)(p["parts"], ".parts")):
+            if isinstance(part, dict) and "parts" in part:
+                raise _Bad(f".parts[{i}]", "has parts of its own")
+            _layernorm_part(part, f".parts[{i}]")
+        return
+    _layernorm_part(p, "")
 
 
 def _gather(p: dict) -> None:

@@ -137,30 +137,32 @@ def reference(p: dict, args: dict) -> None:
 # start .. start + outer * inner - 1 of its flat output as `outer` rows of `inner` at the position of each cache.
 
 
-def cache_arg_spec(p: dict) -> list[tuple[str, str]]:
+def cache_arg_spec(p: dict, suffix: str = "") -> list[tuple[str, str]]:
     stores = p.get("cache") or []
-    return ([("cache_pos", "ptr")] + [(f"cache{j}", "ptr") for j in range(len(stores))]) if stores else []
+    return ([(f"cache_pos{suffix}", "ptr")] + [(f"cache{j}{suffix}", "ptr") for j in range(len(stores))]
+            if stores else [])
 
 
-def cache_params(p: dict, ctype: str) -> list[str]:
+def cache_params(p: dict, ctype: str, suffix: str = "") -> list[str]:
     """Kernel parameter declarations of the fused cache writes (after the kernel's own)."""
     stores = p.get("cache") or []
     if not stores:
         return []
-    return ["const int* __restrict__ cache_pos"] + [f"{ctype}* __restrict__ cache{j}" for j in range(len(stores))]
+    return [f"const int* __restrict__ cache_pos{suffix}"] + [f"{ctype}* __restrict__ cache{j}{suffix}"
+                                                             for j in range(len(stores))]
 
 
-def cache_store_code(p: dict, index: str, value: str, prefix: str = "") -> str:
+def cache_store_code(p: dict, index: str, value: str, prefix: str = "", suffix: str = "") -> str:
     """CUDA statements storing `value` (already of the cache's type), the flat output element `index`, into every
-    cache whose range holds it; `prefix` qualifies the pointers (e.g. "g.")."""
+    cache whose range holds it; `prefix` qualifies the pointers (e.g. "g."), `suffix` ends their names."""
     lines = []
     for j, c in enumerate(p.get("cache") or []):
         start, n, inner, S = c["start"], c["outer"] * c["inner"], c["inner"], c["S"]
         lines.append(f"if ({index} >= {start}L && {index} < {start + n}L) {{  // KV-cache row at the position\n"
-                     f"      const int cp = *{prefix}cache_pos;\n"
+                     f"      const int cp = *{prefix}cache_pos{suffix};\n"
                      f"      const long cj = {index} - {start}L;\n"
-                     f"      if (cp < {S}) {prefix}cache{j}[(cj / {inner}L * {S}L + cp) * {inner}L + cj % {inner}L] = "
-                     f"{value};\n    }}")
+                     f"      if (cp < {S}) {prefix}cache{j}{suffix}[(cj / {inner}L * {S}L + cp) * {inner}L"
+                     f" + cj % {inner}L] = {value};\n    }}")
     return "\n    ".join(lines)
 
 

@@ -108,11 +108,14 @@ def test_cache_concats_stay_cache_writes(decoder):
         assert len(attention) == model.c["layers"]
         assert all(p["dyn"] and "sources" not in p["k"] and "sources" not in p["v"] for p in attention)
         writes = sum(k.family == "state" and k.params["op"] == "write" for k in kernels)
-        fused = [(k.family, len(k.params["cache"])) for k in kernels if k.params.get("cache")]
+        fused = [(k.family, len(part.get("cache", []))) for k in kernels for part in k.params.get("parts", [k.params])
+                 if part.get("cache")]
         if entry == "prefill":
             assert writes == model.c["layers"] and not fused
         else:
             assert writes == 0 and sum(n for _, n in fused) == 2 * model.c["layers"], fused
+            # per layer: V from the QKV GEMV, K from the launch of the q and k head norms with their RoPE
+            assert sorted(fused) == sorted([("gemv", 1), ("layernorm", 1)] * model.c["layers"]), fused
 
 
 def test_reset_and_load_state(decoder):
