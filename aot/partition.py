@@ -33,6 +33,7 @@ from flashrt.aot.views import Buffer, TensorRef
 from flashrt.errors import BuildError, ModelError
 from flashrt.kernels import attention as attention_kernel
 from flashrt.kernels import concat as concat_kernel
+from flashrt.kernels import layernorm as layernorm_kernel
 from flashrt.kernels import gemm_mma, gemv, registry
 from flashrt.kernels.dtypes import ITEMSIZE, STORAGE, from_f32, to_f32
 from flashrt.kernels.quant import dequant_fp8
@@ -610,6 +611,8 @@ class Partitioner:
                     or shape[-1] != call.params["K"]:
                 continue
             node, y = self.norm_nodes[id(call)], call.args[-1]
+            if any(r.buffer is ref.buffer for i, r in enumerate(inputs) if i != j):
+                continue  # the norm's output read twice (another view of it): only one becomes the epilogue's value
             if not (ref.contiguous() and ref.offset == y.offset and math.prod(ref.shape) == math.prod(y.shape)
                     == math.prod(shape) and self._only_read_by(node.outputs[0], group.nodes)):
                 continue
@@ -635,7 +638,8 @@ class Partitioner:
         """Two norm-with-epilogue launches in a row that do not read each other (a layer's q and k head norms
         with their RoPE) become one launch of two parts (kernels/layernorm.py `parts`)."""
         prev = self.calls[-2] if len(self.calls) > 1 else None
-        if prev is None or prev.family != "layernorm" or not (prev.params.get("epi") or prev.params.get("parts")):
+        if prev is None or prev.family != "layernorm" or not (prev.params.get("epi") or prev.params.get("parts")) \
+                or len(prev.params.get("parts", [prev.params])) >= layernorm_kernel.MAX_PARTS:
             return
 
         def split(c: KernelCall) -> tuple[set[int], list[TensorRef]]:  # its outputs' buffers, its inputs

@@ -22,6 +22,7 @@ from flashrt.kernels.memory import load, load_atoms, store
 from flashrt.kernels.source import atoms_code
 
 FAMILY = "layernorm"
+MAX_PARTS = 8  # norms one launch computes (each part adds 4-8 pointer arguments)
 
 
 def _parts(p: dict) -> list[tuple[dict, str]]:

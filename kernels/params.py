@@ -15,6 +15,7 @@ import math
 from flashrt.errors import EngineFormatError
 from flashrt.kernels.attention import MAX_SOURCES
 from flashrt.kernels.dtypes import ITEMSIZE
+from flashrt.kernels.layernorm import MAX_PARTS
 from flashrt.kernels.memory import MAX_VIEW_ELEMENTS, MAX_VIEW_RANK
 from flashrt.kernels.quant import ACT_QUANT
 
@@ -141,7 +142,7 @@ _GEMM = Dict(
      "epi_inputs": List(Dict(OPERAND)), "expr": EXPR, "out_dtype": Dtype},
     {"gated": Bool, "mma": Dict({"dtype": Enum("bfloat16", "float16", "e4m3")},  # the reference rounds to it
                                 {"wgmma": Bool}),
-     "aq": Nullable(Enum(*ACT_QUANT)), "cache": lambda v, path: v})  # cache: _cache
+     "aq": Nullable(Enum(*ACT_QUANT)), "cache": lambda v, path: CACHE(v, path)})
 
 
 # ------------------------------------------------------------------------------------------ relations / caps
@@ -193,12 +194,16 @@ def _gemm(p: dict) -> None:
     out = _elements("batch, M, N", "output", nb, M, width)
     _work("batch, M, N, K", "multiply-adds (batch x M x N x K)", nb * M * width * K, MAX_GEMM_WORK)
     _expr(p, len(p["epi_inputs"]), True, out)
+    if "cache" in p and (nb * M != 1 or p.get("gated")):
+        raise _Bad(".cache", "(fused KV-cache writes) needs a one-row GEMV that is not gated")
     _cache(p, nb * M * N)
 
 
 def _gemm_family(p: dict) -> None:
     """The gemm family's kernels compute a gated GEMM only in the wgmma kernel (the gemv family has its own)."""
     _gemm(p)
+    if isinstance(p, dict) and "cache" in p:
+        raise _Bad(".cache", "(fused KV-cache writes) is a gemv family param")
     if p.get("gated") and not (p.get("mma") or {}).get("wgmma"):
         raise _Bad(".gated", "= true in the gemm family needs the wgmma kernel (params.mma.wgmma)")
 
@@ -263,7 +268,8 @@ def _attention(p: dict) -> None:
 
 
 def _eltwise(p: dict) -> None:
-    p = Dict({"shape": SHAPE, "inputs": List(Dict(OPERAND)), "expr": EXPR, "out_dtype": Dtype})(p, "")
+    p = Dict({"shape": SHAPE, "inputs": List(Dict(OPERAND)), "expr": EXPR, "out_dtype": Dtype},
+             {"cache": CACHE})(p, "")
     out = _elements("shape", "output", *p["shape"])
     rot = any(ins[0] == "in_rot" for ins in p["expr"] if isinstance(ins, list) and ins)
     if rot and (not p["shape"] or p["shape"][-1] % 2):
@@ -280,12 +286,17 @@ def _softmax(p: dict) -> None:
     _elements("rows, L", "input", p["rows"], p["L"])
 
 
-CACHE = List(Dict({"start": DIM0, "outer": DIM, "inner": DIM, "S": DIM}), max_len=64)
+CACHE = List(Dict({"start": DIM0, "outer": DIM, "inner": DIM, "S": DIM}), min_len=1, max_len=64)
+CACHE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _cache(p: dict, elements: int, path: str = "") -> None:
-    """Fused cache writes (kernels/state.py): each range lies in the kernel's flat output; caches are capped."""
-    for i, c in enumerate(CACHE(p.get("cache", []), f"{path}.cache")):
+    """Fused cache writes (kernels/state.py, `cache` validated by CACHE): each range lies in the kernel's flat
+    output, of a float type; the caches are capped like any array."""
+    for i, c in enumerate(p.get("cache", [])):
+        if p["out_dtype"] not in CACHE_DTYPES:
+            raise _Bad(f"{path}.cache", f"writes KV-cache rows of out_dtype {p['out_dtype']!r} (caches are "
+                                        f"{', '.join(CACHE_DTYPES)})")
         _elements("outer, S, inner", "cache", c["outer"], c["S"], c["inner"])
         if c["start"] + c["outer"] * c["inner"] > elements:
             raise _Bad(f"{path}.cache[{i}]", f"writes elements {c['start']}..{c['start'] + c['outer'] * c['inner']} "
@@ -294,7 +305,7 @@ def _cache(p: dict, elements: int, path: str = "") -> None:
 
 def _layernorm_part(p: dict, path: str) -> None:
     p = Dict({"rows": DIM, "K": DIM, "eps": Num(0.0, 1e30), "has_beta": Bool, "in_dtype": Dtype,
-              "out_dtype": Dtype}, {"rms": Bool, "gamma_dtype": Dtype,
+              "out_dtype": Dtype}, {"rms": Bool, "gamma_dtype": Dtype, "cache": CACHE,
                                     "epi": Dict({"expr": EXPR, "inputs": List(Dict(OPERAND))})})(p, path)
     n = _elements("rows, K", "input", p["rows"], p["K"])
     if "epi" in p:
@@ -305,13 +316,13 @@ def _layernorm_part(p: dict, path: str) -> None:
         try:
             _expr(epi, len(epi["inputs"]) + 1, False, n, allow_rot=True)
         except _Bad as e:
-            raise _Bad(f"{path}.epi", str(e)[len("params"):]) from None
+            raise _Bad(f"{path}.epi{str(e)[len('params'):]}", "") from None
     _cache(p, n, path)
 
 
 def _layernorm(p: dict) -> None:
     if isinstance(p, dict) and "parts" in p:
-        for i, part in enumerate(List(lambda v, path: v, min_len=1, max_len=64)(p["parts"], ".parts")):
+        for i, part in enumerate(List(lambda v, path: v, min_len=1, max_len=MAX_PARTS)(p["parts"], ".parts")):
             if isinstance(part, dict) and "parts" in part:
                 raise _Bad(f".parts[{i}]", "has parts of its own")
             _layernorm_part(part, f".parts[{i}]")

@@ -359,6 +359,8 @@ class CUDAEngine(Engine):
         only: the ablated replays compute wrong results into the arena (and state); the position counter is
         restored between replays, as in latencies()."""
         e = self.entry_info(entry)
+        if iters < 1:
+            raise InputError(f"ablate: iters = {iters}; at least 1 replay per graph is needed")
         bad = sorted({i for ix in groups.values() for i in ix if not 0 <= i < e.count})
         if bad:
             raise InputError(f"ablate: launch indices {bad[:8]} are not 0..{e.count - 1} of entry '{e.name}'")

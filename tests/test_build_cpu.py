@@ -90,3 +90,66 @@ def test_runs_are_repeatable(engines):
     a, b = engine.run(feeds), engine.run(feeds)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
+
+
+def _norm_model(path, pairs: int, read_twice: bool = False, rope: bool = False):
+    """`pairs` independent LayerNorm -> elementwise chains over slices of one input; the elementwise reads the
+    norm's output twice (through a Reshape) with read_twice, or is a RoPE (x cos + rotate_half(x) sin) with rope."""
+    import onnx
+    from onnx import TensorProto
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    rng = np.random.default_rng(0)
+    nodes, inits, outs = [], [], []
+    for i in range(pairs):
+        nodes += [h.make_node("Slice", ["x", f"s{i}", f"e{i}", "ax"], [f"x{i}"]),
+                  h.make_node("LayerNormalization", [f"x{i}", f"g{i}"], [f"y{i}"], axis=-1)]
+        inits += [nh.from_array(np.array([2 * i], np.int64), f"s{i}"),
+                  nh.from_array(np.array([2 * i + 2], np.int64), f"e{i}"),
+                  nh.from_array(rng.standard_normal(64).astype(np.float32), f"g{i}")]
+        if read_twice:
+            nodes += [h.make_node("Reshape", [f"y{i}", "shape"], [f"a{i}"]),
+                      h.make_node("Mul", [f"y{i}", f"a{i}"], [f"z{i}"])]
+        elif rope:
+            nodes += [h.make_node("Slice", [f"y{i}", "h", "end", "last"], [f"hi{i}"]),
+                      h.make_node("Slice", [f"y{i}", "zero", "h", "last"], [f"lo{i}"]),
+                      h.make_node("Neg", [f"hi{i}"], [f"nhi{i}"]),
+                      h.make_node("Concat", [f"nhi{i}", f"lo{i}"], [f"rot{i}"], axis=-1),
+                      h.make_node("Mul", [f"y{i}", "cos"], [f"c{i}"]),
+                      h.make_node("Mul", [f"rot{i}", "sin"], [f"r{i}"]),
+                      h.make_node("Add", [f"c{i}", f"r{i}"], [f"z{i}"])]
+        else:
+            nodes.append(h.make_node("Mul", [f"y{i}", "cos"], [f"z{i}"]))
+        outs.append(h.make_tensor_value_info(f"z{i}", TensorProto.FLOAT, [1, 2, 64]))
+    inits += [nh.from_array(np.array([1, 2, 64], np.int64), "shape"), nh.from_array(np.array([1], np.int64), "ax"),
+              nh.from_array(rng.standard_normal(64).astype(np.float32), "cos"),
+              nh.from_array(rng.standard_normal(64).astype(np.float32), "sin"),
+              nh.from_array(np.array([32], np.int64), "h"), nh.from_array(np.array([64], np.int64), "end"),
+              nh.from_array(np.array([0], np.int64), "zero"), nh.from_array(np.array([-1], np.int64), "last")]
+    graph = h.make_graph(nodes, "norms", [h.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2 * pairs, 64])],
+                         outs, inits)
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), str(path))
+
+
+@pytest.mark.parametrize("pairs, read_twice, rope", [(2, False, True), (1, True, False), (11, False, False)])
+def test_norm_epilogues_match_onnxruntime(tmp_path, pairs, read_twice, rope):
+    """A norm whose output only an elementwise group reads computes it as its epilogue (RoPE's rotate_half
+    included), and consecutive ones share a launch (at most layernorm.MAX_PARTS); a norm output read twice by
+    the group stays a separate launch."""
+    from flashrt.kernels.layernorm import MAX_PARTS
+
+    _norm_model(tmp_path / "m.onnx", pairs, read_twice, rope)
+    build_engine(str(tmp_path / "m.onnx"), ["sm_90a"], str(tmp_path / "m.frt"), precision="fp32")
+    engine = flashrt.load(tmp_path / "m.frt", device="cpu")
+    feeds = engine.example_inputs(0)
+    got, want = engine.run(feeds), onnxruntime_outputs(tmp_path / "m.onnx", feeds)
+    for name in want:
+        assert rel_l2(got[name], want[name]) <= 1e-5, name
+    kernels = [engine.file.kernels[launch.kernel] for launch in engine.file.launches]
+    norms = [k.params.get("parts", [k.params]) for k in kernels if k.family == "layernorm"]
+    assert sum(len(p) for p in norms) == pairs
+    if read_twice:
+        assert all("epi" not in q for p in norms for q in p)
+    else:
+        assert all("epi" in q for p in norms for q in p) and len(norms) == -(-pairs // MAX_PARTS)
