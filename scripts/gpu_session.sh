@@ -7,7 +7,8 @@
 #   bash scripts/gpu_session.sh loops     # the pi0 expert chunk and the VLA chunk vs PyTorch (issue 6)
 #   bash scripts/gpu_session.sh verify    # tests of new attention/elementwise code, wgmma probe, expert + VLA rows
 #   bash scripts/gpu_session.sh sanitize  # compute-sanitizer memcheck on the three workloads and the samples
-#   bash scripts/gpu_session.sh next      # what the 2026-12-02 session left unmeasured (see benchmarks/NOTES.md v9)
+#   bash scripts/gpu_session.sh next      # what the 2026-12-07 session left unmeasured (see benchmarks/NOTES.md v12)
+#   bash scripts/gpu_session.sh compare   # pi0 chunk vs a compiled static step; decode 512 / 4096 vs torch.compile
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -52,18 +53,18 @@ case "$stage" in
     timeout 180 compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/run_samples_cuda.py 2>&1 \
       | tee -a "$OUT/sanitize.log" | tail -8
     ;;
-  next)  # the pi0 chunk vs a compiled static-shape torch baseline; decode vs torch.compile in the same run; where
-         # the folded-norm wgmma GEMM's extra 1.5-3 us go (ncu on the expert's gate/up, plain vs fold)
-    timeout 300 python3 benchmarks/pi0_bench.py --scale full --precisions bf16 --out "$OUT" 2>&1 \
-      | tee "$OUT/pi0.log" | tail -8
-    timeout 200 python3 benchmarks/bench.py --workloads decode --precisions bf16 fp8 --out "$OUT" 2>&1 \
-      | tee "$OUT/bench_decode.log" | grep '^| '
-    FLASHRT_WGMMA_FP8=1 timeout 150 python3 -m pytest -q -n 8 tests/test_gpu_gemm_wgmma.py tests/test_kv_concat.py \
-      > "$OUT/tests_fp8.log" 2>&1; echo "fp8 wgmma + converter tests rc=$?"; tail -3 "$OUT/tests_fp8.log"
-    FLASHRT_WGMMA_FP8=1 timeout 200 python3 benchmarks/bench.py --no-torch --workloads expert vit --precisions bf16 \
-      fp8 --out "$OUT" 2>&1 | grep '^| '
-    timeout 90 ncu --kernel-name regex:frt_gemm --set full -o "$OUT/fold" python3 benchmarks/gemm_sweep.py \
-      --wgmma-fused --out "$OUT" > "$OUT/ncu.log" 2>&1; echo "ncu rc=$?"
+  next)  # what the 2026-12-07 session left unmeasured (benchmarks/NOTES.md v12): the fused decode cache writes and
+         # norm + RoPE launches on the GPU, the in-graph cost of each kernel kind (--ablate)
+    timeout 200 python3 -m pytest -q -rf -n 8 tests/test_state.py tests/test_decoder_sample.py tests/test_pdl.py \
+      tests/test_gpu.py > "$OUT/tests.log" 2>&1; echo "tests rc=$?"; tail -3 "$OUT/tests.log"
+    timeout 200 python3 benchmarks/bench.py --no-torch --workloads decode expert vit --precisions bf16 --ablate \
+      --out "$OUT" 2>&1 | tee "$OUT/bench_ablate.log" | grep '^| '
     ;;
-  *) echo "usage: $0 tests|kernels|bench|loops|verify|sanitize|next" >&2; exit 2 ;;
+  compare)  # the pi0 chunk against a compiled static-shape step; decode at 512 and 4096 against torch.compile
+    timeout 280 python3 benchmarks/pi0_bench.py --scale full --precisions bf16 --out "$OUT" 2>&1 \
+      | tee "$OUT/pi0.log" | grep '^{"impl\|^|'
+    timeout 250 python3 benchmarks/bench.py --workloads decode decode4k --precisions bf16 fp8 --out "$OUT" 2>&1 \
+      | tee "$OUT/bench_decode.log" | grep '^| '
+    ;;
+  *) echo "usage: $0 tests|kernels|bench|loops|verify|sanitize|next|compare" >&2; exit 2 ;;
 esac
