@@ -142,8 +142,7 @@ class Partitioner:
             self.warnings.append(f"{', '.join(self.no_fp8)}: no FP8 instructions (sm_89+); quantized weights are "
                                  "decoded in software there")
         self.users = graph.consumers()
-        self.norm_calls: dict[int, KernelCall] = {}  # id(output buffer) -> a standalone norm's call
-        self.norm_nodes: dict[int, Node] = {}  # id(call) -> its norm node
+        self.norm_calls: dict[int, tuple[KernelCall, Node]] = {}  # id(output buffer) -> a standalone norm
         self.producers = graph.producers()
         self.outputs = set(graph.outputs)
         self.index = {id(n): i for i, n in enumerate(graph.nodes)}
@@ -606,11 +605,12 @@ class Partitioner:
         rows of the norm's K (the RoPE after Qwen3's per-head q / k norm, at decode): the norm's kernel computes
         the expression as its epilogue (kernels/layernorm.py `epi`), one launch instead of two."""
         for j, ref in enumerate(inputs):
-            call = self.norm_calls.get(id(ref.buffer))
-            if call is None or not shape or "epi" in call.params or "parts" in call.params \
-                    or shape[-1] != call.params["K"]:
+            if id(ref.buffer) not in self.norm_calls or not shape:
                 continue
-            node, y = self.norm_nodes[id(call)], call.args[-1]
+            call, node = self.norm_calls[id(ref.buffer)]
+            y = call.args[-1]
+            if shape[-1] != call.params["K"]:
+                continue
             if any(r.buffer is ref.buffer for i, r in enumerate(inputs) if i != j):
                 continue  # the norm's output read twice (another view of it): only one becomes the epilogue's value
             if not (ref.contiguous() and ref.offset == y.offset and math.prod(ref.shape) == math.prod(y.shape)
@@ -1089,20 +1089,19 @@ class Partitioner:
         if self.entry.length is not None:
             args.append(self.state_ref(self.entry.length))
         T = self.g.values[node.inputs[0]].shape[axis]
-        fused = []
+        unfused = []
         for n in batch:
             src = self.ref(n.inputs[0], self.act)
             dst = self.state_buffer(n.attrs["state"], n.outputs[0])
             self.refs[n.outputs[0]] = TensorRef.contiguous_view(dst, shape)
             self.cache_written.add(id(n))
             if T == 1 and self.entry.length is None and self._fuse_cache_write(n, src, dst, outer, S, inner):
-                fused.append(n)
                 continue
+            unfused.append(n)
             pairs.append({"atoms": src.atoms_over(src.shape)})
             args += [src, TensorRef.contiguous_view(dst, (dst.nelems,))]
-        if not pairs:
+        if not unfused:
             return
-        unfused = [n for n in batch if n not in fused]
         params = {"op": "write", "T": T, "S": S, "outer": outer, "inner": inner,
                   "dtype": self.storage(node.outputs[0]), "pairs": pairs, "has_length": self.entry.length is not None}
         self.calls.append(KernelCall(unfused[0].name, "state", params, args, ["CacheWrite"] * len(unfused),
@@ -1179,8 +1178,7 @@ class Partitioner:
                   "out_dtype": out.dtype, "gamma_dtype": gamma_dtype}
         call = KernelCall(n.name, "layernorm", params, args + [out], [n.op], list(n.source))
         self.calls.append(call)
-        self.norm_calls[id(out.buffer)] = call  # its output buffer -> the call, for _norm_epilogue
-        self.norm_nodes[id(call)] = n
+        self.norm_calls[id(out.buffer)] = (call, n)  # for _norm_epilogue
         self.refs[n.outputs[0]] = out
 
     def emit_softmax(self, group: Group) -> None:

@@ -267,12 +267,16 @@ def _attention(p: dict) -> None:
     _expr(p, len(p["epi_inputs"]), True, scores)
 
 
+def _rotates(expr: list) -> bool:
+    """Whether an expression reads an input through rotate_half (["in_rot", k])."""
+    return any(ins[0] == "in_rot" for ins in expr if isinstance(ins, list) and ins)
+
+
 def _eltwise(p: dict) -> None:
     p = Dict({"shape": SHAPE, "inputs": List(Dict(OPERAND)), "expr": EXPR, "out_dtype": Dtype},
              {"cache": CACHE})(p, "")
     out = _elements("shape", "output", *p["shape"])
-    rot = any(ins[0] == "in_rot" for ins in p["expr"] if isinstance(ins, list) and ins)
-    if rot and (not p["shape"] or p["shape"][-1] % 2):
+    if _rotates(p["expr"]) and (not p["shape"] or p["shape"][-1] % 2):
         raise _Bad(".expr", f"rotates a last axis of shape {p['shape']} by half (it must be even)")
     _expr(p, len(p["inputs"]), False, out, allow_rot=True)
     _cache(p, out)
@@ -293,10 +297,10 @@ CACHE_DTYPES = ("float32", "float16", "bfloat16")
 def _cache(p: dict, elements: int, path: str = "") -> None:
     """Fused cache writes (kernels/state.py, `cache` validated by CACHE): each range lies in the kernel's flat
     output, of a float type; the caches are capped like any array."""
+    if p.get("cache") and p["out_dtype"] not in CACHE_DTYPES:
+        raise _Bad(f"{path}.cache", f"writes KV-cache rows of out_dtype {p['out_dtype']!r} (caches are "
+                                    f"{', '.join(CACHE_DTYPES)})")
     for i, c in enumerate(p.get("cache", [])):
-        if p["out_dtype"] not in CACHE_DTYPES:
-            raise _Bad(f"{path}.cache", f"writes KV-cache rows of out_dtype {p['out_dtype']!r} (caches are "
-                                        f"{', '.join(CACHE_DTYPES)})")
         _elements("outer, S, inner", "cache", c["outer"], c["S"], c["inner"])
         if c["start"] + c["outer"] * c["inner"] > elements:
             raise _Bad(f"{path}.cache[{i}]", f"writes elements {c['start']}..{c['start'] + c['outer'] * c['inner']} "
@@ -310,8 +314,7 @@ def _layernorm_part(p: dict, path: str) -> None:
     n = _elements("rows, K", "input", p["rows"], p["K"])
     if "epi" in p:
         epi = p["epi"]
-        rot = any(ins[0] == "in_rot" for ins in epi["expr"] if isinstance(ins, list) and ins)
-        if rot and p["K"] % 2:
+        if _rotates(epi["expr"]) and p["K"] % 2:
             raise _Bad(f"{path}.epi.expr", f"rotates rows of K = {p['K']} by half (K must be even)")
         try:
             _expr(epi, len(epi["inputs"]) + 1, False, n, allow_rot=True)

@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from flashrt.errors import EngineFormatError
-from flashrt.kernels.dtypes import CTYPES
+from flashrt.kernels.dtypes import CTYPES, ITEMSIZE
 from flashrt.kernels.memory import Pointer, load_atoms, raw, store
 from flashrt.kernels.source import atoms_code
 
@@ -120,20 +120,26 @@ def reference(p: dict, args: dict) -> None:
     rows = max(0, min(n, S - pos)) if pos >= 0 else 0
     if rows == 0:
         return
-    item = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
     for j, pair in enumerate(p["pairs"]):
         src = load_atoms(args[f"src{j}"], dtype, pair["atoms"], [outer, T, inner])
-        dst = args[f"dst{j}"]
-        if dst.extent < outer * S * inner * item:
-            raise EngineFormatError(f"kernel argument 'dst{j}': the relocation grants {dst.extent} bytes, the "
-                                    f"[{outer}, {S}, {inner}] {dtype} cache needs {outer * S * inner * item}")
-        for o in range(outer):
-            start = ((o * S + pos) * inner) * item
-            store(Pointer(dst.buffer, dst.offset + start, rows * inner * item, dst.name), dtype, src[o, :rows])
+        write_rows(args[f"dst{j}"], dtype, [outer, S, inner], pos, src[:, :rows])
+
+
+def write_rows(dst: Pointer, dtype: str, cache: list[int], pos: int, rows: np.ndarray) -> None:
+    """Store rows [outer, n, inner] at positions pos .. pos + n - 1 of the [outer, S, inner] cache at dst."""
+    outer, S, inner = cache
+    item = ITEMSIZE[dtype]
+    if dst.extent < outer * S * inner * item:
+        raise EngineFormatError(f"kernel argument '{dst.name}': the relocation grants {dst.extent} bytes, the "
+                                f"[{outer}, {S}, {inner}] {dtype} cache needs {outer * S * inner * item}")
+    n = rows.shape[1]
+    for o in range(outer):
+        start = ((o * S + pos) * inner) * item
+        store(Pointer(dst.buffer, dst.offset + start, n * inner * item, dst.name), dtype, rows[o])
 
 
 # ---- cache writes fused into the kernel that produces the new rows (engine_format/SPEC.md §11, 1.7) ----
-# A gemv or eltwise launch with params["cache"] = [{start, outer, inner, S}] also stores elements
+# A gemv, eltwise or layernorm launch with params["cache"] = [{start, outer, inner, S}] also stores elements
 # start .. start + outer * inner - 1 of its flat output as `outer` rows of `inner` at the position of each cache.
 
 
@@ -172,16 +178,8 @@ def cache_store_reference(p: dict, args: dict, flat: np.ndarray, dtype: str) -> 
     if not stores:
         return
     pos = read_int(args["cache_pos"])
-    item = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
     for j, c in enumerate(stores):
         start, outer, inner, S = c["start"], c["outer"], c["inner"], c["S"]
-        if not 0 <= pos < S:
-            continue
-        dst = args[f"cache{j}"]
-        if dst.extent < outer * S * inner * item:
-            raise EngineFormatError(f"kernel argument 'cache{j}': the relocation grants {dst.extent} bytes, the "
-                                    f"[{outer}, {S}, {inner}] {dtype} cache needs {outer * S * inner * item}")
-        rows = np.asarray(flat).reshape(-1)[start:start + outer * inner].reshape(outer, inner)
-        for o in range(outer):
-            at = dst.offset + (o * S + pos) * inner * item
-            store(Pointer(dst.buffer, at, inner * item, dst.name), dtype, rows[o])
+        if 0 <= pos < S:
+            rows = np.asarray(flat).reshape(-1)[start:start + outer * inner].reshape(outer, 1, inner)
+            write_rows(args[f"cache{j}"], dtype, [outer, S, inner], pos, rows)

@@ -87,6 +87,9 @@ class Pi0ExpertStatic(torch.nn.Module):
     def __init__(self, model: Pi0Expert):
         super().__init__()
         self.m = model
+        # one Euler step: benchmarks/pi0_bench.py puts its torch.compile'd form here (the whole chunk unrolled is
+        # too large a graph for max-autotune to compile in minutes)
+        self.step_fn = self.step
 
     def forward(self, state, noise, prefix_keys, prefix_values, temb):
         m, c = self.m, self.m.c
@@ -101,11 +104,6 @@ class Pi0ExpertStatic(torch.nn.Module):
         for step in range(temb.shape[0]):
             x = self.step_fn(x, temb[step], state_token, cos, sin, mask, prefix_keys, prefix_values, dt)
         return x
-
-    def step_fn(self, *args):
-        """One Euler step; benchmarks/pi0_bench.py replaces it by its torch.compile'd form (a whole chunk
-        unrolled is too large a graph for max-autotune to compile in minutes)."""
-        return self.step(*args)
 
     def step(self, x, temb_row, state_token, cos, sin, mask, prefix_keys, prefix_values, dt: float):
         """x <- x + dt v(x, t) for the step whose time embedding is temb_row [width] (dt = -1 / steps)."""
