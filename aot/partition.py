@@ -28,7 +28,7 @@ from flashrt.aot.ir import Graph, Node
 from flashrt.aot.quantize import quantize_fp8, quantize_nvfp4
 from flashrt.aot.state import CACHE_WRITE, POSITIONS
 from flashrt.aot.gemv_cost import choose_gemv_format
-from flashrt.aot.targets import fp8_mma, sm_number, wgmma_enabled, wgmma_fp8_enabled
+from flashrt.aot.targets import fp8_mma, fused_mlp_enabled, sm_number, wgmma_enabled, wgmma_fp8_enabled
 from flashrt.aot.views import Buffer, TensorRef
 from flashrt.errors import BuildError, ModelError
 from flashrt.kernels import attention as attention_kernel
@@ -102,6 +102,8 @@ class EntryState:
 
 
 FOLDED = "the norm's gamma folded into the weight (wgmma)"
+# acc + in0 in either order: a GEMM's epilogue adding a residual
+RESIDUAL_EXPRS = ([["acc"], ["in", 0], ["add", 0, 1]], [["acc"], ["in", 0], ["add", 1, 0]])
 
 
 @dataclass(eq=False)
@@ -779,6 +781,61 @@ class Partitioner:
                         [n.op for n in nodes], [s for n in nodes for s in n.source], quant=quant, aq=aq,
                         folded=folded)
         self.refs[last] = TensorRef.contiguous_view(out_buf, onnx_shape)
+        if fused_mlp_enabled():
+            self._fuse_down(mm, last, onnx_shape)
+
+    def _fuse_down(self, mm: Node, last: str, onnx_shape: tuple) -> None:
+        """A one-row GEMV y = r + h W2^T (an MLP's down projection with its residual) right after the gated GEMV
+        that alone produces h, where r is an earlier one-row GEMV's output: the gated kernel multiplies its own
+        values of h by W2 and adds them into y with atomics (kernels/gemm.py `down`), and r's GEMV stores r into
+        y first (`mirror`). The MLP becomes one launch; y is float32."""
+        down, gated = self.calls[-1], self.calls[-2] if len(self.calls) > 1 else None
+        p = down.params
+        if gated is None or down.family != "gemv" or gated.family != "gemv" or not gated.params.get("gated") \
+                or gated.params["M"] != 1 or p["M"] != 1 or p.get("gated") or p.get("aq") or p["ln"] \
+                or p.get("cache") or p["b"].get("quant") not in (None, "fp8") or len(p["epi_inputs"]) != 1 \
+                or p["expr"] not in RESIDUAL_EXPRS or p["K"] != gated.params["N"]:
+            return
+        N, N2 = p["K"], p["N"]
+        h, r, out, c = down.args[0], down.args[-2], down.args[-1], gated.args[-1]
+        J = (8 // gated.params["S"]) * (gated.params["R"] // 2)  # h values per block of the gated kernel
+        if h.buffer is not c.buffer or h.offset or c.offset or not h.contiguous() or N % J \
+                or J * ITEMSIZE[p["b"]["dtype"]] % 4:
+            return
+        value = mm.inputs[0]  # h as the gated group produced it: read by this GEMV alone
+        while (prod := self.producers.get(value)) is not None and prod.op in VIEW_OPS:
+            value = prod.inputs[0]
+        if not self._only_read_by(value, [mm]):
+            return
+        if not (r.contiguous() and r.offset == 0 and r.buffer.nelems == N2):
+            return
+        spec = lambda call: [n for n, _ in registry.family(call.family).arg_spec(call.params)]  # noqa: E731
+        producer = next((call for call in reversed(self.calls[:-2]) if call.family == "gemv"
+                         and call.args[spec(call).index("c")].buffer is r.buffer), None)
+        if producer is None or producer.params.get("gated") or producer.params.get("mirror") \
+                or producer.params["M"] != 1 or producer.params["N"] != N2:
+            return
+        if out.buffer.kind == "output":
+            if out.dtype != "float32":
+                return
+            acc = out.buffer
+        else:
+            acc = Buffer(out.buffer.name, "arena", "float32", N2)
+            self.buffers[self.buffers.index(out.buffer)] = acc
+        y = TensorRef.contiguous_view(acc, (N2,))
+        at = spec(producer).index("c")
+        producer.params = {**producer.params, "mirror": True}
+        producer.args = producer.args[:at] + [y] + producer.args[at:]
+        quant = p["b"].get("quant")
+        gated.params = {**gated.params, "down": {"N": N2, "b": {"dtype": p["b"]["dtype"],
+                                                                **({"quant": quant} if quant else {})}}}
+        gated.args = gated.args[:-1] + down.args[1:3 if quant else 2] + [y]
+        gated.ops += down.ops
+        gated.name = down.name
+        gated.source_nodes = _unique(gated.source_nodes + down.source_nodes)
+        gated.reason = "; ".join(_unique([x for x in (gated.reason, down.reason) if x]))
+        self.calls.pop()
+        self.refs[last] = TensorRef.contiguous_view(acc, onnx_shape)
 
     def fold_norm(self, mm: Node, norm: Node, w: np.ndarray, a: TensorRef, fmt: str) -> tuple | None:
         """The norm prologue folded into the weight for the sm_90a wgmma kernel (kernels/gemm.py ln.fold), which

@@ -60,3 +60,9 @@ def wgmma_fp8_enabled(archs: list[str]) -> bool:
     """Whether the wgmma GEMM also takes fp8 weights (decoded to 16 bits in shared memory): opt-in with
     FLASHRT_WGMMA_FP8=1 until it has run on a GPU."""
     return wgmma_enabled(archs) and os.environ.get("FLASHRT_WGMMA_FP8") == "1"
+
+
+def fused_mlp_enabled() -> bool:
+    """Whether decode MLPs fuse the down projection into the gated GEMV (kernels/gemm.py `down`; off:
+    FLASHRT_FUSE_MLP=0, for measuring what the fusion gains)."""
+    return os.environ.get("FLASHRT_FUSE_MLP", "1") != "0"

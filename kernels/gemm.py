@@ -24,8 +24,16 @@ params:
   expr: elementwise expression over ["acc"] and the epilogue inputs
   out_dtype: C's dtype, C contiguous over batch + [M, N]
   cache (optional, one-row GEMV only): fused KV-cache writes of flat output ranges (kernels/state.py)
-args: a, b, [b quant scales], [a_scale], [ln_gamma, [ln_beta]] or folded [ln_colsum], [ln_bias], e0..e{n-1}, c,
-  [cache_pos, cache0, ...]"""
+  mirror (optional, true; gemv, not gated): C's values, as stored, also written as float32 to `mirror` (the
+     accumulator a `down` GEMV adds into starts from the residual this kernel produces)
+  down (optional, one-row gated GEMV only): {N: N2, b: {dtype, quant?: "fp8"}} the down projection fused in:
+     C is not stored; its values, rounded to out_dtype, are multiplied by W2 (stored [N2, N], N contiguous; an
+     fp8 W2 with its per-row scale w2_scale [N2]) and added to y (float32 [N2], read and written):
+         y[j] += sum_n C[0, n] * W2[j, n]
+     Each block adds the products of its own C columns with atomics, so y must hold the residual beforehand
+     (a `mirror` earlier in the launch list) and the sum's order varies between runs.
+args: a, b, [b quant scales], [a_scale], [ln_gamma, [ln_beta]] or folded [ln_colsum], [ln_bias], e0..e{n-1},
+  [mirror], c, [cache_pos, cache0, ...]; with `down`, w2, [w2_scale], y in place of c"""
 
 import math
 
@@ -58,7 +66,9 @@ def arg_spec(p: dict) -> list[tuple[str, str]]:
         if ln["has_beta"]:
             args.append(("ln_beta", "ptr"))
     args += [(f"e{i}", "ptr") for i in range(len(p["epi_inputs"]))]
-    return args + [("c", "ptr")] + state.cache_arg_spec(p)
+    if p.get("down"):
+        return args + [("w2", "ptr")] + ([("w2_scale", "ptr")] if p["down"]["b"].get("quant") else []) + [("y", "ptr")]
+    return args + ([("mirror", "ptr")] if p.get("mirror") else []) + [("c", "ptr")] + state.cache_arg_spec(p)
 
 
 def tile(p: dict) -> tuple[int, int]:
@@ -88,9 +98,16 @@ def epilogue_decls(p: dict, out: str, fields: list, params: list, names: list) -
         fields.append(f"const {CTYPES[e['dtype']]}* e{i};")
         params.append(f"const {CTYPES[e['dtype']]}* __restrict__ e{i}")
         names.append(f"e{i}")
-    fields.append(f"{CTYPES[p['out_dtype']]}* {out};")
-    params.append(f"{CTYPES[p['out_dtype']]}* __restrict__ {out}")
-    names.append(out)
+    down = p.get("down")
+    if down:  # C stays in the kernel; the down projection's weight (and scale) and the accumulator y instead
+        outs = [(f"const {CTYPES[down['b']['dtype']]}", "w2")] + \
+            ([("const float", "w2_scale")] if down["b"].get("quant") else []) + [("float", "y")]
+    else:
+        outs = ([("float", "mirror")] if p.get("mirror") else []) + [(CTYPES[p["out_dtype"]], out)]
+    for ctype, name in outs:
+        fields.append(f"{ctype}* {name};")
+        params.append(f"{ctype}* __restrict__ {name}")
+        names.append(name)
     loads = [f"to_float(g.e{i}[{atoms_code('o', e['atoms'])}])" for i, e in enumerate(p["epi_inputs"])]
     body, result = ex.emit(p["expr"], lambda k: loads[k], acc="acc")
     return "\n    ".join(body), result
@@ -145,6 +162,9 @@ def problem_struct(p: dict, kind: str) -> tuple[str, list[str], list[str]]:
         params += decls
         fields += [d.replace(" __restrict__", "") + ";" for d in decls]
         names += ["cache_pos"] + [f"cache{j}" for j in range(len(p["cache"]))]
+    if (p.get("down") or p.get("mirror")) and (kind != "gemv" or p["M"] != 1
+                                                or bool(p.get("down")) != bool(p.get("gated"))):
+        raise ValueError("gemm: mirror (not gated) and down (gated) are generated for one-row GEMVs only")
     cache_stores = state.cache_store_code(p, "o", "r", "g.")
     eps = ex.c_float(ln["eps"]) if ln else "0.f"
     row_scale = {"fp8": "g.b_scale[row]", "nvfp4": "g.b_global[0]"}.get(quant, "1.f")
@@ -165,19 +185,39 @@ def problem_struct(p: dict, kind: str) -> tuple[str, list[str], list[str]]:
     {_tile_load_b(b, K)}
   }}"""
     else:
+        down = p.get("down") or {"N": 0, "b": {"dtype": "float32"}}
+        w2 = CTYPES[down["b"]["dtype"]]
         shape = (f"static constexpr int M = {M}, N = {N}, K = {K}, R = {p['R']}, S = {p['S']};\n"
                  f"  static constexpr bool GATED = {'true' if p.get('gated') else 'false'};\n"
-                 f"  using TW = {CTYPES[b['dtype']]};")
+                 f"  using TW = {CTYPES[b['dtype']]};\n"
+                 f"  static constexpr int DOWN_N = {down['N']};  // the fused down projection's rows (0: none)\n"
+                 f"  using TW2 = {w2};")
         operand_loads = f"""__device__ static float load_a(const Args& g, int m, int k) {{
     return to_float(g.a[{atoms_code("(long)m", a["m"])} + {atoms_code("(long)k", a["k"])}]);
   }}
-  __device__ static const TW* weights(const Args& g) {{ return g.b; }}"""
+  __device__ static const TW* weights(const Args& g) {{ return g.b; }}
+  __device__ static const TW2* down_weights(const Args& g) {{ return {"g.w2" if p.get("down") else "nullptr"}; }}
+  __device__ static float down_scale(const Args& g, int row) {{
+    return {"g.w2_scale[row]" if p.get("down", {}).get("b", {}).get("quant") else "1.f"};
+  }}
+  __device__ static float* down_out(const Args& g) {{ return {"g.y" if p.get("down") else "nullptr"}; }}"""
     value = "" if kind != "mma" else f"""
   __device__ static float value(const Args& g, int bat, int m, int n, float acc, float acc1 = 0.f) {{  // unstored
     const long o = ((long)bat * M + m) * N + n;
     {body_text}
     return {result};
   }}"""
+    if p.get("down"):  # C's value as the down projection reads it (stored nowhere)
+        store = "(void)g; (void)o;"
+        value = f"""
+  __device__ static float hidden(const Args& g, int m, int n, float acc, float acc1) {{
+    const long o = (long)m * N + n;
+    {body_text}
+    return to_float(from_float<{out_type}>({result}));
+  }}"""
+    else:
+        store = f"const {out_type} r = from_float<{out_type}>({result});\n    g.c[o] = r;" + \
+            ("\n    g.mirror[o] = to_float(r);" if p.get("mirror") else "") + f"\n    {cache_stores}"
     unfolded = bool(ln) and not fold
     gamma, beta = ("g.gamma[k]" if unfolded else "1.f"), ("g.beta[k]" if unfolded and ln["has_beta"] else "0.f")
     colsum = "g.colsum[n]" if fold and not ln.get("rms") else "0.f"
@@ -203,9 +243,7 @@ struct P {{
   __device__ static void epilogue(const Args& g, int bat, int m, int n, float acc, float acc1 = 0.f) {{
     const long o = ((long)bat * M + m) * N + n;
     {body_text}
-    const {out_type} r = from_float<{out_type}>({result});
-    g.c[o] = r;
-    {cache_stores}
+    {store}
   }}{value}
 }};
 }}  // namespace
@@ -321,5 +359,22 @@ def reference(p: dict, args: dict) -> None:
     out_shape = batch + [M, N]
     inputs = [load_atoms(args[f"e{i}"], e["dtype"], e["atoms"], out_shape) for i, e in enumerate(p["epi_inputs"])]
     result = np.broadcast_to(ex.evaluate(p["expr"], inputs, acc), out_shape)
+    stored = to_f32(from_f32(np.asarray(result, np.float32), p["out_dtype"]), p["out_dtype"])
+    if p.get("down"):
+        _down_reference(p["down"], args, stored.reshape(N))
+        return
     store(args["c"], p["out_dtype"], result)
+    if p.get("mirror"):
+        store(args["mirror"], "float32", stored)
     state.cache_store_reference(p, args, result, p["out_dtype"])
+
+
+def _down_reference(down: dict, args: dict, h: np.ndarray) -> None:
+    """y += W2 h: the fused down projection of a gated GEMV (params `down`), h as the kernel rounds it."""
+    N2, N = down["N"], h.shape[0]
+    if down["b"].get("quant") == "fp8":
+        W2 = dequant_fp8(raw(args["w2"], N2 * N).reshape(N2, N), load(args["w2_scale"], "float32", [N2]))
+    else:
+        W2 = load(args["w2"], down["b"]["dtype"], [N2, N])
+    y = load(args["y"], "float32", [N2])
+    store(args["y"], "float32", (y + np.matmul(W2.astype(np.float32), h)).astype(np.float32))

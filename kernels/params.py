@@ -142,7 +142,9 @@ _GEMM = Dict(
      "epi_inputs": List(Dict(OPERAND)), "expr": EXPR, "out_dtype": Dtype},
     {"gated": Bool, "mma": Dict({"dtype": Enum("bfloat16", "float16", "e4m3")},  # the reference rounds to it
                                 {"wgmma": Bool}),
-     "aq": Nullable(Enum(*ACT_QUANT)), "cache": lambda v, path: CACHE(v, path)})
+     "aq": Nullable(Enum(*ACT_QUANT)), "cache": lambda v, path: CACHE(v, path), "mirror": Bool,
+     "down": Dict({"N": DIM, "b": Dict({"dtype": Enum("float32", "bfloat16", "float16", "fp8_e4m3")},
+                                       {"quant": Enum("fp8")})})})
 
 
 # ------------------------------------------------------------------------------------------ relations / caps
@@ -197,13 +199,23 @@ def _gemm(p: dict) -> None:
     if "cache" in p and (nb * M != 1 or p.get("gated")):
         raise _Bad(".cache", "(fused KV-cache writes) needs a one-row GEMV that is not gated")
     _cache(p, nb * M * N)
+    if p.get("mirror") and (nb * M != 1 or p.get("gated")):
+        raise _Bad(".mirror", "(the output also stored as float32) needs a one-row GEMV that is not gated")
+    down = p.get("down")
+    if down is not None:
+        if nb * M != 1 or not p.get("gated") or "cache" in p or p.get("mirror"):
+            raise _Bad(".down", "(a fused down projection) needs a one-row gated GEMV without cache or mirror")
+        if (down["b"]["dtype"] == "fp8_e4m3") != (down["b"].get("quant") == "fp8"):
+            raise _Bad(".down.b", f"= {_show(down['b'])}: an fp8_e4m3 weight needs quant 'fp8', and only it")
+        _elements("down.N, N", "down projection weight", down["N"], N)
 
 
 def _gemm_family(p: dict) -> None:
     """The gemm family's kernels compute a gated GEMM only in the wgmma kernel (the gemv family has its own)."""
     _gemm(p)
-    if isinstance(p, dict) and "cache" in p:
-        raise _Bad(".cache", "(fused KV-cache writes) is a gemv family param")
+    for key in ("cache", "mirror", "down"):
+        if isinstance(p, dict) and key in p:
+            raise _Bad(f".{key}", "is a gemv family param")
     if p.get("gated") and not (p.get("mma") or {}).get("wgmma"):
         raise _Bad(".gated", "= true in the gemm family needs the wgmma kernel (params.mma.wgmma)")
 

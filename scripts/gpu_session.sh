@@ -7,7 +7,7 @@
 #   bash scripts/gpu_session.sh loops     # the pi0 expert chunk and the VLA chunk vs PyTorch (issue 6)
 #   bash scripts/gpu_session.sh verify    # tests of new attention/elementwise code, wgmma probe, expert + VLA rows
 #   bash scripts/gpu_session.sh sanitize  # compute-sanitizer memcheck on the three workloads and the samples
-#   bash scripts/gpu_session.sh next      # what the 2026-12-07 session left unmeasured (see benchmarks/NOTES.md v12)
+#   bash scripts/gpu_session.sh next      # what the 2026-12-07 sessions left unmeasured (benchmarks/NOTES.md v12, v13)
 #   bash scripts/gpu_session.sh compare   # pi0 chunk vs a compiled static step; decode 512 / 4096 vs torch.compile
 set -u
 cd "$(dirname "$0")/.."
@@ -53,12 +53,17 @@ case "$stage" in
     timeout 180 compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/run_samples_cuda.py 2>&1 \
       | tee -a "$OUT/sanitize.log" | tail -8
     ;;
-  next)  # what the 2026-12-07 session left unmeasured (benchmarks/NOTES.md v12): the fused decode cache writes and
-         # norm + RoPE launches on the GPU, the in-graph cost of each kernel kind (--ablate)
-    timeout 200 python3 -m pytest -q -rf -n 8 tests/test_state.py tests/test_decoder_sample.py tests/test_pdl.py \
-      tests/test_gpu.py > "$OUT/tests.log" 2>&1; echo "tests rc=$?"; tail -3 "$OUT/tests.log"
-    timeout 200 python3 benchmarks/bench.py --no-torch --workloads decode expert vit --precisions bf16 --ablate \
-      --out "$OUT" 2>&1 | tee "$OUT/bench_ablate.log" | grep '^| '
+  next)  # what the 2026-12-07 sessions left unmeasured (benchmarks/NOTES.md v12, v13): the fused decode cache writes,
+         # norm + RoPE launches and MLP (gated GEMV + down projection) on the GPU; decode with and without the MLP
+         # fusion; the in-graph cost of each kernel kind (--ablate)
+    timeout 230 python3 -m pytest -q -rf -n 8 tests/test_gpu_gemv.py tests/test_state.py tests/test_decoder_sample.py \
+      tests/test_pdl.py tests/test_gpu.py > "$OUT/tests.log" 2>&1; echo "tests rc=$?"; tail -3 "$OUT/tests.log"
+    mkdir -p "$OUT/fused" "$OUT/unfused"
+    timeout 150 python3 benchmarks/bench.py --no-torch --workloads decode --precisions bf16 fp8 --ablate \
+      --out "$OUT/fused" > "$OUT/bench.log" 2>&1; echo "fused rc=$?"; grep '^| ' "$OUT/bench.log"
+    FLASHRT_FUSE_MLP=0 timeout 100 python3 benchmarks/bench.py --no-torch --workloads decode --precisions bf16 fp8 \
+      --out "$OUT/unfused" >> "$OUT/bench.log" 2>&1; echo "unfused rc=$?"; grep '^| ' "$OUT/unfused/RESULTS.md"
+    rm -f "$OUT/fused/RESULTS.md" "$OUT/unfused/RESULTS.md"
     ;;
   compare)  # the pi0 chunk against a compiled static-shape step; decode at 512 and 4096 against torch.compile
     timeout 280 python3 benchmarks/pi0_bench.py --scale full --precisions bf16 --out "$OUT" 2>&1 \

@@ -55,14 +55,14 @@ class Kernel:
         cfg.attrs, cfg.numAttrs = [attr], 1
         _check(cu.cuLaunchKernelEx(cfg, self.function, ctypes.addressof(slots), 0), "cuLaunchKernelEx")
 
-    def run(self, host: dict[str, np.ndarray], out: str, poison: int = 0xFF) -> np.ndarray:
-        """Launch once on copies of the host byte arrays (the output filled with `poison` bytes first); the
-        output's bytes after the launch."""
+    def run(self, host: dict[str, np.ndarray], out: str, poison: int | None = 0xFF) -> np.ndarray:
+        """Launch once on copies of the host byte arrays (the output filled with `poison` bytes first, or with its
+        host bytes for an output the kernel also reads: poison None); the output's bytes after the launch."""
         ptrs = {}
         for name in self.arg_names:
             data = np.ascontiguousarray(host[name]).view(np.uint8).ravel()
             ptrs[name] = alloc(max(data.size, 16))
-            if name == out:
+            if name == out and poison is not None:
                 _check(cu.cuMemsetD8(ptrs[name], poison, data.size), "cuMemsetD8")
             else:
                 _check(cu.cuMemcpyHtoD(ptrs[name], data.ctypes.data, data.size), "cuMemcpyHtoD")

@@ -93,6 +93,60 @@ def test_gemv_fp8_activations_match_reference(shape, quant, aq, M):
     assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-2
 
 
+def down_case(quant: str | None, config, seed: int = 0, N2: int = 1024) -> tuple[dict, dict]:
+    """A gated gate/up GEMV with the down projection fused in (params `down`): y [N2] float32 starts as a
+    residual and receives W2 h."""
+    p, host = gemv_case("gate_up", quant, 1, seed=seed, config=config)
+    rng = np.random.default_rng(seed + 100)
+    N = p["N"]
+    w2 = (rng.standard_normal((N2, N)) / np.sqrt(N)).astype(np.float32)
+    if quant == "fp8":
+        host["w2"], host["w2_scale"] = quantize_fp8(w2)
+        p["down"] = {"N": N2, "b": {"dtype": "fp8_e4m3", "quant": "fp8"}}
+    else:
+        host["w2"] = from_f32(w2, "bfloat16")
+        p["down"] = {"N": N2, "b": {"dtype": "bfloat16"}}
+    del host["c"]
+    host["y"] = rng.standard_normal(N2).astype(np.float32)
+    return p, host
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("N2", [1024, 1500, 1002])  # 1500: a partial second chunk of rows; 1002: scalar atomics
+@pytest.mark.parametrize("quant, config", [(None, (2, 1)), (None, (4, 1)), (None, (2, 2)), (None, (2, 4)),
+                                           ("fp8", (2, 1)), ("fp8", (4, 1)), ("fp8", (2, 2))])
+def test_gemv_fused_down_matches_reference(quant, config, N2):
+    from gpu_kernel import Kernel, reference
+
+    p, host = down_case(quant, config, seed=config[0] + config[1], N2=N2)
+    kernel = Kernel("gemv", p)
+    got = kernel.run(host, "y", poison=None).view(np.float32)
+    want = reference("gemv", p, host, "y").view(np.float32)
+    moved = np.linalg.norm(want - host["y"])  # the down projection's share of y
+    assert moved > 0.1 * np.linalg.norm(host["y"])
+    assert np.linalg.norm(got - want) <= 1e-3 * moved, np.linalg.norm(got - want) / moved
+    again = kernel.run(host, "y", poison=None).view(np.float32)  # atomics: another order, the same sum to rounding
+    assert np.linalg.norm(again - got) <= 1e-5 * moved
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gemv_mirror_writes_the_stored_output_as_float32():
+    from gpu_kernel import Kernel, reference
+
+    p, host = gemv_case("o_proj", None, 1, seed=5)
+    p["mirror"] = True
+    host["mirror"] = np.zeros(p["N"], np.float32)
+    kernel = Kernel("gemv", p)
+    c = to_f32(kernel.run(host, "c").view(np.uint16), "bfloat16")
+    mirror = kernel.run(host, "mirror").view(np.float32)
+    want = to_f32(reference("gemv", p, host, "c").view(np.uint16), "bfloat16")
+    assert np.isfinite(mirror).all()
+    np.testing.assert_array_equal(mirror, c)  # the stored value exactly, widened
+    assert np.linalg.norm(c - want) / np.linalg.norm(want) <= 1e-2
+
+
 def test_config_issues_all_loads_within_the_register_budget():
     for N, K, _, gated in SHAPES.values():
         for vec in (8, 16, 32):

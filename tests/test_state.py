@@ -118,6 +118,21 @@ def test_cache_concats_stay_cache_writes(decoder):
             assert sorted(fused) == sorted([("gemv", 1), ("layernorm", 1)] * model.c["layers"]), fused
 
 
+def test_decode_mlp_is_one_launch(decoder):
+    """Decode's MLP (norm, gate/up, SwiGLU, down projection, residual) is one launch: the gated GEMV adds its share
+    of the down projection into a float32 accumulator that the o-proj GEMV filled with the residual (params
+    `down` and `mirror`). Prefill's rows take the GEMMs, unfused."""
+    model, _, path = decoder
+    eng = load(path, device="cpu")
+    for entry, fused in (("prefill", 0), ("decode", model.c["layers"])):
+        e = eng.file.entry(entry)
+        kernels = [eng.file.kernels[launch.kernel] for launch in eng.file.launches[e.first:e.first + e.count]]
+        downs = [k.params for k in kernels if k.family == "gemv" and "down" in k.params]
+        mirrors = [k.params for k in kernels if k.family == "gemv" and k.params.get("mirror")]
+        assert len(downs) == len(mirrors) == fused
+        assert all(p["gated"] and p["down"]["N"] == model.c["hidden"] for p in downs)
+
+
 def test_reset_and_load_state(decoder):
     model, _, path = decoder
     eng = load(path, device="cpu")

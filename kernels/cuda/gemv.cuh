@@ -54,6 +54,27 @@ __device__ __forceinline__ void widen(const uint4& v, float (&out)[32], const nv
   }
 }
 
+// One 32-bit word of weights as floats (the down projection's loads)
+__device__ __forceinline__ void widen_word(unsigned w, float (&out)[1], const float*) { out[0] = __uint_as_float(w); }
+__device__ __forceinline__ void widen_word(unsigned w, float (&out)[2], const bf16_t*) {
+  out[0] = __uint_as_float(w << 16); out[1] = __uint_as_float(w & 0xffff0000u);
+}
+__device__ __forceinline__ void widen_word(unsigned w, float (&out)[2], const f16_t*) {
+  out[0] = to_float(f16_t{(unsigned short)(w & 0xffffu)}); out[1] = to_float(f16_t{(unsigned short)(w >> 16)});
+}
+__device__ __forceinline__ void widen_word(unsigned w, float (&out)[4], const fp8_t*) { e4m3x4_to_float(w, out); }
+
+// y[0..3] += v[0..3]: one vector atomic on sm_90+ (y 16-byte aligned)
+__device__ __forceinline__ void atomic_add4(float* y, const float (&v)[4]) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" :: "l"(y), "f"(v[0]), "f"(v[1]), "f"(v[2]), "f"(v[3])
+               : "memory");
+#else
+#pragma unroll
+  for (int q = 0; q < 4; ++q) atomicAdd(y + q, v[q]);
+#endif
+}
+
 template <class P>
 __device__ __forceinline__ void gemv(const typename P::Args& g) {
   using TW = typename P::TW;
@@ -64,6 +85,7 @@ __device__ __forceinline__ void gemv(const typename P::Args& g) {
   constexpr int ROWS = P::GATED ? 2 * N : N, PAIRS = P::GATED ? R / 2 : R;
   static_assert(!P::GATED || R % 2 == 0, "a gated GEMV computes gate and up rows in pairs");
   __shared__ float red[S][GROUPS][M][R];
+  __shared__ float h_s[P::DOWN_N > 0 ? GROUPS * PAIRS : 1];  // DOWN: this block's values of C
   __shared__ float row_mean[M], row_rstd[M];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int group = warp / S, ks = warp % S;
@@ -86,6 +108,34 @@ __device__ __forceinline__ void gemv(const typename P::Args& g) {
       wv[r][step] = ok ? ld_weight16(w + rows[r] * ROW_BYTES + (long)k * BITS / 8) : make_uint4(0, 0, 0, 0);
       if constexpr (P::QUANT == 2) bs[r][step] = ok ? P::block_scales(g, rows[r], k / 16) : 0;
     }
+  }
+
+  // 1b. DOWN: this block's J columns of the fused down projection (W2 [DOWN_N, N]), the J values it will add
+  // into each output row: thread t owns rows 4 (t + 256 c) .. + 3
+  constexpr int J = GROUPS * PAIRS, DN = P::DOWN_N > 0 ? P::DOWN_N : 1, DCH = (DN + 1023) / 1024;
+  constexpr int DWORDS = P::DOWN_N > 0 ? J * (int)sizeof(typename P::TW2) / 4 : 1;
+  static_assert(P::DOWN_N == 0 || (M == 1 && P::GATED && N % J == 0 && J * sizeof(typename P::TW2) % 4 == 0),
+                "a fused down projection: one gated row, whole J-column blocks, 4-byte aligned");
+  unsigned dw[DCH][4][DWORDS];
+  if constexpr (P::DOWN_N > 0) {
+    const unsigned char* __restrict__ w2 = reinterpret_cast<const unsigned char*>(P::down_weights(g));
+#pragma unroll
+    for (int c = 0; c < DCH; ++c)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int row = 4 * (threadIdx.x + 256 * c) + q;
+        const unsigned char* src = w2 + ((long)row * N + (long)blockIdx.x * J) * sizeof(typename P::TW2);
+        if constexpr (DWORDS % 4 == 0) {
+#pragma unroll
+          for (int i = 0; i < DWORDS; i += 4) {
+            const uint4 v = row < DN ? ld_weight16(src + 4 * i) : make_uint4(0, 0, 0, 0);
+            dw[c][q][i] = v.x; dw[c][q][i + 1] = v.y; dw[c][q][i + 2] = v.z; dw[c][q][i + 3] = v.w;
+          }
+        } else {
+#pragma unroll
+          for (int i = 0; i < DWORDS; ++i) dw[c][q][i] = row < DN ? ld_weight4(src + 4 * i) : 0u;
+        }
+      }
   }
 
   // 2. the activations, normalized, in shared memory (while the weights are on their way). Under programmatic
@@ -248,10 +298,44 @@ __device__ __forceinline__ void gemv(const typename P::Args& g) {
         s0 += red[j][gi][m][r];
         if constexpr (P::GATED) s1 += red[j][gi][m][PAIRS + r];
       }
-      if constexpr (P::GATED)
+      if constexpr (P::DOWN_N > 0)
+        h_s[i] = P::hidden(g, m, n, s0 * P::row_scale(g, n), s1 * P::row_scale(g, N + n));
+      else if constexpr (P::GATED)
         P::epilogue(g, 0, m, n, s0 * P::row_scale(g, n), s1 * P::row_scale(g, N + n));
       else
         P::epilogue(g, 0, m, n, s0 * P::row_scale(g, n));
+    }
+  }
+
+  // 5. DOWN: y[row] += sum_j h[j] W2[row, blockIdx.x J + j] for this block's J values of h, four rows per atomic
+  if constexpr (P::DOWN_N > 0) {
+    __syncthreads();
+    float* __restrict__ y = P::down_out(g);
+#pragma unroll
+    for (int c = 0; c < DCH; ++c) {
+      const int row0 = 4 * (threadIdx.x + 256 * c);
+      if (row0 >= DN) break;
+      float part[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        float s = 0.f;
+        constexpr int PER_WORD = J / DWORDS;  // weights per 32-bit word: 1, 2 or 4
+#pragma unroll
+        for (int i = 0; i < DWORDS; ++i) {
+          float wf[PER_WORD];
+          widen_word(dw[c][q][i], wf, P::down_weights(g));
+#pragma unroll
+          for (int j = 0; j < PER_WORD; ++j) s = fmaf(h_s[i * PER_WORD + j], wf[j], s);
+        }
+        part[q] = row0 + q < DN ? s * P::down_scale(g, row0 + q) : 0.f;
+      }
+      if (DN % 4 == 0) {
+        atomic_add4(y + row0, part);
+      } else {
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+          if (row0 + q < DN) atomicAdd(y + row0 + q, part[q]);
+      }
     }
   }
 }
