@@ -28,7 +28,8 @@ from flashrt.aot.ir import Graph, Node
 from flashrt.aot.quantize import quantize_fp8, quantize_nvfp4
 from flashrt.aot.state import CACHE_WRITE, POSITIONS
 from flashrt.aot.gemv_cost import choose_gemv_format
-from flashrt.aot.targets import fp8_mma, fused_mlp_enabled, sm_number, wgmma_enabled, wgmma_fp8_enabled
+from flashrt.aot.targets import fp8_mma, fused_mlp_enabled, mlp_gated_rows, sm_number, wgmma_enabled, \
+    wgmma_fp8_enabled
 from flashrt.aot.views import Buffer, TensorRef
 from flashrt.errors import BuildError, ModelError
 from flashrt.kernels import attention as attention_kernel
@@ -798,9 +799,10 @@ class Partitioner:
             return
         N, N2 = p["K"], p["N"]
         h, r, out, c = down.args[0], down.args[-2], down.args[-1], gated.args[-1]
-        J = (8 // gated.params["S"]) * (gated.params["R"] // 2)  # h values per block of the gated kernel
+        R = mlp_gated_rows(gated.params["R"])
+        J = (8 // gated.params["S"]) * (R // 2)  # h values per block of the gated kernel
         if h.buffer is not c.buffer or h.offset or c.offset or not h.contiguous() or N % J \
-                or J * ITEMSIZE[p["b"]["dtype"]] % 4:
+                or J * ITEMSIZE[p["b"]["dtype"]] % 8:
             return
         value = mm.inputs[0]  # h as the gated group produced it: read by this GEMV alone
         while (prod := self.producers.get(value)) is not None and prod.op in VIEW_OPS:
@@ -827,7 +829,7 @@ class Partitioner:
         producer.params = {**producer.params, "mirror": True}
         producer.args = producer.args[:at] + [y] + producer.args[at:]
         quant = p["b"].get("quant")
-        gated.params = {**gated.params, "down": {"N": N2, "b": {"dtype": p["b"]["dtype"],
+        gated.params = {**gated.params, "R": R, "down": {"N": N2, "b": {"dtype": p["b"]["dtype"],
                                                                 **({"quant": quant} if quant else {})}}}
         gated.args = gated.args[:-1] + down.args[1:3 if quant else 2] + [y]
         gated.ops += down.ops

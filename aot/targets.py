@@ -66,3 +66,10 @@ def fused_mlp_enabled() -> bool:
     """Whether decode MLPs fuse the down projection into the gated GEMV (kernels/gemm.py `down`; off:
     FLASHRT_FUSE_MLP=0, for measuring what the fusion gains)."""
     return os.environ.get("FLASHRT_FUSE_MLP", "1") != "0"
+
+
+def mlp_gated_rows(default: int) -> int:
+    """Weight rows per warp (R) of a gated GEMV with the down projection fused in (FLASHRT_MLP_R=2 or 4 to
+    measure the other)."""
+    value = os.environ.get("FLASHRT_MLP_R")
+    return int(value) if value in ("2", "4") else default

@@ -32,6 +32,7 @@ Both kernels call griddepcontrol (waiting before their first read), so they may 
 dependent launch."""
 
 import math
+import os
 
 import numpy as np
 
@@ -237,6 +238,31 @@ def _visible_code(p: dict) -> str:
     return f"(int)min((long)S, max(0L, {last}))"
 
 
+def prefetches(p: dict) -> bool:
+    """Whether the SIMT kernel streams its share of the cached keys and values into L2 before it waits for the
+    previous kernel: with a dynamic KV length, one source each for K and V, rows of 16-byte multiples, contiguous
+    along the key axis (FLASHRT_ATTN_PREFETCH=0: never)."""
+    if not p.get("dyn") or p.get("mma") or "sources" in p["k"] or "sources" in p["v"] \
+            or os.environ.get("FLASHRT_ATTN_PREFETCH") == "0":  # off: to measure what it gains
+        return False
+    k, v, HD, VD = p["k"], p["v"], p["HD"], p["VD"]
+    rows = (k["d"] == [[HD, 1]] and len(k["s"]) == 1 and k["s"][0][1] == HD and v["d"] == [[VD, 1]]
+            and len(v["s"]) == 1 and v["s"][0][1] == VD)
+    return rows and HD * ITEMSIZE[k["dtype"]] % 16 == 0 and VD * ITEMSIZE[v["dtype"]] % 16 == 0
+
+
+def _prefetch_body(p: dict) -> str:
+    if not prefetches(p):
+        return "(void)g; (void)bh; (void)j0; (void)j1;"
+    k, v, HD, VD = p["k"], p["v"], p["HD"], p["VD"]
+    spans = []
+    for name, view, width in (("k", k, HD), ("v", v, VD)):
+        row = width * ITEMSIZE[view["dtype"]]
+        spans.append(f"l2_prefetch_span(g.{name} + {atoms_code('(long)bh', view['bh'])} + (long)j0 * {width}, "
+                     f"(long)(j1 - j0) * {row});")
+    return "if (j1 <= j0) return;\n    " + "\n    ".join(spans)
+
+
 def _simt_members(p: dict) -> str:
     q, k = p["q"], p["k"]
     tk = CTYPES[k["dtype"]]
@@ -259,6 +285,10 @@ def _simt_members(p: dict) -> str:
   }}
   __device__ static void load_v(const Args& g, int bh, int j, int lane, float (&o)[VPL]) {{
     {load_v}
+  }}
+  static constexpr bool PREFETCH = {"true" if prefetches(p) else "false"};
+  __device__ static void prefetch(const Args& g, int bh, int j0, int j1) {{  // keys [j0, j1) of K and V into L2
+    {_prefetch_body(p)}
   }}"""
 
 

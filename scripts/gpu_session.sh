@@ -8,6 +8,7 @@
 #   bash scripts/gpu_session.sh verify    # tests of new attention/elementwise code, wgmma probe, expert + VLA rows
 #   bash scripts/gpu_session.sh sanitize  # compute-sanitizer memcheck on the three workloads and the samples
 #   bash scripts/gpu_session.sh next      # what the 2026-12-07 sessions left unmeasured (benchmarks/NOTES.md v12, v13)
+#   bash scripts/gpu_session.sh v13       # the fused MLP and the attention prefetch: GPU tests, each on / off, pi0
 #   bash scripts/gpu_session.sh compare   # pi0 chunk vs a compiled static step; decode 512 / 4096 vs torch.compile
 set -u
 cd "$(dirname "$0")/.."
@@ -65,11 +66,25 @@ case "$stage" in
       --out "$OUT/unfused" >> "$OUT/bench.log" 2>&1; echo "unfused rc=$?"; grep '^| ' "$OUT/unfused/RESULTS.md"
     rm -f "$OUT/fused/RESULTS.md" "$OUT/unfused/RESULTS.md"
     ;;
+  v13)  # benchmarks/NOTES.md v13: GPU tests of the fused MLP / attention prefetch; decode with each knob off; pi0
+    timeout 170 python3 -m pytest -q -rf -n 8 tests/test_gpu_attention.py tests/test_state.py tests/test_pdl.py \
+      tests/test_decoder_sample.py tests/test_gpu_gemv.py -k "not test_gemv_matches_reference" > "$OUT/tests.log" 2>&1
+    echo "tests rc=$?"; tail -3 "$OUT/tests.log"
+    i=0
+    for v in FLASHRT_DEFAULT=1 FLASHRT_ATTN_PREFETCH=0 FLASHRT_MLP_R=4 FLASHRT_FUSE_MLP=0; do  # -> $OUT/v0 .. v3
+      mkdir -p "$OUT/v$i"
+      env $v timeout 90 python3 benchmarks/bench.py --no-torch --workloads decode --precisions bf16 fp8 \
+        $([ $i = 0 ] && echo --ablate) --out "$OUT/v$i" >> "$OUT/bench.log" 2>&1
+      echo "v$i $v rc=$?"; grep '^| decode' "$OUT/v$i/RESULTS.md"; rm -f "$OUT/v$i/RESULTS.md"; i=$((i + 1))
+    done
+    timeout 200 python3 benchmarks/pi0_bench.py --scale full --precisions bf16 --out "$OUT" > "$OUT/pi0.log" 2>&1
+    echo "pi0 rc=$?"; grep '^{"impl\|^|' "$OUT/pi0.log" | tail -8
+    ;;
   compare)  # the pi0 chunk against a compiled static-shape step; decode at 512 and 4096 against torch.compile
     timeout 280 python3 benchmarks/pi0_bench.py --scale full --precisions bf16 --out "$OUT" 2>&1 \
       | tee "$OUT/pi0.log" | grep '^{"impl\|^|'
     timeout 250 python3 benchmarks/bench.py --workloads decode decode4k --precisions bf16 fp8 --out "$OUT" 2>&1 \
       | tee "$OUT/bench_decode.log" | grep '^| '
     ;;
-  *) echo "usage: $0 tests|kernels|bench|loops|verify|sanitize|next|compare" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|kernels|bench|loops|verify|sanitize|next|v13|compare" >&2; exit 2 ;;
 esac

@@ -23,6 +23,7 @@ import flashrt
 from flashrt.aot.build import build_engine
 from flashrt.aot.codegen import build_cubins, kernel_source
 from flashrt.engine_format.reader import read_engine
+from flashrt.kernels import attention as attention_kernel
 from flashrt.kernels.registry import FAMILIES
 from flashrt.runtime.cuda import device_arch, use_pdl
 
@@ -204,11 +205,14 @@ def before_wait_problems(insns: list, allowed_load=None) -> list[str]:
 
 def allowed_prefetch(family: str, params: dict):
     """Which global loads a kernel may issue before the wait: constant weights only (kernels/cuda/gemv.cuh step 1:
-    the weights' 16-byte loads (ld_weight16) and NVFP4 block scales' read-only loads; gemm_mma.cuh / gemm_wgmma.cuh:
-    cp.async of B tiles where params say B is a weight). SASS does not say which pointer a load reads: that part
-    is audited by reading."""
-    if family == "gemv":
-        return lambda op: op.startswith("LDG.") and (".CONSTANT" in op or ".128" in op)
+    the weights' 16-byte loads (ld_weight16), the fused down projection's 8-byte ones and NVFP4 block scales'
+    read-only loads; gemm_mma.cuh / gemm_wgmma.cuh: cp.async of B tiles where params say B is a weight); and
+    attention.cuh with a dynamic KV length: the position and a bulk L2 prefetch of the cache rows before it, which
+    no launch of the run writes. SASS does not say which pointer a load reads: that part is audited by reading."""
+    if family == "gemv":  # the fused down projection's 8-byte chunks too
+        return lambda op: op.startswith("LDG.") and (".CONSTANT" in op or ".128" in op or ".64" in op)
+    if family == "attention" and attention_kernel.prefetches(params):  # pos, then an L2 prefetch of the cached rows
+        return lambda op: op in ("LDG.E", "LDG.E.CONSTANT") or op.startswith("UBLKPF")
     if family == "gemm" and (params.get("mma") or {}).get("b_const"):
         return lambda op: op.startswith("LDGSTS.")
     return None
@@ -378,7 +382,9 @@ def test_gpu_pdl_stateful_decoder(gpu_engines, monkeypatch):
     prompt = dec.example_prompt(gpu_engines["decoder_model"], 7).numpy()
     outs = [e.run({"input_ids": prompt}, entry="prefill")["logits"] for e in (cpu, on, off)]
     for t in range(12):
-        np.testing.assert_array_equal(outs[1], outs[2])
+        # decode's fused MLP adds with atomics (kernels/gemm.py `down`): the order of a float sum varies from run
+        # to run, so on and off agree to rounding, not bit for bit; a race would differ far more
+        np.testing.assert_allclose(outs[1], outs[2], rtol=0, atol=1e-5 * np.abs(outs[2]).max())
         assert rel_l2(outs[1], outs[0]) < 2e-2, t
         token = np.array([[int(np.argmax(outs[0][0, -1]))]])
         outs = [e.run({"input_ids": token}, entry="decode")["logits"] for e in (cpu, on, off)]

@@ -38,7 +38,18 @@ __device__ __forceinline__ void attention(const typename P::Args& g) {
   const int qb = blockIdx.x / CL, rank = CL > 1 ? (int)mma::cluster_rank() : 0;
   const int bh = blockIdx.y, t = qb * TQ + qi;
   griddep_launch_dependents();
-  griddep_wait();  // Q, the KV cache and pos come from earlier kernels
+  if constexpr (P::PREFETCH) {
+    // The cache rows before pos do not change during a run: this run writes rows pos and later, and only the
+    // entry's last launch (the state advance) writes pos. So the block streams its share of them (the chunk
+    // computed below) into L2 while the previous kernel still runs.
+    if (threadIdx.x == 0) {
+      const int pos0 = P::pos(g);
+      const int n = P::visible(pos0, min(T, (qb + 1) * TQ) - 1), ch = (n + CL - 1) / CL;
+      const int a0 = min(n, rank * ch);
+      P::prefetch(g, bh, a0, min(min(n, a0 + ch), pos0));
+    }
+  }
+  griddep_wait();  // Q, the KV cache's new rows (and pos) come from earlier kernels
   const int pos = P::pos(g);
 
   for (int i = threadIdx.x; i < TQ * HD; i += NT) {

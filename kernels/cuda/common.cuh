@@ -185,10 +185,22 @@ __device__ __forceinline__ uint4 ld_weight16(const void* p) {
   asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
   return v;
 }
-__device__ __forceinline__ unsigned ld_weight4(const void* p) {
-  unsigned v;
-  asm volatile("ld.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p));
+__device__ __forceinline__ uint2 ld_weight8(const void* p) {
+  uint2 v;
+  asm volatile("ld.global.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
   return v;
+}
+// A hint to stream [p, p + bytes) into L2 (nothing before sm_90): the bulk prefetch takes 16-byte aligned spans,
+// so the span is widened to 16-byte boundaries (the caller's allocation is 16-byte aligned and sized)
+__device__ __forceinline__ void l2_prefetch_span(const void* p, long bytes) {
+#if __CUDA_ARCH__ >= 900
+  const unsigned long long a = reinterpret_cast<unsigned long long>(p), lo = a & ~15ull;
+  const unsigned long long hi = (a + bytes + 15) & ~15ull;
+  for (unsigned long long at = lo; at < hi; at += 1u << 20) {  // at most 1 MiB per instruction
+    const unsigned n = (unsigned)(hi - at < (1ull << 20) ? hi - at : (1ull << 20));
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(at), "r"(n) : "memory");
+  }
+#endif
 }
 __device__ __forceinline__ void griddep_launch_dependents() {
 #if __CUDA_ARCH__ >= 900

@@ -114,8 +114,8 @@ __device__ __forceinline__ void gemv(const typename P::Args& g) {
   // into each output row: thread t owns rows 4 (t + 256 c) .. + 3
   constexpr int J = GROUPS * PAIRS, DN = P::DOWN_N > 0 ? P::DOWN_N : 1, DCH = (DN + 1023) / 1024;
   constexpr int DWORDS = P::DOWN_N > 0 ? J * (int)sizeof(typename P::TW2) / 4 : 1;
-  static_assert(P::DOWN_N == 0 || (M == 1 && P::GATED && N % J == 0 && J * sizeof(typename P::TW2) % 4 == 0),
-                "a fused down projection: one gated row, whole J-column blocks, 4-byte aligned");
+  static_assert(P::DOWN_N == 0 || (M == 1 && P::GATED && N % J == 0 && J * sizeof(typename P::TW2) % 8 == 0),
+                "a fused down projection: one gated row, whole J-column blocks of 8-byte multiples");
   unsigned dw[DCH][4][DWORDS];
   if constexpr (P::DOWN_N > 0) {
     const unsigned char* __restrict__ w2 = reinterpret_cast<const unsigned char*>(P::down_weights(g));
@@ -133,7 +133,10 @@ __device__ __forceinline__ void gemv(const typename P::Args& g) {
           }
         } else {
 #pragma unroll
-          for (int i = 0; i < DWORDS; ++i) dw[c][q][i] = row < DN ? ld_weight4(src + 4 * i) : 0u;
+          for (int i = 0; i < DWORDS; i += 2) {
+            const uint2 v = row < DN ? ld_weight8(src + 4 * i) : make_uint2(0, 0);
+            dw[c][q][i] = v.x; dw[c][q][i + 1] = v.y;
+          }
         }
       }
   }
