@@ -67,7 +67,7 @@ case "$stage" in
     rm -f "$OUT/fused/RESULTS.md" "$OUT/unfused/RESULTS.md"
     ;;
   v13)  # benchmarks/NOTES.md v13: GPU tests of the fused MLP / attention prefetch; decode with each knob off; pi0
-    timeout 170 python3 -m pytest -q -rf -n 8 tests/test_gpu_attention.py tests/test_state.py tests/test_pdl.py \
+    timeout 150 python3 -m pytest -q -rf -n 8 tests/test_gpu_attention.py tests/test_state.py tests/test_pdl.py \
       tests/test_decoder_sample.py tests/test_gpu_gemv.py -k "not test_gemv_matches_reference" > "$OUT/tests.log" 2>&1
     echo "tests rc=$?"; tail -3 "$OUT/tests.log"
     i=0
@@ -77,7 +77,7 @@ case "$stage" in
         --precisions bf16 fp8 $([ $i = 0 ] && echo --ablate) --out "$OUT/v$i" >> "$OUT/bench.log" 2>&1
       echo "v$i $v rc=$?"; grep '^| decode' "$OUT/v$i/RESULTS.md"; rm -f "$OUT/v$i/RESULTS.md"; i=$((i + 1))
     done
-    timeout 200 python3 benchmarks/pi0_bench.py --scale full --precisions bf16 --out "$OUT" > "$OUT/pi0.log" 2>&1
+    timeout 140 python3 benchmarks/pi0_bench.py --scale full --precisions bf16 --out "$OUT" > "$OUT/pi0.log" 2>&1
     echo "pi0 rc=$?"; grep '^{"impl\|^|' "$OUT/pi0.log" | tail -8
     ;;
   compare)  # the pi0 chunk against a compiled static-shape step; decode at 512 and 4096 against torch.compile
