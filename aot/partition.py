@@ -28,8 +28,8 @@ from flashrt.aot.ir import Graph, Node
 from flashrt.aot.quantize import quantize_fp8, quantize_nvfp4
 from flashrt.aot.state import CACHE_WRITE, POSITIONS
 from flashrt.aot.gemv_cost import choose_gemv_format
-from flashrt.aot.targets import fp8_mma, fused_mlp_enabled, mlp_gated_rows, sm_number, wgmma_enabled, \
-    wgmma_fp8_enabled
+from flashrt.aot.targets import (fp8_mma, fused_mlp_enabled, fused_oproj_enabled, mlp_gated_rows, sm_number,
+                                 wgmma_enabled, wgmma_fp8_enabled)
 from flashrt.aot.views import Buffer, TensorRef
 from flashrt.errors import BuildError, ModelError
 from flashrt.kernels import attention as attention_kernel
@@ -782,62 +782,145 @@ class Partitioner:
                         [n.op for n in nodes], [s for n in nodes for s in n.source], quant=quant, aq=aq,
                         folded=folded)
         self.refs[last] = TensorRef.contiguous_view(out_buf, onnx_shape)
+        if fused_oproj_enabled():
+            self._fuse_oproj(mm, last, onnx_shape)
         if fused_mlp_enabled():
             self._fuse_down(mm, last, onnx_shape)
 
+    # ---- decode fusions through float32 accumulators (one-row GEMVs, kernels/gemm.py down / a_mirror / mirror,
+    # kernels/attention.py oproj). A residual stream y = r + sum of products is added into with atomics by the
+    # kernels that compute the products; a kernel earlier in the list stores r into y first.
+
+    @staticmethod
+    def _arg_names(call: KernelCall) -> list[str]:
+        return [n for n, _ in registry.family(call.family).arg_spec(call.params)]
+
+    def _arg_buffer(self, call: KernelCall, name: str) -> Buffer | None:
+        names = self._arg_names(call)
+        return call.args[names.index(name)].buffer if name in names else None
+
+    def _residual_projection(self, call: KernelCall, K: int) -> bool:
+        """Whether call is a one-row GEMV y = r + a W^T (a projection and its residual, nothing else) over K."""
+        p = call.params
+        return call.family == "gemv" and p["M"] == 1 and p["K"] == K and not (
+            p.get("gated") or p.get("aq") or p["ln"] or p.get("cache") or p.get("mirror") or p.get("a_mirror")) \
+            and p["b"].get("quant") in (None, "fp8") and len(p["epi_inputs"]) == 1 and p["expr"] in RESIDUAL_EXPRS
+
+    def _read_only_by(self, mm: Node) -> bool:
+        """Whether mm's A, as its producer wrote it (through views), is read by mm alone."""
+        value = mm.inputs[0]
+        while (prod := self.producers.get(value)) is not None and prod.op in VIEW_OPS:
+            value = prod.inputs[0]
+        return self._only_read_by(value, [mm])
+
+    def _accumulator(self, out: TensorRef, n: int) -> Buffer | None:
+        """The float32 buffer that takes the place of a fused projection's output (a float32 graph output's own)."""
+        if out.buffer.kind == "output":
+            return out.buffer if out.dtype == "float32" else None
+        acc = Buffer(out.buffer.name, "arena", "float32", n)
+        self.buffers[self.buffers.index(out.buffer)] = acc
+        return acc
+
+    def _insert_arg(self, call: KernelCall, params: dict, name: str, ref: TensorRef) -> None:
+        """Give call the new params and the argument `name` (the one argument they add) at its place."""
+        call.params = params
+        at = self._arg_names(call).index(name)
+        call.args = call.args[:at] + [ref] + call.args[at:]
+
+    def _absorb(self, into: KernelCall, call: KernelCall, last: str, acc: Buffer, shape: tuple) -> None:
+        into.ops += call.ops
+        into.name = call.name
+        into.source_nodes = _unique(into.source_nodes + call.source_nodes)
+        into.reason = "; ".join(_unique([x for x in (into.reason, call.reason) if x]))
+        self.calls.remove(call)
+        self.refs[last] = TensorRef.contiguous_view(acc, shape)
+
+    def _fuse_oproj(self, mm: Node, last: str, onnx_shape: tuple) -> None:
+        """A one-token attention whose output only feeds the next launch, a one-row GEMV y = r + O W_o^T (the
+        o-projection and its residual), where r is the A of an earlier one-row GEMV (the layer's QKV projection):
+        the attention's clusters multiply their head's output by their share of W_o and add it into y with
+        atomics (kernels/attention.py `oproj`), and the QKV GEMV stores r into y first (`a_mirror`)."""
+        proj, att = self.calls[-1], self.calls[-2] if len(self.calls) > 1 else None
+        if att is None or att.family != "attention":
+            return
+        a = att.params
+        if a.get("mma") or a.get("oproj") or a["T"] != 1 or a.get("TQ") != 1:
+            return
+        BH, VD, CL, NT = a["BH"], a["VD"], a.get("CL", 1), 32 * a["KW"]
+        if not self._residual_projection(proj, BH * VD):
+            return
+        p = proj.params
+        N, item = p["N"], ITEMSIZE[p["b"]["dtype"]]
+        o, r, out = proj.args[0], proj.args[-2], proj.args[-1]
+        if o.buffer is not att.args[-1].buffer or o.offset or att.args[-1].offset or not o.contiguous() \
+                or N % CL or VD * item % 16 or -(-(N // CL) // NT) > attention_kernel.MAX_OPROJ_ROWS:
+            return
+        if not (self._read_only_by(mm) and r.contiguous() and r.offset == 0 and r.buffer.nelems == N):
+            return
+        reader = next((c for c in self.calls[:-2] if c.family == "gemv" and c.args[0].buffer is r.buffer
+                       and not c.args[0].offset and c.args[0].contiguous() and c.params["M"] == 1
+                       and c.params["K"] == N and not c.params.get("gated") and not c.params.get("a_mirror")), None)
+        acc = self._accumulator(out, N) if reader is not None else None
+        if acc is None:
+            return
+        y = TensorRef.contiguous_view(acc, (N,))
+        self._insert_arg(reader, {**reader.params, "a_mirror": 1}, "a_mirror0", y)
+        quant = p["b"].get("quant")
+        att.params = {**a, "oproj": {"N": N, "b": {"dtype": p["b"]["dtype"], **({"quant": quant} if quant else {})},
+                                     "outs": 1}}
+        att.args = att.args[:-1] + proj.args[1:3 if quant else 2] + [y]
+        self._absorb(att, proj, last, acc, onnx_shape)
+
     def _fuse_down(self, mm: Node, last: str, onnx_shape: tuple) -> None:
         """A one-row GEMV y = r + h W2^T (an MLP's down projection with its residual) right after the gated GEMV
-        that alone produces h, where r is an earlier one-row GEMV's output: the gated kernel multiplies its own
-        values of h by W2 and adds them into y with atomics (kernels/gemm.py `down`), and r's GEMV stores r into
-        y first (`mirror`). The MLP becomes one launch; y is float32."""
+        that alone produces h: the gated kernel multiplies its own values of h by W2 and adds them into y with
+        atomics (kernels/gemm.py `down`). y starts as r: r's GEMV stores it there too (`mirror`), or, where r is
+        itself an accumulator of a fused attention + o-projection, that kernel adds into y as well and the GEMV
+        that filled r's accumulator fills y too (`outs` 2, `a_mirror` 2). The MLP becomes one launch."""
         down, gated = self.calls[-1], self.calls[-2] if len(self.calls) > 1 else None
-        p = down.params
-        if gated is None or down.family != "gemv" or gated.family != "gemv" or not gated.params.get("gated") \
-                or gated.params["M"] != 1 or p["M"] != 1 or p.get("gated") or p.get("aq") or p["ln"] \
-                or p.get("cache") or p["b"].get("quant") not in (None, "fp8") or len(p["epi_inputs"]) != 1 \
-                or p["expr"] not in RESIDUAL_EXPRS or p["K"] != gated.params["N"]:
+        if gated is None or gated.family != "gemv" or not gated.params.get("gated") or gated.params["M"] != 1:
             return
-        N, N2 = p["K"], p["N"]
+        N = gated.params["N"]
+        if not self._residual_projection(down, N):
+            return
+        p = down.params
+        N2 = p["N"]
         h, r, out, c = down.args[0], down.args[-2], down.args[-1], gated.args[-1]
         R = mlp_gated_rows(gated.params["R"])
         J = (8 // gated.params["S"]) * (R // 2)  # h values per block of the gated kernel
         if h.buffer is not c.buffer or h.offset or c.offset or not h.contiguous() or N % J \
                 or J * ITEMSIZE[p["b"]["dtype"]] % 8:
             return
-        value = mm.inputs[0]  # h as the gated group produced it: read by this GEMV alone
-        while (prod := self.producers.get(value)) is not None and prod.op in VIEW_OPS:
-            value = prod.inputs[0]
-        if not self._only_read_by(value, [mm]):
+        if not (self._read_only_by(mm) and r.contiguous() and r.offset == 0 and r.buffer.nelems == N2):
             return
-        if not (r.contiguous() and r.offset == 0 and r.buffer.nelems == N2):
-            return
-        spec = lambda call: [n for n, _ in registry.family(call.family).arg_spec(call.params)]  # noqa: E731
-        producer = next((call for call in reversed(self.calls[:-2]) if call.family == "gemv"
-                         and call.args[spec(call).index("c")].buffer is r.buffer), None)
-        if producer is None or producer.params.get("gated") or producer.params.get("mirror") \
-                or producer.params["M"] != 1 or producer.params["N"] != N2:
-            return
-        if out.buffer.kind == "output":
-            if out.dtype != "float32":
+        earlier = list(reversed(self.calls[:-2]))
+        producer = next((call for call in earlier if call.family == "gemv" and self._arg_buffer(call, "c") is r.buffer),
+                        None)
+        att = next((call for call in earlier if call.family == "attention" and call.params.get("oproj", {}).get(
+            "outs") == 1 and call.args[-1].buffer is r.buffer), None)
+        reader = next((call for call in earlier if call.params.get("a_mirror") == 1
+                       and self._arg_buffer(call, "a_mirror0") is r.buffer), None)
+        if producer is not None:
+            if producer.params.get("gated") or producer.params.get("mirror") or producer.params["M"] != 1 \
+                    or producer.params["N"] != N2:
                 return
-            acc = out.buffer
-        else:
-            acc = Buffer(out.buffer.name, "arena", "float32", N2)
-            self.buffers[self.buffers.index(out.buffer)] = acc
+        elif att is None or reader is None:
+            return
+        acc = self._accumulator(out, N2)
+        if acc is None:
+            return
         y = TensorRef.contiguous_view(acc, (N2,))
-        at = spec(producer).index("c")
-        producer.params = {**producer.params, "mirror": True}
-        producer.args = producer.args[:at] + [y] + producer.args[at:]
+        if producer is not None:
+            self._insert_arg(producer, {**producer.params, "mirror": True}, "mirror", y)
+        else:
+            self._insert_arg(reader, {**reader.params, "a_mirror": 2}, "a_mirror1", y)
+            att.params = {**att.params, "oproj": {**att.params["oproj"], "outs": 2}}
+            att.args = att.args + [y]
         quant = p["b"].get("quant")
         gated.params = {**gated.params, "R": R, "down": {"N": N2, "b": {"dtype": p["b"]["dtype"],
                                                                 **({"quant": quant} if quant else {})}}}
         gated.args = gated.args[:-1] + down.args[1:3 if quant else 2] + [y]
-        gated.ops += down.ops
-        gated.name = down.name
-        gated.source_nodes = _unique(gated.source_nodes + down.source_nodes)
-        gated.reason = "; ".join(_unique([x for x in (gated.reason, down.reason) if x]))
-        self.calls.pop()
-        self.refs[last] = TensorRef.contiguous_view(acc, onnx_shape)
+        self._absorb(gated, down, last, acc, onnx_shape)
 
     def fold_norm(self, mm: Node, norm: Node, w: np.ndarray, a: TensorRef, fmt: str) -> tuple | None:
         """The norm prologue folded into the weight for the sm_90a wgmma kernel (kernels/gemm.py ln.fold), which

@@ -73,3 +73,9 @@ def mlp_gated_rows(default: int) -> int:
     measure the other)."""
     value = os.environ.get("FLASHRT_MLP_R")
     return int(value) if value in ("2", "4") else default
+
+
+def fused_oproj_enabled() -> bool:
+    """Whether one-token attention fuses the o-projection that follows it (kernels/attention.py `oproj`; off:
+    FLASHRT_FUSE_OPROJ=0, for measuring what the fusion gains)."""
+    return os.environ.get("FLASHRT_FUSE_OPROJ", "1") != "0"

@@ -27,7 +27,13 @@ params: BH, T, S, HD, VD (batch*heads, queries, keys, head dims),
     warps       warps per block, 16 query rows each; bk: keys per tile; cl: blocks of a cluster splitting the tiles
     q_regs      Q's mma fragments stay in registers, else they are re-read from shared memory at every key tile
     *_chunks    the view is copied by 16-byte cp.async (contiguous and aligned along the head dim), else by element
-args: q, k, k1..k{n-1}, v, v1..v{n-1} (one per source), [pos], e0..e{n-1}, out
+  oproj (optional, SIMT kernel, T = 1): {N, b: {dtype, quant?: "fp8"}, outs: 1 | 2} the o-projection fused in:
+    the output O [BH * VD] is not stored; rounded to out_dtype, it is multiplied by W_o (stored [N, BH * VD],
+    row-major; an fp8 W_o with its per-row scale w_o_scale [N]) and added into each of the float32 accumulators
+    y0 [, y1] [N]: y += W_o O. Each cluster adds its head's products with atomics, so the accumulators must hold
+    their starting values (the residual, a GEMV's a_mirror earlier in the list) and the sum's order varies.
+args: q, k, k1..k{n-1}, v, v1..v{n-1} (one per source), [pos], e0..e{n-1}, out (with oproj: w_o, [w_o_scale],
+  y0, [y1] in place of out)
 Both kernels call griddepcontrol (waiting before their first read), so they may be launched with programmatic
 dependent launch."""
 
@@ -40,7 +46,8 @@ from flashrt.kernels import expr as ex
 from flashrt.kernels import gemm_mma
 from flashrt.kernels.gemm import epilogue_decls
 from flashrt.kernels.dtypes import CTYPES, ITEMSIZE, from_f32, to_f32
-from flashrt.kernels.memory import load, load_atoms, store
+from flashrt.kernels.memory import load, load_atoms, raw, store
+from flashrt.kernels.quant import dequant_fp8
 from flashrt.kernels.source import atoms_code
 
 FAMILY = "attention"
@@ -52,6 +59,7 @@ MMA_MIN_T = 16  # one full 16-row mma tile; fewer queries stay with the SIMT ker
 MMA_MAX_DIM = 256  # larger head dims keep the SIMT kernel (the O accumulators would not fit in registers)
 MMA_MAX_WARPS = 4  # per block, 16 query rows each
 MAX_SOURCES = 8  # sources of one K or V operand (a pointer argument each)
+MAX_OPROJ_ROWS = 16  # o-projection rows per thread of a fused o-projection (the rest stays a launch of its own)
 
 
 def sources(p: dict, name: str) -> list[dict]:
@@ -180,7 +188,12 @@ def _dot_body(p: dict, d_atoms: list) -> str:
 def arg_spec(p: dict) -> list[tuple[str, str]]:
     pos = [("pos", "ptr")] if p.get("dyn") else []
     kv = [(name, "ptr") for name in source_args(p, "k") + source_args(p, "v")]
-    return [("q", "ptr")] + kv + pos + [(f"e{i}", "ptr") for i in range(len(p["epi_inputs"]))] + [("out", "ptr")]
+    args = [("q", "ptr")] + kv + pos + [(f"e{i}", "ptr") for i in range(len(p["epi_inputs"]))]
+    oproj = p.get("oproj")
+    if oproj:
+        scale = [("w_o_scale", "ptr")] if oproj["b"].get("quant") else []
+        return args + [("w_o", "ptr")] + scale + [(f"y{i}", "ptr") for i in range(oproj["outs"])]
+    return args + [("out", "ptr")]
 
 
 def launch_config(p: dict) -> tuple[tuple[int, int, int], tuple[int, int, int], int]:
@@ -335,6 +348,40 @@ def cuda_source(p: dict, symbol: str) -> str:
         params.append("const int* __restrict__ pos")
         names.append("pos")
     body_text, result = epilogue_decls(p, "out", fields, params, names)
+    oproj = p.get("oproj")
+    out_type = CTYPES[p["out_dtype"]]
+    if oproj:  # the output stays in the kernel: the o-projection's weight (and scale) and the accumulators
+        if p.get("mma") or p["T"] != 1:
+            raise ValueError("attention: a fused o-projection (oproj) is generated for one query, SIMT kernel")
+        fields.pop(), params.pop(), names.pop()
+        two = CTYPES[oproj["b"]["dtype"]]
+        extra = [(f"const {two}", "w_o")] + ([("const float", "w_o_scale")] if oproj["b"].get("quant") else []) + \
+            [("float", f"y{i}") for i in range(oproj["outs"])]
+        for ctype, name in extra:
+            fields.append(f"{ctype}* {name};")
+            params.append(f"{ctype}* __restrict__ {name}")
+            names.append(name)
+        store_body = "(void)g; (void)bh; (void)t; (void)d; (void)x;"
+        ys = ", ".join(f"g.y{i}" for i in range(oproj["outs"]))
+        sizes = f"OPROJ_N = {oproj['N']}, OPROJ_K = {p['BH'] * p['VD']}, OPROJ_OUTS = {oproj['outs']}"
+        oproj_members = f"""static constexpr int {sizes};
+  using TWO = {two};
+  __device__ static const unsigned char* oproj_weights(const Args& g) {{
+    return reinterpret_cast<const unsigned char*>(g.w_o);
+  }}
+  __device__ static const TWO* oproj_weights_typed(const Args& g) {{ return g.w_o; }}
+  __device__ static float oproj_scale(const Args& g, int row) {{
+    return {"g.w_o_scale[row]" if oproj["b"].get("quant") else "1.f"};
+  }}
+  __device__ static float* oproj_out(const Args& g, int k) {{ float* const y[] = {{{ys}}}; return y[k]; }}"""
+    else:
+        store_body = f"g.out[((long)bh * T + t) * VD + d] = from_float<{out_type}>(x);"
+        oproj_members = """static constexpr int OPROJ_N = 0, OPROJ_K = 0, OPROJ_OUTS = 0;
+  using TWO = bf16_t;
+  __device__ static const unsigned char* oproj_weights(const Args&) { return nullptr; }
+  __device__ static const TWO* oproj_weights_typed(const Args&) { return nullptr; }
+  __device__ static float oproj_scale(const Args&, int) { return 1.f; }
+  __device__ static float* oproj_out(const Args&, int) { return nullptr; }"""
     mma = p.get("mma")
     if mma:
         header, template, members = "attention_mma.cuh", "attention_mma", _mma_members(p)
@@ -358,8 +405,10 @@ struct P {{
     return {result};
   }}
   __device__ static void store(const Args& g, int bh, int t, int d, float x) {{
-    g.out[((long)bh * T + t) * VD + d] = from_float<{CTYPES[p["out_dtype"]]}>(x);
+    {store_body}
   }}
+  __device__ static float round_out(float x) {{ return to_float(from_float<{out_type}>(x)); }}
+  {oproj_members}
 }};
 }}  // namespace
 
@@ -397,4 +446,17 @@ def reference(p: dict, args: dict) -> None:
             e = to_f32(from_f32(e, p["mma"]["dtype"]), p["mma"]["dtype"])
         total = e.sum(axis=-1, keepdims=True, dtype=np.float32)
         inv = np.where(total > 0, np.float32(1) / np.where(total > 0, total, 1), np.float32(0))
-    store(args["out"], p["out_dtype"], np.matmul(e * inv, V).astype(np.float32))
+    out = np.matmul(e * inv, V).astype(np.float32)
+    oproj = p.get("oproj")
+    if oproj is None:
+        store(args["out"], p["out_dtype"], out)
+        return
+    N, K = oproj["N"], BH * VD  # y += W_o O, O as the kernel rounds it
+    o = to_f32(from_f32(out.reshape(K), p["out_dtype"]), p["out_dtype"])
+    if oproj["b"].get("quant") == "fp8":
+        W = dequant_fp8(raw(args["w_o"], N * K).reshape(N, K), load(args["w_o_scale"], "float32", [N]))
+    else:
+        W = load(args["w_o"], oproj["b"]["dtype"], [N, K])
+    add = np.matmul(W.astype(np.float32), o).astype(np.float32)
+    for i in range(oproj["outs"]):
+        store(args[f"y{i}"], "float32", (load(args[f"y{i}"], "float32", [N]) + add).astype(np.float32))

@@ -26,6 +26,9 @@ params:
   cache (optional, one-row GEMV only): fused KV-cache writes of flat output ranges (kernels/state.py)
   mirror (optional, true; gemv, not gated): C's values, as stored, also written as float32 to `mirror` (the
      accumulator a `down` GEMV adds into starts from the residual this kernel produces)
+  a_mirror (optional, 1 or 2; one-row GEMV, not gated): A's row as read (before the norm) also written as float32
+     to a_mirror0 [, a_mirror1] (the accumulators a fused attention + o-proj and MLP add into start from the
+     residual this kernel reads)
   down (optional, one-row gated GEMV only): {N: N2, b: {dtype, quant?: "fp8"}} the down projection fused in:
      C is not stored; its values, rounded to out_dtype, are multiplied by W2 (stored [N2, N], N contiguous; an
      fp8 W2 with its per-row scale w2_scale [N2]) and added to y (float32 [N2], read and written):
@@ -33,7 +36,7 @@ params:
      Each block adds the products of its own C columns with atomics, so y must hold the residual beforehand
      (a `mirror` earlier in the launch list) and the sum's order varies between runs.
 args: a, b, [b quant scales], [a_scale], [ln_gamma, [ln_beta]] or folded [ln_colsum], [ln_bias], e0..e{n-1},
-  [mirror], c, [cache_pos, cache0, ...]; with `down`, w2, [w2_scale], y in place of c"""
+  [a_mirror0, ...], [mirror], c, [cache_pos, cache0, ...]; with `down`, w2, [w2_scale], y in place of c"""
 
 import math
 
@@ -68,6 +71,7 @@ def arg_spec(p: dict) -> list[tuple[str, str]]:
     args += [(f"e{i}", "ptr") for i in range(len(p["epi_inputs"]))]
     if p.get("down"):
         return args + [("w2", "ptr")] + ([("w2_scale", "ptr")] if p["down"]["b"].get("quant") else []) + [("y", "ptr")]
+    args += [(f"a_mirror{i}", "ptr") for i in range(p.get("a_mirror", 0))]
     return args + ([("mirror", "ptr")] if p.get("mirror") else []) + [("c", "ptr")] + state.cache_arg_spec(p)
 
 
@@ -103,7 +107,8 @@ def epilogue_decls(p: dict, out: str, fields: list, params: list, names: list) -
         outs = [(f"const {CTYPES[down['b']['dtype']]}", "w2")] + \
             ([("const float", "w2_scale")] if down["b"].get("quant") else []) + [("float", "y")]
     else:
-        outs = ([("float", "mirror")] if p.get("mirror") else []) + [(CTYPES[p["out_dtype"]], out)]
+        outs = [("float", f"a_mirror{i}") for i in range(p.get("a_mirror", 0))] + \
+            ([("float", "mirror")] if p.get("mirror") else []) + [(CTYPES[p["out_dtype"]], out)]
     for ctype, name in outs:
         fields.append(f"{ctype}* {name};")
         params.append(f"{ctype}* __restrict__ {name}")
@@ -162,9 +167,9 @@ def problem_struct(p: dict, kind: str) -> tuple[str, list[str], list[str]]:
         params += decls
         fields += [d.replace(" __restrict__", "") + ";" for d in decls]
         names += ["cache_pos"] + [f"cache{j}" for j in range(len(p["cache"]))]
-    if (p.get("down") or p.get("mirror")) and (kind != "gemv" or p["M"] != 1
-                                                or bool(p.get("down")) != bool(p.get("gated"))):
-        raise ValueError("gemm: mirror (not gated) and down (gated) are generated for one-row GEMVs only")
+    if (p.get("down") or p.get("mirror") or p.get("a_mirror")) and (
+            kind != "gemv" or p["M"] != 1 or bool(p.get("down")) != bool(p.get("gated"))):
+        raise ValueError("gemm: mirror, a_mirror (not gated) and down (gated) are generated for one-row GEMVs only")
     cache_stores = state.cache_store_code(p, "o", "r", "g.")
     eps = ex.c_float(ln["eps"]) if ln else "0.f"
     row_scale = {"fp8": "g.b_scale[row]", "nvfp4": "g.b_global[0]"}.get(quant, "1.f")
@@ -186,6 +191,8 @@ def problem_struct(p: dict, kind: str) -> tuple[str, list[str], list[str]]:
   }}"""
     else:
         down = p.get("down") or {"N": 0, "b": {"dtype": "float32"}}
+        a_mirror_code = " ".join(f"g.a_mirror{i}[k] = v;" for i in range(p.get("a_mirror", 0))) \
+            or "(void)g; (void)k; (void)v;"
         w2 = CTYPES[down["b"]["dtype"]]
         shape = (f"static constexpr int M = {M}, N = {N}, K = {K}, R = {p['R']}, S = {p['S']};\n"
                  f"  static constexpr bool GATED = {'true' if p.get('gated') else 'false'};\n"
@@ -200,7 +207,9 @@ def problem_struct(p: dict, kind: str) -> tuple[str, list[str], list[str]]:
   __device__ static float down_scale(const Args& g, int row) {{
     return {"g.w2_scale[row]" if p.get("down", {}).get("b", {}).get("quant") else "1.f"};
   }}
-  __device__ static float* down_out(const Args& g) {{ return {"g.y" if p.get("down") else "nullptr"}; }}"""
+  __device__ static float* down_out(const Args& g) {{ return {"g.y" if p.get("down") else "nullptr"}; }}
+  static constexpr int A_MIRRORS = {p.get("a_mirror", 0)};
+  __device__ static void a_mirror(const Args& g, int k, float v) {{ {a_mirror_code} }}"""
     value = "" if kind != "mma" else f"""
   __device__ static float value(const Args& g, int bat, int m, int n, float acc, float acc1 = 0.f) {{  // unstored
     const long o = ((long)bat * M + m) * N + n;
@@ -305,6 +314,8 @@ def reference(p: dict, args: dict) -> None:
     M, N, K, batch = p["M"], p["N"], p["K"], list(p["batch"])
     a, b, ln = p["a"], p["b"], p["ln"]
     A = load_atoms(args["a"], a["dtype"], list(a["batch"]) + list(a["m"]) + list(a["k"]), batch + [M, K])
+    for i in range(p.get("a_mirror", 0)):  # A's row as read, before the norm (one-row GEMVs)
+        store(args[f"a_mirror{i}"], "float32", A.reshape(-1))
     fold = None
     if ln and ln.get("fold"):  # statistics now, applied to the sums (the kernel's formula: E[x^2] - mean^2)
         mean = np.zeros(A.shape[:-1] + (1,), np.float32) if ln.get("rms") else A.mean(axis=-1, keepdims=True,

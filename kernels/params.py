@@ -134,6 +134,15 @@ SHAPE = List(DIM0, max_len=MAX_VIEW_RANK)
 EXPR = List(lambda v, path: v, min_len=1, max_len=MAX_EXPR_LEN)  # instructions: expr.validate checks them
 OPERAND = {"dtype": Dtype, "atoms": ATOMS}
 
+# the weight of a projection fused into another kernel (gemv `down`, attention `oproj`)
+PROJ_WEIGHT = Dict({"dtype": Enum("float32", "bfloat16", "float16", "fp8_e4m3")}, {"quant": Enum("fp8")})
+
+
+def _proj_weight(b: dict, path: str) -> None:
+    if (b["dtype"] == "fp8_e4m3") != (b.get("quant") == "fp8"):
+        raise _Bad(path, f"= {_show(b)}: an fp8_e4m3 weight needs quant 'fp8', and only it")
+
+
 _GEMM = Dict(
     {"M": DIM, "N": DIM, "K": DIM, "batch": List(DIM, max_len=MAX_VIEW_RANK - 2),
      "a": Dict({"dtype": Dtype, "batch": ATOMS, "m": ATOMS, "k": ATOMS}),
@@ -142,9 +151,8 @@ _GEMM = Dict(
      "epi_inputs": List(Dict(OPERAND)), "expr": EXPR, "out_dtype": Dtype},
     {"gated": Bool, "mma": Dict({"dtype": Enum("bfloat16", "float16", "e4m3")},  # the reference rounds to it
                                 {"wgmma": Bool}),
-     "aq": Nullable(Enum(*ACT_QUANT)), "cache": lambda v, path: CACHE(v, path), "mirror": Bool,
-     "down": Dict({"N": DIM, "b": Dict({"dtype": Enum("float32", "bfloat16", "float16", "fp8_e4m3")},
-                                       {"quant": Enum("fp8")})})})
+     "aq": Nullable(Enum(*ACT_QUANT)), "cache": lambda v, path: CACHE(v, path), "mirror": Bool, "a_mirror": Int(1, 2),
+     "down": Dict({"N": DIM, "b": PROJ_WEIGHT})})
 
 
 # ------------------------------------------------------------------------------------------ relations / caps
@@ -199,21 +207,21 @@ def _gemm(p: dict) -> None:
     if "cache" in p and (nb * M != 1 or p.get("gated")):
         raise _Bad(".cache", "(fused KV-cache writes) needs a one-row GEMV that is not gated")
     _cache(p, nb * M * N)
-    if p.get("mirror") and (nb * M != 1 or p.get("gated")):
-        raise _Bad(".mirror", "(the output also stored as float32) needs a one-row GEMV that is not gated")
+    for key in ("mirror", "a_mirror"):
+        if p.get(key) and (nb * M != 1 or p.get("gated")):
+            raise _Bad(f".{key}", "(a row also stored as float32) needs a one-row GEMV that is not gated")
     down = p.get("down")
     if down is not None:
         if nb * M != 1 or not p.get("gated") or "cache" in p or p.get("mirror"):
             raise _Bad(".down", "(a fused down projection) needs a one-row gated GEMV without cache or mirror")
-        if (down["b"]["dtype"] == "fp8_e4m3") != (down["b"].get("quant") == "fp8"):
-            raise _Bad(".down.b", f"= {_show(down['b'])}: an fp8_e4m3 weight needs quant 'fp8', and only it")
+        _proj_weight(down["b"], ".down.b")
         _elements("down.N, N", "down projection weight", down["N"], N)
 
 
 def _gemm_family(p: dict) -> None:
     """The gemm family's kernels compute a gated GEMM only in the wgmma kernel (the gemv family has its own)."""
     _gemm(p)
-    for key in ("cache", "mirror", "down"):
+    for key in ("cache", "mirror", "a_mirror", "down"):
         if isinstance(p, dict) and key in p:
             raise _Bad(f".{key}", "is a gemv family param")
     if p.get("gated") and not (p.get("mma") or {}).get("wgmma"):
@@ -264,7 +272,8 @@ def _attention(p: dict) -> None:
               "q": Dict({**op, "bh": ATOMS, "t": ATOMS, "d": ATOMS}), "k": _kv_operand, "v": _kv_operand,
               "epi_inputs": List(Dict(OPERAND)), "expr": EXPR, "out_dtype": Dtype},
              {"dyn": Nullable(Dict({"causal": Bool})),
-              "mma": Dict({"dtype": Enum("bfloat16", "float16")})})(p, "")  # mma.dtype: the reference rounds P to it
+              "mma": Dict({"dtype": Enum("bfloat16", "float16")}),  # mma.dtype: the reference rounds P to it
+              "oproj": Dict({"N": DIM, "b": PROJ_WEIGHT, "outs": Int(1, 2)})})(p, "")
     BH, T, S, HD, VD = p["BH"], p["T"], p["S"], p["HD"], p["VD"]
     for name in ("k", "v"):
         keys = [src["keys"] for src in p[name].get("sources", [])]
@@ -277,6 +286,11 @@ def _attention(p: dict) -> None:
     scores = _elements("BH, T, S", "score matrix", BH, T, S)
     _work("BH, T, S, HD, VD", "multiply-adds (BH x T x S x (HD + VD))", BH * T * S * (HD + VD), MAX_GEMM_WORK)
     _expr(p, len(p["epi_inputs"]), True, scores)
+    if "oproj" in p:
+        if "mma" in p or T != 1:
+            raise _Bad(".oproj", "(a fused o-projection) needs one query (T = 1) and the SIMT kernel (no mma)")
+        _proj_weight(p["oproj"]["b"], ".oproj.b")
+        _elements("oproj.N, BH, VD", "o-projection weight", p["oproj"]["N"], BH, VD)
 
 
 def _rotates(expr: list) -> bool:

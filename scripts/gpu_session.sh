@@ -71,9 +71,9 @@ case "$stage" in
       tests/test_decoder_sample.py tests/test_gpu_gemv.py -k "not test_gemv_matches_reference" > "$OUT/tests.log" 2>&1
     echo "tests rc=$?"; tail -3 "$OUT/tests.log"
     i=0
-    for v in FLASHRT_DEFAULT=1 FLASHRT_ATTN_PREFETCH=0 FLASHRT_MLP_R=4; do  # -> $OUT/v0 .. v2
+    for v in FLASHRT_DEFAULT=1 FLASHRT_FUSE_OPROJ=0 FLASHRT_ATTN_PREFETCH=0 FLASHRT_MLP_R=4; do  # -> $OUT/v0 .. v3
       mkdir -p "$OUT/v$i"
-      env $v timeout 100 python3 benchmarks/bench.py --no-torch --workloads decode $([ $i = 2 ] || echo decode4k) \
+      env $v timeout 100 python3 benchmarks/bench.py --no-torch --workloads decode $([ $i = 0 -o $i = 2 ] && echo decode4k) \
         --precisions bf16 fp8 $([ $i = 0 ] && echo --ablate) --out "$OUT/v$i" >> "$OUT/bench.log" 2>&1
       echo "v$i $v rc=$?"; grep '^| decode' "$OUT/v$i/RESULTS.md"; rm -f "$OUT/v$i/RESULTS.md"; i=$((i + 1))
     done

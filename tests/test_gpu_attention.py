@@ -96,3 +96,37 @@ def test_sources(name):
     got, one = check(p, host), check(p1, host1)
     err = np.linalg.norm(got - one) / max(np.linalg.norm(one), 1e-30)
     assert err <= 1e-4, (err, np.abs(got - one).max())
+
+
+@pytest.mark.parametrize("quant, outs, config, N", [(None, 1, (1, 4, 8), 1024), (None, 2, (1, 4, 8), 1024),
+                                                    ("fp8", 2, (1, 4, 4), 1024), (None, 1, (1, 1, 4), 256),
+                                                    (None, 2, (1, 2, 1), 96)])
+def test_decode_with_fused_oproj(quant, outs, config, N):
+    """attention `oproj`: the head outputs (never stored) times W_o, added into one or two float32 accumulators
+    with atomics; rows beyond the register budget (N / CL > 32 * KW) come through L2. The cache past pos holds
+    NaN, so a stale key read would poison every row."""
+    from gpu_kernel import Kernel, reference
+
+    from flashrt.aot.quantize import quantize_fp8
+    from flashrt.kernels.dtypes import from_f32
+
+    heads, HD = 16, 128
+    p, host = attention_case(heads, 8, 1, 512, HD, dyn={"causal": True}, pos=300, mma=False, config=config)
+    rng = np.random.default_rng(N + outs)
+    w = (rng.standard_normal((N, heads * HD)) / np.sqrt(heads * HD)).astype(np.float32)
+    if quant == "fp8":
+        host["w_o"], host["w_o_scale"] = quantize_fp8(w)
+        b = {"dtype": "fp8_e4m3", "quant": "fp8"}
+    else:
+        host["w_o"], b = from_f32(w, "bfloat16"), {"dtype": "bfloat16"}
+    p["oproj"] = {"N": N, "b": b, "outs": outs}
+    del host["out"]
+    for i in range(outs):
+        host[f"y{i}"] = rng.standard_normal(N).astype(np.float32)
+    kernel = Kernel("attention", p)
+    for i in range(outs):
+        got = kernel.run(host, f"y{i}", poison=None).view(np.float32)
+        want = reference("attention", p, host, f"y{i}").view(np.float32)
+        moved = np.linalg.norm(want - host[f"y{i}"])
+        assert np.isfinite(got).all() and moved > 0.1 * np.linalg.norm(host[f"y{i}"])
+        assert np.linalg.norm(got - want) <= 1e-3 * moved, np.linalg.norm(got - want) / moved

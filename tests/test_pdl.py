@@ -208,11 +208,15 @@ def allowed_prefetch(family: str, params: dict):
     the weights' 16-byte loads (ld_weight16), the fused down projection's 8-byte ones and NVFP4 block scales'
     read-only loads; gemm_mma.cuh / gemm_wgmma.cuh: cp.async of B tiles where params say B is a weight); and
     attention.cuh with a dynamic KV length: the position and a bulk L2 prefetch of the cache rows before it, which
-    no launch of the run writes. SASS does not say which pointer a load reads: that part is audited by reading."""
+    no launch of the run writes, and with a fused o-projection its weights' 16-byte loads or L2 prefetches.
+    SASS does not say which pointer a load reads: that part is audited by reading."""
     if family == "gemv":  # the fused down projection's 8-byte chunks too
         return lambda op: op.startswith("LDG.") and (".CONSTANT" in op or ".128" in op or ".64" in op)
-    if family == "attention" and attention_kernel.prefetches(params):  # pos, then an L2 prefetch of the cached rows
-        return lambda op: op in ("LDG.E", "LDG.E.CONSTANT") or op.startswith("UBLKPF")
+    if family == "attention" and (attention_kernel.prefetches(params) or params.get("oproj")):
+        # pos, then an L2 prefetch of the cached rows; a fused o-projection's weights (16-byte loads, L2 prefetch)
+        cache = attention_kernel.prefetches(params)
+        return lambda op: (cache and op in ("LDG.E", "LDG.E.CONSTANT")) or op.startswith("UBLKPF") or (
+            bool(params.get("oproj")) and op.startswith("LDG.E.128"))
     if family == "gemm" and (params.get("mma") or {}).get("b_const"):
         return lambda op: op.startswith("LDGSTS.")
     return None

@@ -118,19 +118,25 @@ def test_cache_concats_stay_cache_writes(decoder):
             assert sorted(fused) == sorted([("gemv", 1), ("layernorm", 1)] * model.c["layers"]), fused
 
 
-def test_decode_mlp_is_one_launch(decoder):
-    """Decode's MLP (norm, gate/up, SwiGLU, down projection, residual) is one launch: the gated GEMV adds its share
-    of the down projection into a float32 accumulator that the o-proj GEMV filled with the residual (params
-    `down` and `mirror`). Prefill's rows take the GEMMs, unfused."""
+def test_decode_layer_is_fused_through_float32_accumulators(decoder):
+    """Decode's attention adds its o-projection into the residual stream (attention `oproj`) and its MLP (norm,
+    gate/up, SwiGLU, down projection) is one launch (gemv `down`): both add their products with atomics into
+    float32 accumulators that the layer's QKV GEMV filled with the residual it reads (`a_mirror`). Prefill's rows
+    take the GEMMs, unfused."""
     model, _, path = decoder
     eng = load(path, device="cpu")
-    for entry, fused in (("prefill", 0), ("decode", model.c["layers"])):
+    layers = model.c["layers"]
+    for entry, fused in (("prefill", 0), ("decode", layers)):
         e = eng.file.entry(entry)
         kernels = [eng.file.kernels[launch.kernel] for launch in eng.file.launches[e.first:e.first + e.count]]
         downs = [k.params for k in kernels if k.family == "gemv" and "down" in k.params]
-        mirrors = [k.params for k in kernels if k.family == "gemv" and k.params.get("mirror")]
-        assert len(downs) == len(mirrors) == fused
+        oprojs = [k.params["oproj"] for k in kernels if k.family == "attention" and "oproj" in k.params]
+        mirrors = [k.params["a_mirror"] for k in kernels if k.family == "gemv" and "a_mirror" in k.params]
+        assert len(downs) == len(oprojs) == len(mirrors) == fused
         assert all(p["gated"] and p["down"]["N"] == model.c["hidden"] for p in downs)
+        assert all(o["outs"] == 2 and o["N"] == model.c["hidden"] for o in oprojs) and set(mirrors) <= {2}
+        if entry == "decode":  # QKV, q/k norms + RoPE, attention + o-proj, MLP; the prologue; the lm head
+            assert e.count == 4 * layers + 9, e.count
 
 
 def test_reset_and_load_state(decoder):

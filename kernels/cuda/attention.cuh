@@ -24,6 +24,8 @@ struct SoftmaxMerge {
   }
 };
 
+constexpr int MAX_OPROJ_LOADS = 16;  // 16-byte o-projection weight loads a thread holds (64 registers)
+
 template <class P>
 __device__ __forceinline__ void attention(const typename P::Args& g) {
   constexpr int TQ = P::TQ, KW = P::KW, CL = P::CL, HD = P::HD, VD = P::VD, T = P::T;
@@ -33,11 +35,36 @@ __device__ __forceinline__ void attention(const typename P::Args& g) {
   __shared__ float part_o[TQ][KW][VPL * 32];
   __shared__ float blk_m[TQ], blk_l[TQ];  // the block's merged result of each query (cluster merge)
   __shared__ float blk_o[CL > 1 ? TQ : 1][VPL * 32];
+  // OPROJ (one query): the head's merged output, rounded as it would be stored, then this block's share of the
+  // o-projection's rows, added into the float32 accumulators with atomics
+  constexpr int ON = P::OPROJ_N > 0 ? P::OPROJ_N : CL, OROWS = ON / CL, ORPT = (OROWS + NT - 1) / NT;
+  constexpr int OCH = P::OPROJ_N > 0 ? VD * (int)sizeof(typename P::TWO) / 16 : 1;
+  static_assert(P::OPROJ_N == 0 || (TQ == 1 && T == 1 && ON % CL == 0 && VD * sizeof(typename P::TWO) % 16 == 0),
+                "a fused o-projection: one query, whole rows per block, 16-byte weight rows");
+  // the first OREG row iterations' weights wait in registers; later ones are prefetched into L2 only
+  constexpr int OREG = ORPT < MAX_OPROJ_LOADS / OCH ? ORPT : MAX_OPROJ_LOADS / OCH;
+  __shared__ float o_s[P::OPROJ_N > 0 ? VD : 1];
+  uint4 wo[OREG > 0 ? OREG : 1][OCH];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int qi = warp / KW, kw = warp % KW;
   const int qb = blockIdx.x / CL, rank = CL > 1 ? (int)mma::cluster_rank() : 0;
   const int bh = blockIdx.y, t = qb * TQ + qi;
   griddep_launch_dependents();
+  if constexpr (P::OPROJ_N > 0) {  // the o-projection's weights (constant) stream while the previous kernel runs
+    const unsigned char* __restrict__ w = P::oproj_weights(g);
+#pragma unroll
+    for (int r = 0; r < ORPT; ++r) {
+      const int row = rank * OROWS + r * NT + threadIdx.x;
+      const bool ok = r * NT + (int)threadIdx.x < OROWS;
+      const unsigned char* src = w + ((long)row * P::OPROJ_K + (long)bh * VD) * sizeof(typename P::TWO);
+      if (r < OREG) {
+#pragma unroll
+        for (int c = 0; c < OCH; ++c) wo[r < OREG ? r : 0][c] = ok ? ld_weight16(src + 16 * c) : make_uint4(0, 0, 0, 0);
+      } else if (ok) {
+        l2_prefetch_span(src, 16 * OCH);
+      }
+    }
+  }
   if constexpr (P::PREFETCH) {
     // The cache rows before pos do not change during a run: this run writes rows pos and later, and only the
     // entry's last launch (the state advance) writes pos. So the block streams its share of them (the chunk
@@ -113,7 +140,10 @@ __device__ __forceinline__ void attention(const typename P::Args& g) {
 #pragma unroll
       for (int w = 0; w < KW; ++w) acc += part_o[qi][w][d] * expf(part_m[qi][w] - mg.base);
       if constexpr (CL == 1) {
-        if (t < T && d < VD) P::store(g, bh, t, d, acc * mg.inv);
+        if (t < T && d < VD) {
+          if constexpr (P::OPROJ_N > 0) o_s[d] = P::round_out(acc * mg.inv);
+          else P::store(g, bh, t, d, acc * mg.inv);
+        }
       } else {
         blk_o[qi][d] = acc;  // relative to e^base, with the block's sum: merged again across the cluster
       }
@@ -125,8 +155,10 @@ __device__ __forceinline__ void attention(const typename P::Args& g) {
   }
   if constexpr (CL > 1) {
     mma::cluster_sync();
-    // the cluster's blocks each finish a share of the (query, value dim) outputs from all CL partials
-    for (int i = rank * NT + threadIdx.x; i < TQ * VD; i += CL * NT) {
+    // the cluster's blocks each finish a share of the (query, value dim) outputs from all CL partials (with an
+    // o-projection, each block all of them: it multiplies them by its own rows)
+    constexpr bool ALL = P::OPROJ_N > 0;
+    for (int i = (ALL ? 0 : rank * NT) + threadIdx.x; i < TQ * VD; i += (ALL ? 1 : CL) * NT) {
       const int qj = i / VD, d = i % VD, tj = qb * TQ + qj;
       if (tj >= T) continue;
       float ms[CL], ls[CL];
@@ -140,8 +172,30 @@ __device__ __forceinline__ void attention(const typename P::Args& g) {
 #pragma unroll
       for (int r = 0; r < CL; ++r)
         if (ls[r] != 0.f) acc += mma::ld_cluster(&blk_o[qj][d], r) * expf(ms[r] - mg.base);
-      P::store(g, bh, tj, d, acc * mg.inv);
+      if constexpr (ALL) o_s[d] = P::round_out(acc * mg.inv);
+      else P::store(g, bh, tj, d, acc * mg.inv);
     }
     mma::cluster_sync();  // no block leaves while another may still read its shared memory
+  }
+  if constexpr (P::OPROJ_N > 0) {
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < ORPT; ++r) {
+      const int row = rank * OROWS + r * NT + threadIdx.x;
+      if (r * NT + (int)threadIdx.x >= OROWS) break;
+      float s = 0.f;
+      constexpr int PER = 16 / (int)sizeof(typename P::TWO);  // weights per 16 bytes
+      const unsigned char* src = P::oproj_weights(g) + ((long)row * P::OPROJ_K + (long)bh * VD) * sizeof(typename P::TWO);
+#pragma unroll
+      for (int c = 0; c < OCH; ++c) {
+        float wf[PER];
+        unpack(r < OREG ? wo[r < OREG ? r : 0][c] : ld_weight16(src + 16 * c), wf, P::oproj_weights_typed(g));
+#pragma unroll
+        for (int j = 0; j < PER; ++j) s = fmaf(o_s[c * PER + j], wf[j], s);
+      }
+      s *= P::oproj_scale(g, row);
+#pragma unroll
+      for (int k = 0; k < P::OPROJ_OUTS; ++k) atomicAdd(P::oproj_out(g, k) + row, s);
+    }
   }
 }

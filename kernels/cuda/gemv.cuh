@@ -150,6 +150,11 @@ __device__ __forceinline__ void gemv(const typename P::Args& g) {
     for (int i = threadIdx.x; i < M * K; i += blockDim.x) a_s[i] = P::load_a(g, i / K, i % K);
     __syncthreads();
   }
+  if constexpr (P::A_MIRRORS > 0) {  // A's row as read, as float32, for the accumulators of later fused kernels
+    static_assert(M == 1, "a_mirror: one row");
+    for (int k = blockIdx.x * blockDim.x + threadIdx.x; k < K; k += gridDim.x * blockDim.x)
+      P::a_mirror(g, k, STAGE ? a_s[k] : P::load_a(g, 0, k));
+  }
   if constexpr (P::LN) {  // norm statistics of the M rows, one warp per row
     for (int m = warp; m < M; m += 8) {
       float mean = 0.f;
