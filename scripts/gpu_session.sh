@@ -83,7 +83,7 @@ case "$stage" in
     ;;
   v13b)  # v13 within ~5 minutes: the new kernels' GPU tests, decode with the o-proj fusion and the prefetch on / off
     timeout 110 python3 -m pytest -q -rf -n 8 tests/test_gpu_attention.py tests/test_gpu_gemv.py tests/test_state.py \
-      tests/test_pdl.py tests/test_decoder_sample.py -k "oproj or down or mirror or gpu" > "$OUT/tests.log" 2>&1
+      tests/test_pdl.py -k "oproj or decode_dynamic or down or mirror or gpu_matches or gpu_pdl" > "$OUT/tests.log" 2>&1
     echo "tests rc=$?"; tail -3 "$OUT/tests.log"
     i=0
     for v in "FLASHRT_DEFAULT=1 decode decode4k" "FLASHRT_FUSE_OPROJ=0 decode" "FLASHRT_ATTN_PREFETCH=0 decode4k"; do
