@@ -80,7 +80,7 @@ def assemble(entries: list[Entry] | Program, arena_bytes: int, weights: bytes, c
         out = call.args[-1]
         regions.append({"name": call.name, "kind": call.family, "kernel": kernel_index[key],
                         "launches": [len(launches) - 1], "ops": call.ops, "source_nodes": call.source_nodes,
-                        "precision": call.args[-1].dtype, "reason": call.reason,
+                        "precision": call.params.get("out_dtype", out.dtype), "reason": call.reason,
                         "output": {"value": out.buffer.name, "dtype": out.dtype, "shape": list(out.shape),
                                    "offset": out.buffer.offset + out.offset * ITEMSIZE[out.dtype]},
                         **({"entry": entry_name} if len(entries) > 1 else {})})

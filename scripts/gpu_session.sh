@@ -10,6 +10,7 @@
 #   bash scripts/gpu_session.sh next      # what the 2026-12-07 sessions left unmeasured (benchmarks/NOTES.md v12, v13)
 #   bash scripts/gpu_session.sh v13       # the fused MLP and the attention prefetch: GPU tests, each on / off, pi0
 #   bash scripts/gpu_session.sh v13b      # v13 cut to ~5 minutes of device time (no pi0, no ablation)
+#   bash scripts/gpu_session.sh v13c      # v13 cut to ~3 minutes: the new kernels' tests, decode with / without oproj
 #   bash scripts/gpu_session.sh compare   # pi0 chunk vs a compiled static step; decode 512 / 4096 vs torch.compile
 set -u
 cd "$(dirname "$0")/.."
@@ -93,11 +94,23 @@ case "$stage" in
       echo "v$i $v rc=$?"; grep '^| decode' "$OUT/v$i/RESULTS.md"; rm -f "$OUT/v$i/RESULTS.md"; i=$((i + 1))
     done
     ;;
+  v13c)  # the last ~3 minutes of a session's device time: the new kernels' tests, decode with / without oproj
+    timeout 75 python3 -m pytest -q -rf -n 8 tests/test_gpu_attention.py tests/test_gpu_gemv.py tests/test_state.py \
+      tests/test_pdl.py -k "oproj or fused_down or mirror or gpu_matches or stateful_decoder" > "$OUT/tests.log" 2>&1
+    echo "tests rc=$?"; tail -3 "$OUT/tests.log"
+    i=0
+    for v in FLASHRT_DEFAULT=1 FLASHRT_FUSE_OPROJ=0; do
+      mkdir -p "$OUT/v$i"
+      env $v timeout 45 python3 benchmarks/bench.py --no-torch --workloads decode --precisions bf16 \
+        --out "$OUT/v$i" >> "$OUT/bench.log" 2>&1
+      echo "v$i $v rc=$?"; grep '^| decode' "$OUT/v$i/RESULTS.md"; rm -f "$OUT/v$i/RESULTS.md"; i=$((i + 1))
+    done
+    ;;
   compare)  # the pi0 chunk against a compiled static-shape step; decode at 512 and 4096 against torch.compile
     timeout 280 python3 benchmarks/pi0_bench.py --scale full --precisions bf16 --out "$OUT" 2>&1 \
       | tee "$OUT/pi0.log" | grep '^{"impl\|^|'
     timeout 250 python3 benchmarks/bench.py --workloads decode decode4k --precisions bf16 fp8 --out "$OUT" 2>&1 \
       | tee "$OUT/bench_decode.log" | grep '^| '
     ;;
-  *) echo "usage: $0 tests|kernels|bench|loops|verify|sanitize|next|v13|v13b|compare" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|kernels|bench|loops|verify|sanitize|next|v13|v13b|v13c|compare" >&2; exit 2 ;;
 esac
