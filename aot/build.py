@@ -152,7 +152,7 @@ def build_engine(model: str, targets: list[str], output: str | None = None, shap
                  precision: str = "fp32", progress: Progress | None = None, bundle_test: bool = False,
                  test_inputs: dict | None = None, config: str | None = None, max_context: int | None = None,
                  prefill_len: int = 0, calib: str | None = None, min_cosine: float | None = None,
-                 denoise_steps: int | None = None) -> BuildResult:
+                 denoise_steps: int | None = None, deterministic: bool = False) -> BuildResult:
     """Compile `model` into an engine at `output`. With bundle_test, the engine carries sample inputs
     (test_inputs, or seeded random ones) and the outputs the CPU reference executor gives for them.
     `model` is an .onnx file, or a safetensors checkpoint (a folder with config.json, a .safetensors file or a
@@ -162,7 +162,9 @@ def build_engine(model: str, targets: list[str], output: str | None = None, shap
     With calib (an .npz of representative inputs), GEMM activations get static FP8 scales (aot/calibrate.py) and
     the GEMMs whose quantization would cost the most accuracy stay bf16, so that the outputs keep min_cosine
     (default: 0.999 for fp8, 0.99 for nvfp4 and auto) to the float32 model on those inputs (aot/sensitivity.py).
-    denoise_steps: the flow-matching steps of a pi0 action-expert checkpoint (aot/importers/pi0_expert.py)."""
+    denoise_steps: the flow-matching steps of a pi0 action-expert checkpoint (aot/importers/pi0_expert.py).
+    deterministic: no kernel adds into a result with float atomics (the decode fusions through float32
+    accumulators), so every run gives the same bits."""
     def stage(name: str) -> None:
         if progress:
             progress(name, 0, 0, 0)
@@ -195,7 +197,7 @@ def build_engine(model: str, targets: list[str], output: str | None = None, shap
         raise BuildError("--calib applies to stateless builds; it cannot be combined with --max-context")
     if max_context is not None:
         entries, state, caches, sha, merged = _stateful_entries(model, safetensors, shapes, precision, max_context,
-                                                                prefill_len, stage, archs)
+                                                                prefill_len, stage, archs, deterministic)
         persistent = list(state.values())
     else:
         if prefill_len:
@@ -210,7 +212,8 @@ def build_engine(model: str, targets: list[str], output: str | None = None, shap
             stage("calibrate")
             calibrate_and_plan(graph, calib, precision, min_cosine, archs)
         stage("partition")
-        entries, state, persistent = [Entry("main", partition(graph, precision, targets=archs))], None, []
+        entries, state, persistent = [Entry("main", partition(graph, precision, targets=archs,
+                                                              deterministic=deterministic))], None, []
         caches = []
     stage("memory")
     programs = [e.program for e in entries]
@@ -228,7 +231,8 @@ def build_engine(model: str, targets: list[str], output: str | None = None, shap
         "source_sha256": sha,
         "build_flags": {"targets": archs, "precision": precision,
                         "shapes": {k: list(v) for k, v in sorted((shapes or {}).items())},
-                        **({"max_context": max_context, "prefill_len": prefill_len} if max_context else {})},
+                        **({"max_context": max_context, "prefill_len": prefill_len} if max_context else {}),
+                        **({"deterministic": True} if deterministic else {})},
         "nvcc_version": nvcc_version,
         "min_driver": min_driver(nvcc_version),
         "precision": precision,
@@ -258,7 +262,7 @@ def build_engine(model: str, targets: list[str], output: str | None = None, shap
 
 
 def _stateful_entries(model: str, safetensors: bool, shapes: dict | None, precision: str, max_context: int,
-                      prefill_len: int, stage, targets: list[str]
+                      prefill_len: int, stage, targets: list[str], deterministic: bool = False
                       ) -> tuple[list[Entry], dict[str, Buffer], list[StateTensor], str, int]:
     """Import the decoder once per entry point and partition each against shared weights and state."""
     if safetensors:
@@ -283,7 +287,7 @@ def _stateful_entries(model: str, safetensors: bool, shapes: dict | None, precis
         stage(f"partition ({name})")
         length = Buffer(f"__length_{name}", "state", "int32", 1) if name == "prefill" else None
         entry = EntryState(position, length, tokens)
-        program = partition(graph, precision, shared, entry, targets)
+        program = partition(graph, precision, shared, entry, targets, deterministic)
         infos.update({c.name: c for c in caches})
         axes = {}
         for n, _, shape in program.inputs + program.outputs:

@@ -123,7 +123,7 @@ class Group:
 
 class Partitioner:
     def __init__(self, graph: Graph, precision: str, shared: Shared | None = None, entry: EntryState | None = None,
-                 targets: list[str] | None = None):
+                 targets: list[str] | None = None, deterministic: bool = False):
         if precision not in ACT_DTYPES:
             raise ModelError(f"precision {precision!r} is not one of {sorted(ACT_DTYPES)}")
         self.g = graph
@@ -139,6 +139,9 @@ class Partitioner:
         self.mma = all(sm_number(t) >= 80 for t in targets or [])  # bf16 mma.sync and cp.async
         self.wgmma = wgmma_enabled(self.targets)  # the sm_90a wgmma GEMM (off: FLASHRT_WGMMA=0)
         self.wgmma_fp8 = wgmma_fp8_enabled(self.targets)  # fp8 weights in it too (opt-in: FLASHRT_WGMMA_FP8=1)
+        # decode fusions that add into float32 accumulators with atomics (a run-to-run varying summation order)
+        self.fuse_oproj = fused_oproj_enabled() and not deterministic
+        self.fuse_mlp = fused_mlp_enabled() and not deterministic
         self.not_native = sorted(t for t, v in support.items() if v != "native")
         self.warnings: list[str] = list(graph.prequantized.warnings) if graph.prequantized else []
         if self.no_fp8 and precision in ("fp8", "nvfp4", "auto"):
@@ -782,9 +785,9 @@ class Partitioner:
                         [n.op for n in nodes], [s for n in nodes for s in n.source], quant=quant, aq=aq,
                         folded=folded)
         self.refs[last] = TensorRef.contiguous_view(out_buf, onnx_shape)
-        if fused_oproj_enabled():
+        if self.fuse_oproj:
             self._fuse_oproj(mm, last, onnx_shape)
-        if fused_mlp_enabled():
+        if self.fuse_mlp:
             self._fuse_down(mm, last, onnx_shape)
 
     # ---- decode fusions through float32 accumulators (one-row GEMVs, kernels/gemm.py down / a_mirror / mirror,
@@ -1611,5 +1614,5 @@ def _digest(arr: np.ndarray) -> str:
 
 
 def partition(graph: Graph, precision: str, shared: Shared | None = None, entry: EntryState | None = None,
-              targets: list[str] | None = None) -> Program:
-    return Partitioner(graph, precision, shared, entry, targets).run()
+              targets: list[str] | None = None, deterministic: bool = False) -> Program:
+    return Partitioner(graph, precision, shared, entry, targets, deterministic).run()

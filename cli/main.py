@@ -80,12 +80,15 @@ def targets() -> None:
 @click.option("--min-cosine", type=float, help="With --calib: GEMMs stay bf16 (most sensitive first) until the "
                                                "outputs' cosine to fp32 on the calib inputs reaches this "
                                                "[default: 0.999 for fp8, 0.99 for nvfp4 and auto]")
+@click.option("--deterministic", is_flag=True, help="No float atomics: every run gives the same bits (decode keeps "
+              "its o-projection and MLP down projection as launches of their own).")
 @click.option("--denoise-steps", type=int, help="pi0 action-expert checkpoint: flow-matching steps in the engine "
                                                 "(one launch list per action chunk) [default: the config's "
                                                 "num_steps, else 10]")
 def build(model: str, target_list: tuple, output: str | None, shapes: str | None, precision: str,
           bundle_test: bool, inputs_path: str | None, config_path: str | None, max_context: int | None,
-          prefill_len: int, calib_path: str | None, min_cosine: float | None, denoise_steps: int | None) -> None:
+          prefill_len: int, calib_path: str | None, min_cosine: float | None, denoise_steps: int | None,
+          deterministic: bool) -> None:
     """Compile MODEL (.onnx, .safetensors, or a checkpoint folder with config.json) into an engine."""
     from flashrt.aot.build import build_engine
     from flashrt.aot.importers.onnx_import import parse_shapes
@@ -98,7 +101,7 @@ def build(model: str, target_list: tuple, output: str | None, shapes: str | None
         result = build_engine(model, list(target_list) or ["thor"], output, parse_shapes(shapes), precision, progress,
                               bundle_test, test_inputs, config=config_path, max_context=max_context,
                               prefill_len=prefill_len, calib=calib_path, min_cosine=min_cosine,
-                              denoise_steps=denoise_steps)
+                              denoise_steps=denoise_steps, deterministic=deterministic)
     finally:
         progress.finish()
     for w in result.warnings:

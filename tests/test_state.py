@@ -139,6 +139,26 @@ def test_decode_layer_is_fused_through_float32_accumulators(decoder):
             assert e.count == 4 * layers + 9, e.count
 
 
+def test_deterministic_build_keeps_the_projections_apart(decoder, tmp_path):
+    """--deterministic: no float atomics (no oproj / down / mirrors), the flag recorded, and the same decode
+    logits as the fused engine up to the summation order."""
+    model, onnx_path, fused_path = decoder
+    path = str(tmp_path / "deterministic.frt")
+    build_engine(onnx_path, ["sm_90a"], path, precision="fp32", max_context=MAX_CONTEXT, prefill_len=PREFILL,
+                 deterministic=True)
+    engines = [load(p, device="cpu") for p in (fused_path, path)]
+    assert engines[1].manifest["provenance"]["build_flags"]["deterministic"] is True
+    assert not any(k.params.get(x) for k in engines[1].file.kernels for x in ("oproj", "down", "mirror", "a_mirror"))
+    e = engines[1].file.entry("decode")
+    assert e.count == engines[0].file.entry("decode").count + 2 * model.c["layers"]
+    prompt = dec.example_prompt(model, 5).numpy()
+    logits = []
+    for eng in engines:
+        eng.run({"input_ids": prompt}, entry="prefill")
+        logits.append(eng.run({"input_ids": prompt[:, -1:]}, entry="decode")["logits"])
+    assert rel(logits[0], logits[1]) < 1e-5
+
+
 def test_reset_and_load_state(decoder):
     model, _, path = decoder
     eng = load(path, device="cpu")
