@@ -28,8 +28,8 @@ from flashrt.aot.ir import Graph, Node
 from flashrt.aot.quantize import quantize_fp8, quantize_nvfp4
 from flashrt.aot.state import CACHE_WRITE, POSITIONS
 from flashrt.aot.gemv_cost import choose_gemv_format
-from flashrt.aot.targets import (fp8_mma, fused_mlp_enabled, fused_oproj_enabled, mlp_gated_rows, sm_number,
-                                 wgmma_enabled, wgmma_fp8_enabled)
+from flashrt.aot.targets import (attention_prefetch_enabled, fp8_mma, fused_mlp_enabled, fused_oproj_enabled,
+                                 mlp_gated_rows, sm_number, wgmma_enabled, wgmma_fp8_enabled)
 from flashrt.aot.views import Buffer, TensorRef
 from flashrt.errors import BuildError, ModelError
 from flashrt.kernels import attention as attention_kernel
@@ -1199,6 +1199,8 @@ class Partitioner:
             # attention over a cache: keys 0 .. pos + t for query t, read at run time (aot/state.py)
             params["dyn"] = {"causal": True}
             pos = [self.state_ref(self.entry.pos)]
+            if attention_prefetch_enabled() and attention_kernel.can_prefetch(params):
+                params["prefetch"] = True
         self.calls.append(KernelCall(m2.name, "attention", params, [q] + k_list + v_list + pos + inputs + [out],
                                      [n.op for n in nodes], _unique(s for n in nodes for s in n.source)))
         self.refs[m2.outputs[0]] = out
@@ -1263,8 +1265,8 @@ class Partitioner:
                 return [(c.args[names.index(f"y_{j}")], part,
                          max(i for i, a in enumerate(names) if a.endswith(f"_{j}")) + 1)
                         for j, part in enumerate(c.params["parts"])]
-            return [(c.args[names.index({"gemv": "c", "eltwise": "out", "layernorm": "y"}[c.family])], c.params,
-                     len(c.args))]
+            name = {"gemv": "c", "eltwise": "out", "layernorm": "y"}[c.family]
+            return [(c.args[names.index(name)], c.params, len(c.args))] if name in names else []  # `down`: no c
 
         found = next(((c, o) for c in reversed(self.calls) if c.family in ("gemv", "eltwise", "layernorm")
                       for o in outputs(c) if o[0].buffer is src.buffer), None)

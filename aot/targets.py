@@ -76,6 +76,12 @@ def mlp_gated_rows(default: int) -> int:
 
 
 def fused_oproj_enabled() -> bool:
-    """Whether one-token attention fuses the o-projection that follows it (kernels/attention.py `oproj`; off:
-    FLASHRT_FUSE_OPROJ=0, for measuring what the fusion gains)."""
-    return os.environ.get("FLASHRT_FUSE_OPROJ", "1") != "0"
+    """Whether one-token attention fuses the o-projection that follows it (kernels/attention.py `oproj`): opt-in
+    with FLASHRT_FUSE_OPROJ=1 until it has run on a GPU (benchmarks/NOTES.md v13)."""
+    return os.environ.get("FLASHRT_FUSE_OPROJ") == "1"
+
+
+def attention_prefetch_enabled() -> bool:
+    """Whether dynamic-length attention prefetches the cached rows before pos into L2 before it waits
+    (kernels/attention.py `prefetch`): opt-in with FLASHRT_ATTN_PREFETCH=1 until it has run on a GPU."""
+    return os.environ.get("FLASHRT_ATTN_PREFETCH") == "1"

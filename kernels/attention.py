@@ -16,6 +16,8 @@ params: BH, T, S, HD, VD (batch*heads, queries, keys, head dims),
     only feeds attention is read in place this way (aot/partition.py).
   epi_inputs: [{dtype, atoms}] over [BH, T, S]; expr: the score expression over ["acc"] = Q.K
   out_dtype (out contiguous [BH, T, VD])
+  prefetch (optional, true; SIMT kernel with dyn): before it waits for the previous kernel, each block streams the
+    cache rows before pos of its share of the keys into L2 (the reference is unchanged)
   dyn (optional): null | {causal}: a dynamic KV length. S is then the cache capacity and the argument `pos`
     (device int32 [1]) the number of tokens in the cache before this run; query row t sees key j iff
     j <= pos + t (causal) or j < pos + T (not causal). Keys no row sees (stale cache data) are never read;
@@ -38,7 +40,6 @@ Both kernels call griddepcontrol (waiting before their first read), so they may 
 dependent launch."""
 
 import math
-import os
 
 import numpy as np
 
@@ -251,17 +252,20 @@ def _visible_code(p: dict) -> str:
     return f"(int)min((long)S, max(0L, {last}))"
 
 
-def prefetches(p: dict) -> bool:
-    """Whether the SIMT kernel streams its share of the cached keys and values into L2 before it waits for the
-    previous kernel: with a dynamic KV length, one source each for K and V, rows of 16-byte multiples, contiguous
-    along the key axis (FLASHRT_ATTN_PREFETCH=0: never)."""
-    if not p.get("dyn") or p.get("mma") or "sources" in p["k"] or "sources" in p["v"] \
-            or os.environ.get("FLASHRT_ATTN_PREFETCH") == "0":  # off: to measure what it gains
+def can_prefetch(p: dict) -> bool:
+    """Whether the SIMT kernel can stream its share of the cached keys and values into L2 before it waits for the
+    previous kernel (param `prefetch`): a dynamic KV length, one source each for K and V, rows of 16-byte
+    multiples, contiguous along the key axis."""
+    if not p.get("dyn") or p.get("mma") or "sources" in p["k"] or "sources" in p["v"]:
         return False
     k, v, HD, VD = p["k"], p["v"], p["HD"], p["VD"]
     rows = (k["d"] == [[HD, 1]] and len(k["s"]) == 1 and k["s"][0][1] == HD and v["d"] == [[VD, 1]]
             and len(v["s"]) == 1 and v["s"][0][1] == VD)
     return rows and HD * ITEMSIZE[k["dtype"]] % 16 == 0 and VD * ITEMSIZE[v["dtype"]] % 16 == 0
+
+
+def prefetches(p: dict) -> bool:
+    return bool(p.get("prefetch")) and can_prefetch(p)
 
 
 def _prefetch_body(p: dict) -> str:
@@ -351,8 +355,11 @@ def cuda_source(p: dict, symbol: str) -> str:
     oproj = p.get("oproj")
     out_type = CTYPES[p["out_dtype"]]
     if oproj:  # the output stays in the kernel: the o-projection's weight (and scale) and the accumulators
-        if p.get("mma") or p["T"] != 1:
-            raise ValueError("attention: a fused o-projection (oproj) is generated for one query, SIMT kernel")
+        cl, nt = p.get("CL", 1), 32 * p.get("TQ", 1) * p.get("KW", 1)
+        if p.get("mma") or p["T"] != 1 or oproj["N"] % cl or p["VD"] * ITEMSIZE[oproj["b"]["dtype"]] % 16 \
+                or -(-(oproj["N"] // cl) // nt) > MAX_OPROJ_ROWS:
+            raise ValueError("attention: a fused o-projection (oproj) is generated for one query (SIMT kernel), N a "
+                             f"multiple of CL, 16-byte weight rows, at most {MAX_OPROJ_ROWS} rows per thread")
         fields.pop(), params.pop(), names.pop()
         two = CTYPES[oproj["b"]["dtype"]]
         extra = [(f"const {two}", "w_o")] + ([("const float", "w_o_scale")] if oproj["b"].get("quant") else []) + \

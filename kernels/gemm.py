@@ -44,7 +44,7 @@ import numpy as np
 
 from flashrt.kernels import expr as ex
 from flashrt.kernels import gemm_mma, state
-from flashrt.kernels.dtypes import CTYPES, from_f32, to_f32
+from flashrt.kernels.dtypes import CTYPES, ITEMSIZE, from_f32, to_f32
 from flashrt.kernels.memory import load, load_atoms, raw, store
 from flashrt.kernels.quant import SCALED_ACT_QUANT, act_row_scales, dequant_fp8, dequant_nvfp4, fake_quant_act, \
     fake_quant_nvfp4_act
@@ -170,6 +170,11 @@ def problem_struct(p: dict, kind: str) -> tuple[str, list[str], list[str]]:
     if (p.get("down") or p.get("mirror") or p.get("a_mirror")) and (
             kind != "gemv" or p["M"] != 1 or bool(p.get("down")) != bool(p.get("gated"))):
         raise ValueError("gemm: mirror, a_mirror (not gated) and down (gated) are generated for one-row GEMVs only")
+    if p.get("down"):
+        J = (8 // p["S"]) * (p["R"] // 2)  # the values of C a block multiplies by W2 (gemv.cuh step 5)
+        if N % J or J * ITEMSIZE[p["down"]["b"]["dtype"]] % 8:
+            raise ValueError(f"gemm: a fused down projection needs N = {N} to be a multiple of the {J} values per "
+                             "block, and their weights in 8-byte multiples")
     cache_stores = state.cache_store_code(p, "o", "r", "g.")
     eps = ex.c_float(ln["eps"]) if ln else "0.f"
     row_scale = {"fp8": "g.b_scale[row]", "nvfp4": "g.b_global[0]"}.get(quant, "1.f")

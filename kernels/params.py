@@ -273,7 +273,7 @@ def _attention(p: dict) -> None:
               "epi_inputs": List(Dict(OPERAND)), "expr": EXPR, "out_dtype": Dtype},
              {"dyn": Nullable(Dict({"causal": Bool})),
               "mma": Dict({"dtype": Enum("bfloat16", "float16")}),  # mma.dtype: the reference rounds P to it
-              "oproj": Dict({"N": DIM, "b": PROJ_WEIGHT, "outs": Int(1, 2)})})(p, "")
+              "oproj": Dict({"N": DIM, "b": PROJ_WEIGHT, "outs": Int(1, 2)}), "prefetch": Bool})(p, "")
     BH, T, S, HD, VD = p["BH"], p["T"], p["S"], p["HD"], p["VD"]
     for name in ("k", "v"):
         keys = [src["keys"] for src in p[name].get("sources", [])]

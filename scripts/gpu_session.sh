@@ -8,9 +8,8 @@
 #   bash scripts/gpu_session.sh verify    # tests of new attention/elementwise code, wgmma probe, expert + VLA rows
 #   bash scripts/gpu_session.sh sanitize  # compute-sanitizer memcheck on the three workloads and the samples
 #   bash scripts/gpu_session.sh next      # what the 2026-12-07 sessions left unmeasured (benchmarks/NOTES.md v12, v13)
-#   bash scripts/gpu_session.sh v13       # the fused MLP and the attention prefetch: GPU tests, each on / off, pi0
-#   bash scripts/gpu_session.sh v13b      # v13 cut to ~5 minutes of device time (no pi0, no ablation)
-#   bash scripts/gpu_session.sh v13c      # v13 cut to ~3 minutes: the new kernels' tests, decode with / without oproj
+#   bash scripts/gpu_session.sh v13       # the opt-in decode fusions (oproj, attention prefetch): tests, on / off, pi0
+#   bash scripts/gpu_session.sh v13b      # v13 without the pi0 chunk (~5 minutes)
 #   bash scripts/gpu_session.sh compare   # pi0 chunk vs a compiled static step; decode 512 / 4096 vs torch.compile
 set -u
 cd "$(dirname "$0")/.."
@@ -68,43 +67,27 @@ case "$stage" in
       --out "$OUT/unfused" >> "$OUT/bench.log" 2>&1; echo "unfused rc=$?"; grep '^| ' "$OUT/unfused/RESULTS.md"
     rm -f "$OUT/fused/RESULTS.md" "$OUT/unfused/RESULTS.md"
     ;;
-  v13)  # benchmarks/NOTES.md v13: GPU tests of the fused MLP / attention prefetch; decode with each knob off; pi0
-    timeout 150 python3 -m pytest -q -rf -n 8 tests/test_gpu_attention.py tests/test_state.py tests/test_pdl.py \
-      tests/test_decoder_sample.py tests/test_gpu_gemv.py -k "not test_gemv_matches_reference" > "$OUT/tests.log" 2>&1
+  v13|v13b)  # benchmarks/NOTES.md v13: the opt-in decode fusions (FLASHRT_FUSE_OPROJ=1, FLASHRT_ATTN_PREFETCH=1) on
+              # the GPU: their tests, then decode / decode4k with each on and off; v13 also the pi0 chunk vs a
+              # compiled step (~9 minutes in all; v13b ~5)
+    timeout 150 python3 -m pytest -q -rf -n 8 tests/test_gpu_attention.py tests/test_gpu_gemv.py tests/test_state.py \
+      tests/test_pdl.py -k "oproj or decode_dynamic or fused_down or mirror or gpu_matches or gpu_pdl" \
+      > "$OUT/tests.log" 2>&1
     echo "tests rc=$?"; tail -3 "$OUT/tests.log"
-    i=0
-    for v in FLASHRT_DEFAULT=1 FLASHRT_FUSE_OPROJ=0 FLASHRT_ATTN_PREFETCH=0 FLASHRT_MLP_R=4; do  # -> $OUT/v0 .. v3
-      mkdir -p "$OUT/v$i"
-      env $v timeout 100 python3 benchmarks/bench.py --no-torch --workloads decode $([ $i = 0 -o $i = 2 ] && echo decode4k) \
-        --precisions bf16 fp8 $([ $i = 0 ] && echo --ablate) --out "$OUT/v$i" >> "$OUT/bench.log" 2>&1
-      echo "v$i $v rc=$?"; grep '^| decode' "$OUT/v$i/RESULTS.md"; rm -f "$OUT/v$i/RESULTS.md"; i=$((i + 1))
-    done
-    timeout 140 python3 benchmarks/pi0_bench.py --scale full --precisions bf16 --out "$OUT" > "$OUT/pi0.log" 2>&1
-    echo "pi0 rc=$?"; grep '^{"impl\|^|' "$OUT/pi0.log" | tail -8
-    ;;
-  v13b)  # v13 within ~5 minutes: the new kernels' GPU tests, decode with the o-proj fusion and the prefetch on / off
-    timeout 110 python3 -m pytest -q -rf -n 8 tests/test_gpu_attention.py tests/test_gpu_gemv.py tests/test_state.py \
-      tests/test_pdl.py -k "oproj or decode_dynamic or down or mirror or gpu_matches or gpu_pdl" > "$OUT/tests.log" 2>&1
-    echo "tests rc=$?"; tail -3 "$OUT/tests.log"
-    i=0
-    for v in "FLASHRT_DEFAULT=1 decode decode4k" "FLASHRT_FUSE_OPROJ=0 decode" "FLASHRT_ATTN_PREFETCH=0 decode4k"; do
-      set -- $v; mkdir -p "$OUT/v$i"
-      env $1 timeout 80 python3 benchmarks/bench.py --no-torch --workloads ${@:2} --precisions bf16 fp8 \
-        --out "$OUT/v$i" >> "$OUT/bench.log" 2>&1
-      echo "v$i $v rc=$?"; grep '^| decode' "$OUT/v$i/RESULTS.md"; rm -f "$OUT/v$i/RESULTS.md"; i=$((i + 1))
-    done
-    ;;
-  v13c)  # the last ~3 minutes of a session's device time: the new kernels' tests, decode with / without oproj
-    timeout 75 python3 -m pytest -q -rf -n 8 tests/test_gpu_attention.py tests/test_gpu_gemv.py tests/test_state.py \
-      tests/test_pdl.py -k "oproj or fused_down or mirror or gpu_matches or stateful_decoder" > "$OUT/tests.log" 2>&1
-    echo "tests rc=$?"; tail -3 "$OUT/tests.log"
-    i=0
-    for v in FLASHRT_DEFAULT=1 FLASHRT_FUSE_OPROJ=0; do
-      mkdir -p "$OUT/v$i"
-      env $v timeout 45 python3 benchmarks/bench.py --no-torch --workloads decode --precisions bf16 \
-        --out "$OUT/v$i" >> "$OUT/bench.log" 2>&1
-      echo "v$i $v rc=$?"; grep '^| decode' "$OUT/v$i/RESULTS.md"; rm -f "$OUT/v$i/RESULTS.md"; i=$((i + 1))
-    done
+    bench() {  # bench DIR WORKLOADS... (the environment as the caller sets it)
+      local dir=$1; shift; mkdir -p "$OUT/$dir"
+      timeout 90 python3 benchmarks/bench.py --no-torch --workloads "$@" --precisions bf16 fp8 --out "$OUT/$dir" \
+        >> "$OUT/bench.log" 2>&1
+      echo "$dir rc=$?"; grep '^| decode' "$OUT/$dir/RESULTS.md"; rm -f "$OUT/$dir/RESULTS.md"
+    }
+    FLASHRT_FUSE_OPROJ=1 FLASHRT_ATTN_PREFETCH=1 bench both decode decode4k
+    FLASHRT_ATTN_PREFETCH=1 bench prefetch decode decode4k
+    FLASHRT_FUSE_OPROJ=1 bench oproj decode
+    bench neither decode decode4k
+    if [ "$stage" = v13 ]; then
+      timeout 140 python3 benchmarks/pi0_bench.py --scale full --precisions bf16 --out "$OUT" > "$OUT/pi0.log" 2>&1
+      echo "pi0 rc=$?"; grep '^{"impl\|^|' "$OUT/pi0.log" | tail -8
+    fi
     ;;
   compare)  # the pi0 chunk against a compiled static-shape step; decode at 512 and 4096 against torch.compile
     timeout 280 python3 benchmarks/pi0_bench.py --scale full --precisions bf16 --out "$OUT" 2>&1 \
@@ -112,5 +95,5 @@ case "$stage" in
     timeout 250 python3 benchmarks/bench.py --workloads decode decode4k --precisions bf16 fp8 --out "$OUT" 2>&1 \
       | tee "$OUT/bench_decode.log" | grep '^| '
     ;;
-  *) echo "usage: $0 tests|kernels|bench|loops|verify|sanitize|next|v13|v13b|v13c|compare" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|kernels|bench|loops|verify|sanitize|next|v13|v13b|compare" >&2; exit 2 ;;
 esac

@@ -95,10 +95,13 @@ def engines(samples, tmp_path_factory) -> dict[str, str]:
                 mp.setenv(k, v)
             built[name] = str(out / f"{name}.frt")
             build_engine(str(model), ["h100"], built[name], shapes, precision)
-    if HAS_TORCH:  # KV-cache writes, positions, dynamic-length attention, gated GEMVs
+    if HAS_TORCH:  # KV-cache writes, positions, dynamic-length attention, gated GEMVs (and the opt-in fusions)
         _, onnx_path = decoder_onnx(str(out / "decoder.onnx"))
         built["decoder"] = str(out / "decoder.frt")
-        build_engine(onnx_path, ["h100"], built["decoder"], precision="bf16", max_context=24, prefill_len=8)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("FLASHRT_FUSE_OPROJ", "1")
+            mp.setenv("FLASHRT_ATTN_PREFETCH", "1")
+            build_engine(onnx_path, ["h100"], built["decoder"], precision="bf16", max_context=24, prefill_len=8)
     return built
 
 
@@ -336,7 +339,10 @@ def gpu_engines(samples, tmp_path_factory):
     if HAS_TORCH:
         model, onnx_path = decoder_onnx(str(out / "decoder.onnx"))
         built["decoder"] = str(out / "decoder.frt")
-        build_engine(onnx_path, [GPU_ARCH], built["decoder"], precision="bf16", max_context=24, prefill_len=8)
+        with pytest.MonkeyPatch.context() as mp:  # the opt-in decode fusions too (benchmarks/NOTES.md v13)
+            mp.setenv("FLASHRT_FUSE_OPROJ", "1")
+            mp.setenv("FLASHRT_ATTN_PREFETCH", "1")
+            build_engine(onnx_path, [GPU_ARCH], built["decoder"], precision="bf16", max_context=24, prefill_len=8)
         built["decoder_model"] = model
     return built
 

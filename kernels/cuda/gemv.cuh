@@ -154,6 +154,7 @@ __device__ __forceinline__ void gemv(const typename P::Args& g) {
     static_assert(M == 1, "a_mirror: one row");
     for (int k = blockIdx.x * blockDim.x + threadIdx.x; k < K; k += gridDim.x * blockDim.x)
       P::a_mirror(g, k, STAGE ? a_s[k] : P::load_a(g, 0, k));
+    __syncthreads();  // before anything below rewrites the staged row in place (NVFP4 quantization)
   }
   if constexpr (P::LN) {  // norm statistics of the M rows, one warp per row
     for (int m = warp; m < M; m += 8) {
