@@ -830,11 +830,13 @@ class Partitioner:
         at = self._arg_names(call).index(name)
         call.args = call.args[:at] + [ref] + call.args[at:]
 
-    def _absorb(self, into: KernelCall, call: KernelCall, last: str, acc: Buffer, shape: tuple) -> None:
+    def _absorb(self, into: KernelCall, call: KernelCall, last: str, acc: Buffer, shape: tuple, what: str) -> None:
         into.ops += call.ops
         into.name = call.name
         into.source_nodes = _unique(into.source_nodes + call.source_nodes)
-        into.reason = "; ".join(_unique([x for x in (into.reason, call.reason) if x]))
+        fused = f"{what} fused in: added into a float32 accumulator with atomics (run-to-run rounding; " \
+                "--deterministic keeps it a launch of its own)"
+        into.reason = "; ".join(_unique([x for x in (into.reason, call.reason, fused) if x]))
         self.calls.remove(call)
         self.refs[last] = TensorRef.contiguous_view(acc, shape)
 
@@ -872,7 +874,7 @@ class Partitioner:
         att.params = {**a, "oproj": {"N": N, "b": {"dtype": p["b"]["dtype"], **({"quant": quant} if quant else {})},
                                      "outs": 1}}
         att.args = att.args[:-1] + proj.args[1:3 if quant else 2] + [y]
-        self._absorb(att, proj, last, acc, onnx_shape)
+        self._absorb(att, proj, last, acc, onnx_shape, "o-projection")
 
     def _fuse_down(self, mm: Node, last: str, onnx_shape: tuple) -> None:
         """A one-row GEMV y = r + h W2^T (an MLP's down projection with its residual) right after the gated GEMV
@@ -923,7 +925,7 @@ class Partitioner:
         gated.params = {**gated.params, "R": R, "down": {"N": N2, "b": {"dtype": p["b"]["dtype"],
                                                                 **({"quant": quant} if quant else {})}}}
         gated.args = gated.args[:-1] + down.args[1:3 if quant else 2] + [y]
-        self._absorb(gated, down, last, acc, onnx_shape)
+        self._absorb(gated, down, last, acc, onnx_shape, "down projection")
 
     def fold_norm(self, mm: Node, norm: Node, w: np.ndarray, a: TensorRef, fmt: str) -> tuple | None:
         """The norm prologue folded into the weight for the sm_90a wgmma kernel (kernels/gemm.py ln.fold), which
