@@ -1515,6 +1515,13 @@ class Partitioner:
             return
         shape = self.g.values[n.outputs[0]].shape
         axis = n.attrs["axis"] % len(shape)
+        values = [i for i in n.inputs if i]
+        if len(values) > 1 and len(set(values)) == 1:  # Concat(x, x, ...) (RoPE's cat(freqs, freqs)): a view
+            x = self.ref(values[0])
+            dims = list(x.dims)
+            dims[axis] = ((len(values), 0),) + tuple(dims[axis])  # the copy index, then x's own index
+            self.refs[n.outputs[0]] = TensorRef(x.buffer, tuple(shape), tuple(dims), x.offset)
+            return
         inputs = [self.ref(i) for i in n.inputs if i and self.g.values[i].shape[axis] > 0]
         out = self.new_output_ref(n.outputs[0])
         params = {"shape": list(shape), "axis": axis, "out_dtype": out.dtype,

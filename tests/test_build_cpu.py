@@ -153,3 +153,29 @@ def test_norm_epilogues_match_onnxruntime(tmp_path, pairs, read_twice, rope):
         assert all("epi" not in q for p in norms for q in p)
     else:
         assert all("epi" in q for p in norms for q in p) and len(norms) == -(-pairs // MAX_PARTS)
+
+
+@pytest.mark.parametrize("axis, copies", [(-1, 2), (1, 3)])
+def test_concat_of_one_value_is_a_view(tmp_path, axis, copies):
+    """Concat(x, x, ...) (RoPE's cat(freqs, freqs)) launches nothing: its readers see x through a view with a
+    stride-0 atom; the result, and a graph output that is such a Concat, match onnxruntime."""
+    import onnx
+    from onnx import TensorProto
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    nodes = [h.make_node("Mul", ["x", "f"], ["m"]),
+             h.make_node("Concat", ["m"] * copies, ["emb"], axis=axis),
+             h.make_node("Cos", ["emb"], ["cos"]), h.make_node("Sin", ["emb"], ["sin"])]
+    shape = [1, 3 * copies, 8] if axis == 1 else [1, 3, 8 * copies]
+    outs = [h.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("cos", "sin", "emb")]
+    f = nh.from_array(np.random.default_rng(0).standard_normal(8).astype(np.float32), "f")
+    graph = h.make_graph(nodes, "cat", [h.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8])], outs, [f])
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    build_engine(str(tmp_path / "m.onnx"), ["sm_90a"], str(tmp_path / "m.frt"), precision="fp32")
+    engine = flashrt.load(tmp_path / "m.frt", device="cpu")
+    feeds = engine.example_inputs(0)
+    got, want = engine.run(feeds), onnxruntime_outputs(tmp_path / "m.onnx", feeds)
+    for name in want:
+        assert rel_l2(got[name], want[name]) <= 1e-6, name
+    assert "concat" not in {engine.file.kernels[launch.kernel].family for launch in engine.file.launches}
