@@ -147,6 +147,27 @@ def test_gemv_mirror_writes_the_stored_output_as_float32():
     assert np.linalg.norm(c - want) / np.linalg.norm(want) <= 1e-2
 
 
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("quant", [None, "fp8"])
+def test_gemv_a_mirror_writes_the_input_row_as_float32(quant):
+    """gemv `a_mirror` (2 copies): A's row as read, before the norm prologue, as float32; C as without it (the
+    QKV GEMV of a decode layer, with its new K/V rows' cache writes left out)."""
+    from gpu_kernel import Kernel, reference
+
+    p, host = gemv_case("qkv", quant, 1, seed=7)
+    p["a_mirror"] = 2
+    for i in range(2):
+        host[f"a_mirror{i}"] = np.zeros(p["K"], np.float32)
+    kernel = Kernel("gemv", p)
+    a = to_f32(host["a"], "bfloat16").reshape(-1)
+    for i in range(2):
+        np.testing.assert_array_equal(kernel.run(host, f"a_mirror{i}").view(np.float32), a)
+    got = to_f32(kernel.run(host, "c").view(np.uint16), "bfloat16")
+    want = to_f32(reference("gemv", p, host, "c").view(np.uint16), "bfloat16")
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-2
+
+
 def test_config_issues_all_loads_within_the_register_budget():
     for N, K, _, gated in SHAPES.values():
         for vec in (8, 16, 32):
