@@ -74,6 +74,17 @@ class KernelCall:
     reason: str = ""  # why this region has its precision (the planner's word, shown by inspect)
 
 
+def _arg_names(call: KernelCall) -> list[str]:
+    return [n for n, _ in registry.family(call.family).arg_spec(call.params)]
+
+
+def _take_over(into: KernelCall, call: KernelCall) -> None:
+    """into now also computes what call did: its ops and source nodes, and its name (the region's last node)."""
+    into.ops += call.ops
+    into.name = call.name
+    into.source_nodes = _unique(into.source_nodes + call.source_nodes)
+
+
 @dataclass
 class Program:
     calls: list[KernelCall]
@@ -649,8 +660,7 @@ class Partitioner:
             return
 
         def split(c: KernelCall) -> tuple[set[int], list[TensorRef]]:  # its outputs' buffers, its inputs
-            names = [a for a, _ in registry.family(c.family).arg_spec(c.params)]
-            written = [a == "y" or a.startswith(("y_", "cache")) for a in names]
+            written = [a == "y" or a.startswith(("y_", "cache")) for a in _arg_names(c)]
             return ({id(r.buffer) for r, w in zip(c.args, written) if w},
                     [r for r, w in zip(c.args, written) if not w])
 
@@ -660,9 +670,7 @@ class Partitioner:
         self.calls.pop()
         prev.params = {"parts": prev.params.get("parts", [prev.params]) + [call.params]}
         prev.args += call.args
-        prev.ops += call.ops
-        prev.name = call.name
-        prev.source_nodes = _unique(prev.source_nodes + call.source_nodes)
+        _take_over(prev, call)
 
     def _only_read_by(self, value: str, nodes: list[Node]) -> bool:
         """Whether every reader of value, through views, is one of nodes (and value is no graph output)."""
@@ -795,12 +803,17 @@ class Partitioner:
     # kernels that compute the products; a kernel earlier in the list stores r into y first.
 
     @staticmethod
-    def _arg_names(call: KernelCall) -> list[str]:
-        return [n for n, _ in registry.family(call.family).arg_spec(call.params)]
-
-    def _arg_buffer(self, call: KernelCall, name: str) -> Buffer | None:
-        names = self._arg_names(call)
+    def _arg_buffer(call: KernelCall, name: str) -> Buffer | None:
+        names = _arg_names(call)
         return call.args[names.index(name)].buffer if name in names else None
+
+    @staticmethod
+    def _fused_weight(proj: KernelCall) -> tuple[dict, list[TensorRef]]:
+        """A one-row GEMV's weight as a fused projection takes it: its `b` params ({dtype, quant?}) and arguments
+        (the weight, and an fp8 weight's scale)."""
+        quant = proj.params["b"].get("quant")
+        return {"dtype": proj.params["b"]["dtype"], **({"quant": quant} if quant else {})}, \
+            proj.args[1:3 if quant else 2]
 
     def _residual_projection(self, call: KernelCall, K: int) -> bool:
         """Whether call is a one-row GEMV y = r + a W^T (a projection and its residual, nothing else) over K."""
@@ -827,13 +840,11 @@ class Partitioner:
     def _insert_arg(self, call: KernelCall, params: dict, name: str, ref: TensorRef) -> None:
         """Give call the new params and the argument `name` (the one argument they add) at its place."""
         call.params = params
-        at = self._arg_names(call).index(name)
+        at = _arg_names(call).index(name)
         call.args = call.args[:at] + [ref] + call.args[at:]
 
     def _absorb(self, into: KernelCall, call: KernelCall, last: str, acc: Buffer, shape: tuple, what: str) -> None:
-        into.ops += call.ops
-        into.name = call.name
-        into.source_nodes = _unique(into.source_nodes + call.source_nodes)
+        _take_over(into, call)
         fused = f"{what} fused in: added into a float32 accumulator with atomics (run-to-run rounding; " \
                 "--deterministic keeps it a launch of its own)"
         into.reason = "; ".join(_unique([x for x in (into.reason, call.reason, fused) if x]))
@@ -870,10 +881,9 @@ class Partitioner:
             return
         y = TensorRef.contiguous_view(acc, (N,))
         self._insert_arg(reader, {**reader.params, "a_mirror": 1}, "a_mirror0", y)
-        quant = p["b"].get("quant")
-        att.params = {**a, "oproj": {"N": N, "b": {"dtype": p["b"]["dtype"], **({"quant": quant} if quant else {})},
-                                     "outs": 1}}
-        att.args = att.args[:-1] + proj.args[1:3 if quant else 2] + [y]
+        b, weight = self._fused_weight(proj)
+        att.params = {**a, "oproj": {"N": N, "b": b, "outs": 1}}
+        att.args = att.args[:-1] + weight + [y]
         self._absorb(att, proj, last, acc, onnx_shape, "o-projection")
 
     def _fuse_down(self, mm: Node, last: str, onnx_shape: tuple) -> None:
@@ -921,10 +931,9 @@ class Partitioner:
             self._insert_arg(reader, {**reader.params, "a_mirror": 2}, "a_mirror1", y)
             att.params = {**att.params, "oproj": {**att.params["oproj"], "outs": 2}}
             att.args = att.args + [y]
-        quant = p["b"].get("quant")
-        gated.params = {**gated.params, "R": R, "down": {"N": N2, "b": {"dtype": p["b"]["dtype"],
-                                                                **({"quant": quant} if quant else {})}}}
-        gated.args = gated.args[:-1] + down.args[1:3 if quant else 2] + [y]
+        b, weight = self._fused_weight(down)
+        gated.params = {**gated.params, "R": R, "down": {"N": N2, "b": b}}
+        gated.args = gated.args[:-1] + weight + [y]
         self._absorb(gated, down, last, acc, onnx_shape, "down projection")
 
     def fold_norm(self, mm: Node, norm: Node, w: np.ndarray, a: TensorRef, fmt: str) -> tuple | None:
@@ -1262,7 +1271,7 @@ class Partitioner:
         per layer. False where the producer is another kind of kernel or the row is not such a run."""
         def outputs(c: KernelCall) -> list[tuple[TensorRef, dict, int]]:
             """(output, the params that list its cache writes, where their arguments go) of each part of c"""
-            names = [a for a, _ in registry.family(c.family).arg_spec(c.params)]
+            names = _arg_names(c)
             if "parts" in c.params:
                 return [(c.args[names.index(f"y_{j}")], part,
                          max(i for i, a in enumerate(names) if a.endswith(f"_{j}")) + 1)

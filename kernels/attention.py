@@ -45,10 +45,9 @@ import numpy as np
 
 from flashrt.kernels import expr as ex
 from flashrt.kernels import gemm_mma
-from flashrt.kernels.gemm import epilogue_decls
+from flashrt.kernels.gemm import add_projection, epilogue_decls, projection_decls
 from flashrt.kernels.dtypes import CTYPES, ITEMSIZE, from_f32, to_f32
-from flashrt.kernels.memory import load, load_atoms, raw, store
-from flashrt.kernels.quant import dequant_fp8
+from flashrt.kernels.memory import load, load_atoms, store
 from flashrt.kernels.source import atoms_code
 
 FAMILY = "attention"
@@ -192,8 +191,8 @@ def arg_spec(p: dict) -> list[tuple[str, str]]:
     args = [("q", "ptr")] + kv + pos + [(f"e{i}", "ptr") for i in range(len(p["epi_inputs"]))]
     oproj = p.get("oproj")
     if oproj:
-        scale = [("w_o_scale", "ptr")] if oproj["b"].get("quant") else []
-        return args + [("w_o", "ptr")] + scale + [(f"y{i}", "ptr") for i in range(oproj["outs"])]
+        return args + [(name, "ptr") for _, name in projection_decls(oproj["b"], "w_o")] + \
+            [(f"y{i}", "ptr") for i in range(oproj["outs"])]
     return args + [("out", "ptr")]
 
 
@@ -351,32 +350,24 @@ def cuda_source(p: dict, symbol: str) -> str:
         fields.append("const int* pos;")
         params.append("const int* __restrict__ pos")
         names.append("pos")
-    body_text, result = epilogue_decls(p, "out", fields, params, names)
     oproj = p.get("oproj")
     out_type = CTYPES[p["out_dtype"]]
-    if oproj:  # the output stays in the kernel: the o-projection's weight (and scale) and the accumulators
+    # with oproj the output stays in the kernel: the o-projection's weight (and scale) and the accumulators instead
+    outs = projection_decls(oproj["b"], "w_o") + [("float", f"y{i}") for i in range(oproj["outs"])] if oproj else None
+    body_text, result = epilogue_decls(p, "out", fields, params, names, outs)
+    if oproj:
         cl, nt = p.get("CL", 1), 32 * p.get("TQ", 1) * p.get("KW", 1)
         if p.get("mma") or p["T"] != 1 or oproj["N"] % cl or p["VD"] * ITEMSIZE[oproj["b"]["dtype"]] % 16 \
                 or -(-(oproj["N"] // cl) // nt) > MAX_OPROJ_ROWS:
             raise ValueError("attention: a fused o-projection (oproj) is generated for one query (SIMT kernel), N a "
                              f"multiple of CL, 16-byte weight rows, at most {MAX_OPROJ_ROWS} rows per thread")
-        fields.pop(), params.pop(), names.pop()
         two = CTYPES[oproj["b"]["dtype"]]
-        extra = [(f"const {two}", "w_o")] + ([("const float", "w_o_scale")] if oproj["b"].get("quant") else []) + \
-            [("float", f"y{i}") for i in range(oproj["outs"])]
-        for ctype, name in extra:
-            fields.append(f"{ctype}* {name};")
-            params.append(f"{ctype}* __restrict__ {name}")
-            names.append(name)
         store_body = "(void)g; (void)bh; (void)t; (void)d; (void)x;"
         ys = ", ".join(f"g.y{i}" for i in range(oproj["outs"]))
         sizes = f"OPROJ_N = {oproj['N']}, OPROJ_K = {p['BH'] * p['VD']}, OPROJ_OUTS = {oproj['outs']}"
         oproj_members = f"""static constexpr int {sizes};
   using TWO = {two};
-  __device__ static const unsigned char* oproj_weights(const Args& g) {{
-    return reinterpret_cast<const unsigned char*>(g.w_o);
-  }}
-  __device__ static const TWO* oproj_weights_typed(const Args& g) {{ return g.w_o; }}
+  __device__ static const TWO* oproj_weights(const Args& g) {{ return g.w_o; }}
   __device__ static float oproj_scale(const Args& g, int row) {{
     return {"g.w_o_scale[row]" if oproj["b"].get("quant") else "1.f"};
   }}
@@ -385,8 +376,7 @@ def cuda_source(p: dict, symbol: str) -> str:
         store_body = f"g.out[((long)bh * T + t) * VD + d] = from_float<{out_type}>(x);"
         oproj_members = """static constexpr int OPROJ_N = 0, OPROJ_K = 0, OPROJ_OUTS = 0;
   using TWO = bf16_t;
-  __device__ static const unsigned char* oproj_weights(const Args&) { return nullptr; }
-  __device__ static const TWO* oproj_weights_typed(const Args&) { return nullptr; }
+  __device__ static const TWO* oproj_weights(const Args&) { return nullptr; }
   __device__ static float oproj_scale(const Args&, int) { return 1.f; }
   __device__ static float* oproj_out(const Args&, int) { return nullptr; }"""
     mma = p.get("mma")
@@ -458,12 +448,5 @@ def reference(p: dict, args: dict) -> None:
     if oproj is None:
         store(args["out"], p["out_dtype"], out)
         return
-    N, K = oproj["N"], BH * VD  # y += W_o O, O as the kernel rounds it
-    o = to_f32(from_f32(out.reshape(K), p["out_dtype"]), p["out_dtype"])
-    if oproj["b"].get("quant") == "fp8":
-        W = dequant_fp8(raw(args["w_o"], N * K).reshape(N, K), load(args["w_o_scale"], "float32", [N]))
-    else:
-        W = load(args["w_o"], oproj["b"]["dtype"], [N, K])
-    add = np.matmul(W.astype(np.float32), o).astype(np.float32)
-    for i in range(oproj["outs"]):
-        store(args[f"y{i}"], "float32", (load(args[f"y{i}"], "float32", [N]) + add).astype(np.float32))
+    o = to_f32(from_f32(out.reshape(BH * VD), p["out_dtype"]), p["out_dtype"])  # y += W_o O, O as the kernel rounds it
+    add_projection(oproj["b"], args, "w_o", o, oproj["N"], [f"y{i}" for i in range(oproj["outs"])])

@@ -70,7 +70,7 @@ def arg_spec(p: dict) -> list[tuple[str, str]]:
             args.append(("ln_beta", "ptr"))
     args += [(f"e{i}", "ptr") for i in range(len(p["epi_inputs"]))]
     if p.get("down"):
-        return args + [("w2", "ptr")] + ([("w2_scale", "ptr")] if p["down"]["b"].get("quant") else []) + [("y", "ptr")]
+        return args + [(name, "ptr") for _, name in projection_decls(p["down"]["b"], "w2")] + [("y", "ptr")]
     args += [(f"a_mirror{i}", "ptr") for i in range(p.get("a_mirror", 0))]
     return args + ([("mirror", "ptr")] if p.get("mirror") else []) + [("c", "ptr")] + state.cache_arg_spec(p)
 
@@ -95,21 +95,16 @@ def launch_config(p: dict) -> tuple[tuple[int, int, int], tuple[int, int, int], 
     return grid, (256, 1, 1), 0
 
 
-def epilogue_decls(p: dict, out: str, fields: list, params: list, names: list) -> tuple[str, str]:
-    """Append the epilogue inputs' and the output's declarations; return the epilogue expression's CUDA
-    statements (over `acc` and the linear output index `o`) and the name of its result."""
+def epilogue_decls(p: dict, out: str, fields: list, params: list, names: list,
+                   outs: list[tuple[str, str]] | None = None) -> tuple[str, str]:
+    """Append the epilogue inputs' and the outputs' declarations (outs: (ctype, name) pairs, by default the one
+    output `out` of out_dtype); return the epilogue expression's CUDA statements (over `acc` and the linear output
+    index `o`) and the name of its result."""
     for i, e in enumerate(p["epi_inputs"]):
         fields.append(f"const {CTYPES[e['dtype']]}* e{i};")
         params.append(f"const {CTYPES[e['dtype']]}* __restrict__ e{i}")
         names.append(f"e{i}")
-    down = p.get("down")
-    if down:  # C stays in the kernel; the down projection's weight (and scale) and the accumulator y instead
-        outs = [(f"const {CTYPES[down['b']['dtype']]}", "w2")] + \
-            ([("const float", "w2_scale")] if down["b"].get("quant") else []) + [("float", "y")]
-    else:
-        outs = [("float", f"a_mirror{i}") for i in range(p.get("a_mirror", 0))] + \
-            ([("float", "mirror")] if p.get("mirror") else []) + [(CTYPES[p["out_dtype"]], out)]
-    for ctype, name in outs:
+    for ctype, name in outs or [(CTYPES[p["out_dtype"]], out)]:
         fields.append(f"{ctype}* {name};")
         params.append(f"{ctype}* __restrict__ {name}")
         names.append(name)
@@ -158,7 +153,12 @@ def problem_struct(p: dict, kind: str) -> tuple[str, list[str], list[str]]:
             names.append("ln_beta")
         else:
             names.append("nullptr")
-    body_text, result = epilogue_decls(p, "c", fields, params, names)
+    if p.get("down"):  # C stays in the kernel; the down projection's weight (and scale) and the accumulator y
+        outs = projection_decls(p["down"]["b"], "w2") + [("float", "y")]
+    else:
+        outs = [("float", f"a_mirror{i}") for i in range(p.get("a_mirror", 0))] + \
+            ([("float", "mirror")] if p.get("mirror") else []) + [(CTYPES[p["out_dtype"]], "c")]
+    body_text, result = epilogue_decls(p, "c", fields, params, names, outs)
     out_type = CTYPES[p["out_dtype"]]
     if p.get("cache"):  # fused KV-cache writes (gemv, one row: kernels/state.py)
         if kind != "gemv" or p["M"] != 1:
@@ -377,7 +377,7 @@ def reference(p: dict, args: dict) -> None:
     result = np.broadcast_to(ex.evaluate(p["expr"], inputs, acc), out_shape)
     stored = to_f32(from_f32(np.asarray(result, np.float32), p["out_dtype"]), p["out_dtype"])
     if p.get("down"):
-        _down_reference(p["down"], args, stored.reshape(N))
+        add_projection(p["down"]["b"], args, "w2", stored.reshape(N), p["down"]["N"], ["y"])
         return
     store(args["c"], p["out_dtype"], result)
     if p.get("mirror"):
@@ -385,12 +385,19 @@ def reference(p: dict, args: dict) -> None:
     state.cache_store_reference(p, args, result, p["out_dtype"])
 
 
-def _down_reference(down: dict, args: dict, h: np.ndarray) -> None:
-    """y += W2 h: the fused down projection of a gated GEMV (params `down`), h as the kernel rounds it."""
-    N2, N = down["N"], h.shape[0]
-    if down["b"].get("quant") == "fp8":
-        W2 = dequant_fp8(raw(args["w2"], N2 * N).reshape(N2, N), load(args["w2_scale"], "float32", [N2]))
+def projection_decls(b: dict, name: str) -> list[tuple[str, str]]:
+    """(ctype, name) of a fused projection's weight argument and, for fp8, its per-row scale `{name}_scale`."""
+    return [(f"const {CTYPES[b['dtype']]}", name)] + ([("const float", f"{name}_scale")] if b.get("quant") else [])
+
+
+def add_projection(b: dict, args: dict, name: str, x: np.ndarray, N: int, outs: list[str]) -> None:
+    """out += W x for each float32 accumulator in outs: the reference of a projection fused into another kernel
+    (gemv `down`, attention `oproj`), W [N, len(x)] the argument `name` (fp8: with its scale `{name}_scale`)."""
+    K = x.shape[0]
+    if b.get("quant") == "fp8":
+        W = dequant_fp8(raw(args[name], N * K).reshape(N, K), load(args[f"{name}_scale"], "float32", [N]))
     else:
-        W2 = load(args["w2"], down["b"]["dtype"], [N2, N])
-    y = load(args["y"], "float32", [N2])
-    store(args["y"], "float32", (y + np.matmul(W2.astype(np.float32), h)).astype(np.float32))
+        W = load(args[name], b["dtype"], [N, K])
+    add = np.matmul(W.astype(np.float32), x).astype(np.float32)
+    for out in outs:
+        store(args[out], "float32", (load(args[out], "float32", [N]) + add).astype(np.float32))

@@ -132,6 +132,18 @@ def _norm_model(path, pairs: int, read_twice: bool = False, rope: bool = False):
     onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), str(path))
 
 
+def _fp32_engine_matching_onnxruntime(folder, tol: float):
+    """Build folder/m.onnx at fp32, check the CPU engine's outputs against onnxruntime's (rel-L2 <= tol) on seeded
+    inputs, and return the engine."""
+    build_engine(str(folder / "m.onnx"), ["sm_90a"], str(folder / "m.frt"), precision="fp32")
+    engine = flashrt.load(folder / "m.frt", device="cpu")
+    feeds = engine.example_inputs(0)
+    got, want = engine.run(feeds), onnxruntime_outputs(folder / "m.onnx", feeds)
+    for name in want:
+        assert rel_l2(got[name], want[name]) <= tol, name
+    return engine
+
+
 @pytest.mark.parametrize("pairs, read_twice, rope", [(2, False, True), (1, True, False), (11, False, False)])
 def test_norm_epilogues_match_onnxruntime(tmp_path, pairs, read_twice, rope):
     """A norm whose output only an elementwise group reads computes it as its epilogue (RoPE's rotate_half
@@ -140,12 +152,7 @@ def test_norm_epilogues_match_onnxruntime(tmp_path, pairs, read_twice, rope):
     from flashrt.kernels.layernorm import MAX_PARTS
 
     _norm_model(tmp_path / "m.onnx", pairs, read_twice, rope)
-    build_engine(str(tmp_path / "m.onnx"), ["sm_90a"], str(tmp_path / "m.frt"), precision="fp32")
-    engine = flashrt.load(tmp_path / "m.frt", device="cpu")
-    feeds = engine.example_inputs(0)
-    got, want = engine.run(feeds), onnxruntime_outputs(tmp_path / "m.onnx", feeds)
-    for name in want:
-        assert rel_l2(got[name], want[name]) <= 1e-5, name
+    engine = _fp32_engine_matching_onnxruntime(tmp_path, 1e-5)
     kernels = [engine.file.kernels[launch.kernel] for launch in engine.file.launches]
     norms = [k.params.get("parts", [k.params]) for k in kernels if k.family == "layernorm"]
     assert sum(len(p) for p in norms) == pairs
@@ -172,10 +179,5 @@ def test_concat_of_one_value_is_a_view(tmp_path, axis, copies):
     f = nh.from_array(np.random.default_rng(0).standard_normal(8).astype(np.float32), "f")
     graph = h.make_graph(nodes, "cat", [h.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8])], outs, [f])
     onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
-    build_engine(str(tmp_path / "m.onnx"), ["sm_90a"], str(tmp_path / "m.frt"), precision="fp32")
-    engine = flashrt.load(tmp_path / "m.frt", device="cpu")
-    feeds = engine.example_inputs(0)
-    got, want = engine.run(feeds), onnxruntime_outputs(tmp_path / "m.onnx", feeds)
-    for name in want:
-        assert rel_l2(got[name], want[name]) <= 1e-6, name
+    engine = _fp32_engine_matching_onnxruntime(tmp_path, 1e-6)
     assert "concat" not in {engine.file.kernels[launch.kernel].family for launch in engine.file.launches}

@@ -51,7 +51,7 @@ __device__ __forceinline__ void attention(const typename P::Args& g) {
   const int bh = blockIdx.y, t = qb * TQ + qi;
   griddep_launch_dependents();
   if constexpr (P::OPROJ_N > 0) {  // the o-projection's weights (constant) stream while the previous kernel runs
-    const unsigned char* __restrict__ w = P::oproj_weights(g);
+    const unsigned char* __restrict__ w = reinterpret_cast<const unsigned char*>(P::oproj_weights(g));
 #pragma unroll
     for (int r = 0; r < ORPT; ++r) {
       const int row = rank * OROWS + r * NT + threadIdx.x;
@@ -185,11 +185,12 @@ __device__ __forceinline__ void attention(const typename P::Args& g) {
       if (r * NT + (int)threadIdx.x >= OROWS) break;
       float s = 0.f;
       constexpr int PER = 16 / (int)sizeof(typename P::TWO);  // weights per 16 bytes
-      const unsigned char* src = P::oproj_weights(g) + ((long)row * P::OPROJ_K + (long)bh * VD) * sizeof(typename P::TWO);
+      const unsigned char* src = reinterpret_cast<const unsigned char*>(P::oproj_weights(g) + (long)row * P::OPROJ_K
+                                                                        + (long)bh * VD);
 #pragma unroll
       for (int c = 0; c < OCH; ++c) {
         float wf[PER];
-        unpack(r < OREG ? wo[r < OREG ? r : 0][c] : ld_weight16(src + 16 * c), wf, P::oproj_weights_typed(g));
+        unpack(r < OREG ? wo[r < OREG ? r : 0][c] : ld_weight16(src + 16 * c), wf, P::oproj_weights(g));
 #pragma unroll
         for (int j = 0; j < PER; ++j) s = fmaf(o_s[c * PER + j], wf[j], s);
       }
