@@ -85,3 +85,12 @@ def attention_prefetch_enabled() -> bool:
     """Whether dynamic-length attention prefetches the cached rows before pos into L2 before it waits
     (kernels/attention.py `prefetch`): opt-in with FLASHRT_ATTN_PREFETCH=1 until it has run on a GPU."""
     return os.environ.get("FLASHRT_ATTN_PREFETCH") == "1"
+
+
+def l2_prefetch_budget(archs: list[str]) -> int:
+    """Bytes of later launches' weights that may sit in L2 ahead of use (aot/prefetch.py; 0: none). Opt-in with
+    FLASHRT_L2_PREFETCH_MB=n until it has been measured; sm_90+ only (the bulk L2 prefetch instruction)."""
+    value = os.environ.get("FLASHRT_L2_PREFETCH_MB", "0")
+    if not value.isdigit() or not archs or any(sm_number(a) < 90 for a in archs):
+        return 0
+    return int(value) << 20

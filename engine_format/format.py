@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 MAGIC = b"FLASHRT\0"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 8
+FORMAT_MINOR = 9
 
 HEADER = struct.Struct("<8sHHIQQ32s")  # magic, major, minor, section_count, table_offset, file_size, table_sha256
 SECTION = struct.Struct("<IIQQQ32s32s")  # kind, flags, offset, size, alignment, name, sha256

@@ -34,8 +34,9 @@ params: BH, T, S, HD, VD (batch*heads, queries, keys, head dims),
     row-major; an fp8 W_o with its per-row scale w_o_scale [N]) and added into each of the float32 accumulators
     y0 [, y1] [N]: y += W_o O. Each cluster adds its head's products with atomics, so the accumulators must hold
     their starting values (the residual, a GEMV's a_mirror earlier in the list) and the sum's order varies.
+  l2_next (optional) kernels/prefetch.py: later launches' weights to prefetch into L2
 args: q, k, k1..k{n-1}, v, v1..v{n-1} (one per source), [pos], e0..e{n-1}, out (with oproj: w_o, [w_o_scale],
-  y0, [y1] in place of out)
+  y0, [y1] in place of out), [l2_next0, ...]
 Both kernels call griddepcontrol (waiting before their first read), so they may be launched with programmatic
 dependent launch."""
 
@@ -44,7 +45,7 @@ import math
 import numpy as np
 
 from flashrt.kernels import expr as ex
-from flashrt.kernels import gemm_mma
+from flashrt.kernels import gemm_mma, prefetch
 from flashrt.kernels.gemm import add_projection, epilogue_decls, projection_decls
 from flashrt.kernels.dtypes import CTYPES, ITEMSIZE, from_f32, to_f32
 from flashrt.kernels.memory import load, load_atoms, store
@@ -192,8 +193,8 @@ def arg_spec(p: dict) -> list[tuple[str, str]]:
     oproj = p.get("oproj")
     if oproj:
         return args + [(name, "ptr") for _, name in projection_decls(oproj["b"], "w_o")] + \
-            [(f"y{i}", "ptr") for i in range(oproj["outs"])]
-    return args + [("out", "ptr")]
+            [(f"y{i}", "ptr") for i in range(oproj["outs"])] + prefetch.arg_spec(p)
+    return args + [("out", "ptr")] + prefetch.arg_spec(p)
 
 
 def launch_config(p: dict) -> tuple[tuple[int, int, int], tuple[int, int, int], int]:
@@ -355,6 +356,7 @@ def cuda_source(p: dict, symbol: str) -> str:
     # with oproj the output stays in the kernel: the o-projection's weight (and scale) and the accumulators instead
     outs = projection_decls(oproj["b"], "w_o") + [("float", f"y{i}") for i in range(oproj["outs"])] if oproj else None
     body_text, result = epilogue_decls(p, "out", fields, params, names, outs)
+    params = params + prefetch.params(p)
     if oproj:
         cl, nt = p.get("CL", 1), 32 * p.get("TQ", 1) * p.get("KW", 1)
         if p.get("mma") or p["T"] != 1 or oproj["N"] % cl or p["VD"] * ITEMSIZE[oproj["b"]["dtype"]] % 16 \
@@ -411,6 +413,7 @@ struct P {{
 
 extern "C" __global__ void {cluster}__launch_bounds__({threads}) {symbol}({", ".join(params)}) {{
   const P::Args g{{{", ".join(names)}}};
+  {prefetch.code(p)}
   {template}<P>(g);
 }}
 '''

@@ -10,6 +10,7 @@
 #   bash scripts/gpu_session.sh next      # what the 2026-12-07 sessions left unmeasured (benchmarks/NOTES.md v12, v13)
 #   bash scripts/gpu_session.sh v13       # the opt-in decode fusions (oproj, attention prefetch): tests, on / off, pi0
 #   bash scripts/gpu_session.sh v13b      # v13 without the pi0 chunk (~5 minutes)
+#   bash scripts/gpu_session.sh v14       # v13b's tests and decode on / off, plus the L2 weight prefetch (FLASHRT_L2_PREFETCH_MB)
 #   bash scripts/gpu_session.sh compare   # pi0 chunk vs a compiled static step; decode 512 / 4096 vs torch.compile
 set -u
 cd "$(dirname "$0")/.."
@@ -76,18 +77,37 @@ case "$stage" in
     echo "tests rc=$?"; tail -3 "$OUT/tests.log"
     bench() {  # bench DIR WORKLOADS... (the environment as the caller sets it)
       local dir=$1; shift; mkdir -p "$OUT/$dir"
-      timeout 90 python3 benchmarks/bench.py --no-torch --workloads "$@" --precisions bf16 fp8 --out "$OUT/$dir" \
+      timeout 120 python3 benchmarks/bench.py --no-torch --workloads "$@" --precisions bf16 fp8 --out "$OUT/$dir" \
         >> "$OUT/bench.log" 2>&1
       echo "$dir rc=$?"; grep '^| decode' "$OUT/$dir/RESULTS.md"; rm -f "$OUT/$dir/RESULTS.md"
     }
     FLASHRT_FUSE_OPROJ=1 FLASHRT_ATTN_PREFETCH=1 bench both decode decode4k
     FLASHRT_ATTN_PREFETCH=1 bench prefetch decode decode4k
     FLASHRT_FUSE_OPROJ=1 bench oproj decode
-    bench neither decode decode4k
+    bench neither decode decode4k --ablate
+    FLASHRT_MLP_R=4 bench r4 decode
     if [ "$stage" = v13 ]; then
       timeout 140 python3 benchmarks/pi0_bench.py --scale full --precisions bf16 --out "$OUT" > "$OUT/pi0.log" 2>&1
       echo "pi0 rc=$?"; grep '^{"impl\|^|' "$OUT/pi0.log" | tail -8
     fi
+    ;;
+  v14)  # benchmarks/NOTES.md v13 + v14: the opt-in fusions' GPU tests, decode with each knob on and off, the L2
+        # weight prefetch's budget swept (~8 minutes)
+    timeout 170 python3 -m pytest -q -rf -n 8 tests/test_gpu_attention.py tests/test_gpu_gemv.py tests/test_state.py \
+      tests/test_pdl.py -k "oproj or decode_dynamic or fused_down or mirror or gpu_matches or gpu_pdl" \
+      > "$OUT/tests.log" 2>&1
+    echo "tests rc=$?"; tail -3 "$OUT/tests.log"
+    bench() {  # bench DIR WORKLOADS... (the environment as the caller sets it)
+      local dir=$1; shift; mkdir -p "$OUT/$dir"
+      timeout 100 python3 benchmarks/bench.py --no-torch --workloads "$@" --precisions bf16 fp8 --out "$OUT/$dir" \
+        >> "$OUT/bench.log" 2>&1
+      echo "$dir rc=$?"; grep '^| decode' "$OUT/$dir/RESULTS.md"; rm -f "$OUT/$dir/RESULTS.md"
+    }
+    bench neither decode decode4k
+    FLASHRT_FUSE_OPROJ=1 FLASHRT_ATTN_PREFETCH=1 bench both decode decode4k
+    FLASHRT_ATTN_PREFETCH=1 bench prefetch decode4k
+    for mb in 12 24 36; do FLASHRT_L2_PREFETCH_MB=$mb bench l2_$mb decode; done
+    FLASHRT_L2_PREFETCH_MB=24 FLASHRT_FUSE_OPROJ=1 FLASHRT_ATTN_PREFETCH=1 bench all decode decode4k
     ;;
   compare)  # the pi0 chunk against a compiled static-shape step; decode at 512 and 4096 against torch.compile
     timeout 280 python3 benchmarks/pi0_bench.py --scale full --precisions bf16 --out "$OUT" 2>&1 \
@@ -95,5 +115,5 @@ case "$stage" in
     timeout 250 python3 benchmarks/bench.py --workloads decode decode4k --precisions bf16 fp8 --out "$OUT" 2>&1 \
       | tee "$OUT/bench_decode.log" | grep '^| '
     ;;
-  *) echo "usage: $0 tests|kernels|bench|loops|verify|sanitize|next|v13|v13b|compare" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|kernels|bench|loops|verify|sanitize|next|v13|v13b|v14|compare" >&2; exit 2 ;;
 esac

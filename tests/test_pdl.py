@@ -101,6 +101,7 @@ def engines(samples, tmp_path_factory) -> dict[str, str]:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("FLASHRT_FUSE_OPROJ", "1")
             mp.setenv("FLASHRT_ATTN_PREFETCH", "1")
+            mp.setenv("FLASHRT_L2_PREFETCH_MB", "1")  # kernels/prefetch.py's bulk prefetches of later weights
             build_engine(onnx_path, ["h100"], built["decoder"], precision="bf16", max_context=24, prefill_len=8)
     return built
 
@@ -211,8 +212,17 @@ def allowed_prefetch(family: str, params: dict):
     the weights' 16-byte loads (ld_weight16), the fused down projection's 8-byte ones and NVFP4 block scales'
     read-only loads; gemm_mma.cuh / gemm_wgmma.cuh: cp.async of B tiles where params say B is a weight); and
     attention.cuh with a dynamic KV length: the position and a bulk L2 prefetch of the cache rows before it, which
-    no launch of the run writes, and with a fused o-projection its weights' 16-byte loads or L2 prefetches.
+    no launch of the run writes, and with a fused o-projection its weights' 16-byte loads or L2 prefetches; and
+    with `l2_next` (kernels/prefetch.py) bulk L2 prefetches of later launches' weights.
     SASS does not say which pointer a load reads: that part is audited by reading."""
+    rule = _allowed_loads(family, params)
+    if not params.get("l2_next"):
+        return rule
+    # kernels/prefetch.py: bulk L2 prefetches of later launches' weights
+    return lambda op: op.startswith("UBLKPF") or bool(rule and rule(op))
+
+
+def _allowed_loads(family: str, params: dict):
     if family == "gemv":  # the fused down projection's 8-byte chunks too
         return lambda op: op.startswith("LDG.") and (".CONSTANT" in op or ".128" in op or ".64" in op)
     if family == "attention" and (attention_kernel.prefetches(params) or params.get("oproj")):

@@ -236,7 +236,7 @@ def test_gpu_matches_cpu_reference(decoder, tmp_path, precision, opt_in, monkeyp
     model, onnx_path, _ = decoder
     major, minor = device_arch()
     path = str(tmp_path / "gpu.frt")
-    for name in ("FLASHRT_FUSE_OPROJ", "FLASHRT_ATTN_PREFETCH"):
+    for name in ("FLASHRT_FUSE_OPROJ", "FLASHRT_ATTN_PREFETCH", "FLASHRT_L2_PREFETCH_MB"):
         monkeypatch.setenv(name, "1" if opt_in else "0")
     build_engine(onnx_path, [f"sm_{major}{minor}a"], path, precision=precision, max_context=MAX_CONTEXT,
                  prefill_len=PREFILL)

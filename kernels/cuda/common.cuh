@@ -202,6 +202,17 @@ __device__ __forceinline__ void l2_prefetch_span(const void* p, long bytes) {
   }
 #endif
 }
+// This block's share of spans laid end to end ([0, total) bytes, each span's begin and size multiples of 16):
+// the part of [begin, begin + bytes) that falls in it, from span p, prefetched into L2 by the block's first thread
+__device__ __forceinline__ void l2_prefetch_share(const void* p, unsigned begin, unsigned bytes, unsigned total) {
+  // 32-bit arithmetic: a 64-bit division would be a call, and nothing may call before griddepcontrol.wait
+  const unsigned blocks = gridDim.x * gridDim.y * gridDim.z;
+  const unsigned block = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  const unsigned share = ((total + blocks - 1) / blocks + 15) & ~15u;
+  const unsigned lo = max(block * share, begin), hi = min(block * share + share, begin + bytes);
+  if (threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0 && lo < hi)
+    l2_prefetch_span(static_cast<const char*>(p) + (lo - begin), (long)(hi - lo));
+}
 __device__ __forceinline__ void griddep_launch_dependents() {
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
