@@ -15,7 +15,7 @@ MIN_BYTES = 64 << 10  # smaller weights (norm gammas, biases, scales of small te
 def _weights(call) -> list[Buffer]:
     seen = {}
     for ref in call.args:
-        if ref.buffer.kind == "weight" and ref.buffer.nbytes >= MIN_BYTES:
+        if ref.buffer.kind == "weight" and ref.buffer.nbytes >= max(MIN_BYTES, 16):
             seen.setdefault(ref.buffer.name, ref.buffer)
     return list(seen.values())
 
