@@ -18,16 +18,15 @@ def _call(family: str, *weights: Buffer) -> KernelCall:
     return KernelCall(family, family, {}, [x] + [TensorRef.contiguous_view(w, (w.nelems,)) for w in weights], [], [])
 
 
-def _layer(i: int) -> tuple[list[KernelCall], list[Buffer]]:
+def _layer(i: int) -> list[KernelCall]:
     qkv, o, mlp = (Buffer(f"{name}{i}", "weight", "uint8", mb * MB) for name, mb in (("qkv", 8), ("o", 4), ("mlp", 18)))
     gamma = Buffer(f"gamma{i}", "weight", "float32", 1024)  # too small to prefetch
-    return [_call("gemv", qkv, gamma), _call("attention"), _call("gemv", o), _call("gemv", mlp, gamma)], [qkv, o, mlp]
+    return [_call("gemv", qkv, gamma), _call("attention"), _call("gemv", o), _call("gemv", mlp, gamma)]
 
 
 def test_window_rule():
     """Each host takes the later weights that fit the budget counted from the next launch, each weight once."""
-    (l0, (qkv0, o0, mlp0)), (l1, (qkv1, o1, mlp1)) = _layer(0), _layer(1)
-    calls = l0 + l1 + [_call("eltwise")]
+    calls = _layer(0) + _layer(1) + [_call("eltwise")]
     plan.plan_l2_prefetch(calls, 24 * MB)
     names = [[r.buffer.name for r in c.args if r.buffer.name.startswith(("qkv", "o", "mlp"))] for c in calls]
     sizes = [c.params.get("l2_next") for c in calls]
@@ -39,7 +38,7 @@ def test_window_rule():
 
 
 def test_no_budget_no_prefetch():
-    calls, _ = _layer(0)
+    calls = _layer(0)
     plan.plan_l2_prefetch(calls, 0)
     plan.plan_l2_prefetch(calls[:1], 64 * MB)  # nothing after it
     assert not any("l2_next" in c.params for c in calls)
