@@ -40,3 +40,6 @@ def plan_l2_prefetch(calls: list, budget: int) -> None:
         if spans:
             host.params["l2_next"] = [b.nbytes // 16 * 16 for b in spans]
             host.args += [TensorRef.contiguous_view(b, (b.nelems,)) for b in spans]
+            note = (f"prefetches {sum(b.nbytes for b in spans) / 1e6:.1f} MB of later launches' weights into L2 "
+                    f"({', '.join(b.name for b in spans)}; budget {budget / 1e6:.0f} MB)")
+            host.reason = f"{host.reason}; {note}" if host.reason else note

@@ -35,6 +35,7 @@ def test_window_rule():
     assert sizes == [[4 * MB, 18 * MB], None, None, [8 * MB, 4 * MB], [18 * MB], None, None, None, None]
     assert names[0] == ["qkv0", "o0", "mlp0"] and names[3] == ["mlp0", "qkv1", "o1"] and names[4] == ["qkv1", "mlp1"]
     assert all(c.family in prefetch.FAMILIES for c, s in zip(calls, sizes) if s)
+    assert "prefetches 23.1 MB of later launches' weights into L2 (o0, mlp0" in calls[0].reason  # shown by inspect
 
 
 def test_no_budget_no_prefetch():
