@@ -93,7 +93,7 @@ case "$stage" in
     ;;
   v14)  # benchmarks/NOTES.md v13 + v14: the opt-in fusions' GPU tests, decode with each knob on and off, the L2
         # weight prefetch's budget swept (~8 minutes)
-    timeout 170 python3 -m pytest -q -rf -n 8 tests/test_gpu_attention.py tests/test_gpu_gemv.py tests/test_state.py \
+    timeout 150 python3 -m pytest -q -rf -n 8 tests/test_gpu_attention.py tests/test_gpu_gemv.py tests/test_state.py \
       tests/test_pdl.py -k "oproj or decode_dynamic or fused_down or mirror or gpu_matches or gpu_pdl" \
       > "$OUT/tests.log" 2>&1
     echo "tests rc=$?"; tail -3 "$OUT/tests.log"
@@ -105,9 +105,9 @@ case "$stage" in
     }
     bench neither decode decode4k
     FLASHRT_FUSE_OPROJ=1 FLASHRT_ATTN_PREFETCH=1 bench both decode decode4k
-    FLASHRT_ATTN_PREFETCH=1 bench prefetch decode4k
     for mb in 12 24 36; do FLASHRT_L2_PREFETCH_MB=$mb bench l2_$mb decode; done
     FLASHRT_L2_PREFETCH_MB=24 FLASHRT_FUSE_OPROJ=1 FLASHRT_ATTN_PREFETCH=1 bench all decode decode4k
+    FLASHRT_MLP_R=4 bench r4 decode
     ;;
   compare)  # the pi0 chunk against a compiled static-shape step; decode at 512 and 4096 against torch.compile
     timeout 280 python3 benchmarks/pi0_bench.py --scale full --precisions bf16 --out "$OUT" 2>&1 \
