@@ -108,6 +108,7 @@ case "$stage" in
     for mb in 12 24 36; do FLASHRT_L2_PREFETCH_MB=$mb bench l2_$mb decode; done
     FLASHRT_L2_PREFETCH_MB=24 FLASHRT_FUSE_OPROJ=1 FLASHRT_ATTN_PREFETCH=1 bench all decode decode4k
     FLASHRT_MLP_R=4 bench r4 decode
+    for f in "$OUT"/*/*.json; do echo "== $f"; cat "$f"; done > "$OUT/v14_results.txt"
     ;;
   compare)  # the pi0 chunk against a compiled static-shape step; decode at 512 and 4096 against torch.compile
     timeout 280 python3 benchmarks/pi0_bench.py --scale full --precisions bf16 --out "$OUT" 2>&1 \
