@@ -36,14 +36,15 @@ params:
      Each block adds the products of its own C columns with atomics, so y must hold the residual beforehand
      (a `mirror` earlier in the launch list) and the sum's order varies between runs.
 args: a, b, [b quant scales], [a_scale], [ln_gamma, [ln_beta]] or folded [ln_colsum], [ln_bias], e0..e{n-1},
-  [a_mirror0, ...], [mirror], c, [cache_pos, cache0, ...]; with `down`, w2, [w2_scale], y in place of c"""
+  [a_mirror0, ...], [mirror], c, [cache_pos, cache0, ...]; with `down`, w2, [w2_scale], y in place of c; last
+  [l2_next0, ...] (optional param l2_next, kernels/prefetch.py: later launches' weights to prefetch into L2)"""
 
 import math
 
 import numpy as np
 
 from flashrt.kernels import expr as ex
-from flashrt.kernels import gemm_mma, state
+from flashrt.kernels import gemm_mma, prefetch, state
 from flashrt.kernels.dtypes import CTYPES, ITEMSIZE, from_f32, to_f32
 from flashrt.kernels.memory import load, load_atoms, raw, store
 from flashrt.kernels.quant import SCALED_ACT_QUANT, act_row_scales, dequant_fp8, dequant_nvfp4, fake_quant_act, \
@@ -70,9 +71,11 @@ def arg_spec(p: dict) -> list[tuple[str, str]]:
             args.append(("ln_beta", "ptr"))
     args += [(f"e{i}", "ptr") for i in range(len(p["epi_inputs"]))]
     if p.get("down"):
-        return args + [(name, "ptr") for _, name in projection_decls(p["down"]["b"], "w2")] + [("y", "ptr")]
+        return args + [(name, "ptr") for _, name in projection_decls(p["down"]["b"], "w2")] + [("y", "ptr")] + \
+            prefetch.arg_spec(p)
     args += [(f"a_mirror{i}", "ptr") for i in range(p.get("a_mirror", 0))]
-    return args + ([("mirror", "ptr")] if p.get("mirror") else []) + [("c", "ptr")] + state.cache_arg_spec(p)
+    return args + ([("mirror", "ptr")] if p.get("mirror") else []) + [("c", "ptr")] + state.cache_arg_spec(p) + \
+        prefetch.arg_spec(p)
 
 
 def tile(p: dict) -> tuple[int, int]:
@@ -262,7 +265,7 @@ struct P {{
 }};
 }}  // namespace
 '''
-    return struct, params, names
+    return struct, params + prefetch.params(p), names
 
 
 def _tile_load_b(b: dict, K: int) -> str:
@@ -289,6 +292,7 @@ def cuda_source(p: dict, symbol: str) -> str:
 {struct}
 extern "C" __global__ void __launch_bounds__({threads}, 1){cluster} {symbol}({", ".join(params)}) {{
   const P::Args g{{{", ".join(names)}}};
+  {prefetch.code(p)}
   gemm_wgmma<P>(g);
 }}
 '''
@@ -297,6 +301,7 @@ extern "C" __global__ void __launch_bounds__({threads}, 1){cluster} {symbol}({",
 {struct}
 extern "C" __global__ void __launch_bounds__({threads}){cluster} {symbol}({", ".join(params)}) {{
   const P::Args g{{{", ".join(names)}}};
+  {prefetch.code(p)}
   gemm_mma<P>(g);
 }}
 '''
@@ -306,6 +311,7 @@ extern "C" __global__ void __launch_bounds__({threads}){cluster} {symbol}({", ".
 {struct}
 extern "C" __global__ void __launch_bounds__(256) {symbol}({", ".join(params)}) {{
   const P::Args g{{{", ".join(names)}}};
+  {prefetch.code(p)}
   gemm_tile<P>(g);
 }}
 '''

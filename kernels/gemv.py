@@ -8,8 +8,7 @@ params: as the gemm family's with batch = [] (batch rows folded into M) plus
          ["acc", 1] (up) and writes N outputs; R (even) counts both: R / 2 gate rows and their up rows
 The kernel calls griddepcontrol: it may be launched with programmatic dependent launch (it reads only its
 constant weights before waiting for the previous kernel).
-  l2_next  (optional) kernels/prefetch.py: later launches' weights to prefetch into L2
-args: a, b, [ln_gamma, [ln_beta]], e0..e{n-1}, c, [l2_next0, ...]"""
+args: as the gemm family's"""
 
 import math
 
@@ -50,7 +49,7 @@ def eligible(M: int, K: int, vec: int) -> bool:
 
 
 def arg_spec(p: dict) -> list[tuple[str, str]]:
-    return gemm.arg_spec(p) + prefetch.arg_spec(p)
+    return gemm.arg_spec(p)
 
 
 def launch_config(p: dict):
@@ -66,7 +65,6 @@ def staged(p: dict) -> bool:
 
 def cuda_source(p: dict, symbol: str) -> str:
     struct, params, names = gemm.problem_struct(p, "gemv")
-    params = params + prefetch.params(p)
     scales = "0"
     if p["b"].get("quant") == "nvfp4":  # the two E4M3 scales of a lane's 32 values, one byte each
         at = f"(long)row * {p['K'] // 16} + kb"

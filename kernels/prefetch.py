@@ -7,7 +7,7 @@ of its blocks issues a bulk L2 prefetch of its share of those spans laid end to 
 fire and forget: cp.async.bulk.prefetch.L2, sm_90+). The kernel's results do not depend on it; the reference
 is unchanged. aot/prefetch.py decides which kernel prefetches what."""
 
-FAMILIES = ("gemv", "attention")  # the families whose sources take it
+FAMILIES = ("gemv", "gemm", "attention")  # the families whose sources take it
 
 
 def sizes(p: dict) -> list[int]:

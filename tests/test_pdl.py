@@ -20,6 +20,8 @@ import pytest
 from conftest import CUOBJDUMP, GPU_ARCH, rel_l2, requires_cuobjdump, requires_gpu
 
 import flashrt
+from flashrt.aot import partition as partition_module
+from flashrt.aot import prefetch as prefetch_plan
 from flashrt.aot.build import build_engine
 from flashrt.aot.codegen import build_cubins, kernel_source
 from flashrt.engine_format.reader import read_engine
@@ -82,6 +84,8 @@ def engines(samples, tmp_path_factory) -> dict[str, str]:
     """Engines for target h100 (sm_90a) covering every kernel family and variant."""
     out = tmp_path_factory.mktemp("pdl")
     cases = [("encoder_bf16", samples / "tiny_encoder.onnx", {}, "bf16", {}),  # wgmma GEMMs, folded norms
+             # kernels/prefetch.py's bulk L2 prefetches of later weights, in the wgmma and attention kernels
+             ("encoder_l2", samples / "tiny_encoder.onnx", {}, "bf16", {"l2_budget": 16 << 10}),
              ("encoder_mma", samples / "tiny_encoder.onnx", {}, "bf16", {"FLASHRT_WGMMA": "0"}),  # mma.sync
              ("encoder_fp32", samples / "tiny_encoder.onnx", {}, "fp32", {}),  # SIMT GEMM and attention
              ("encoder_fp8", samples / "tiny_encoder.onnx", {}, "fp8", {}),  # fp8 B tiles
@@ -92,7 +96,11 @@ def engines(samples, tmp_path_factory) -> dict[str, str]:
     for name, model, shapes, precision, env in cases:
         with pytest.MonkeyPatch.context() as mp:
             for k, v in env.items():
-                mp.setenv(k, v)
+                if k == "l2_budget":  # a few KB, so that several kernels prefetch: the samples' weights are small
+                    mp.setattr(prefetch_plan, "MIN_BYTES", 0)
+                    mp.setattr(partition_module, "l2_prefetch_budget", lambda archs, v=v: v)
+                else:
+                    mp.setenv(k, v)
             built[name] = str(out / f"{name}.frt")
             build_engine(str(model), ["h100"], built[name], shapes, precision)
     if HAS_TORCH:  # KV-cache writes, positions, dynamic-length attention, gated GEMVs (and the opt-in fusions)
@@ -102,6 +110,7 @@ def engines(samples, tmp_path_factory) -> dict[str, str]:
             mp.setenv("FLASHRT_FUSE_OPROJ", "1")
             mp.setenv("FLASHRT_ATTN_PREFETCH", "1")
             mp.setenv("FLASHRT_L2_PREFETCH_MB", "1")  # kernels/prefetch.py's bulk prefetches of later weights
+            mp.setattr(prefetch_plan, "MIN_BYTES", 0)
             build_engine(onnx_path, ["h100"], built["decoder"], precision="bf16", max_context=24, prefill_len=8)
     return built
 
