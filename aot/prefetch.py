@@ -3,8 +3,8 @@
 At batch 1 no kernel keeps the memory system busy from start to end: a GEMV's tail and a decode attention leave
 DRAM mostly idle. A host kernel (a family kernels/prefetch.py lists) prefetches the weights of the launches after
 it, in launch order, as long as everything from the next launch up to and including the prefetched one fits the
-budget (so that the prefetched bytes and those read in between share L2 without evicting each other). Every
-weight is prefetched once, by the first host that can take it."""
+budget (so that the prefetched bytes and those read in between share L2 without evicting each other). A weight
+is prefetched by the first host that can take it, unless it is still in L2 from an earlier read."""
 
 from flashrt.aot.views import Buffer, TensorRef
 from flashrt.kernels import prefetch
@@ -25,18 +25,29 @@ def plan_l2_prefetch(calls: list, budget: int) -> None:
     if budget <= 0:
         return
     weights = [_weights(c) for c in calls]
-    taken = set()  # prefetched by a host, or read by a launch before
+    before = [0]  # weight bytes read by the launches before each launch
+    for ws in weights:
+        before.append(before[-1] + sum(b.nbytes for b in ws))
+    # launch index at which each weight was last read or will be read from a prefetch: it is still in L2 for a
+    # later launch j if at most `budget` weight bytes were read in between (a loop's next step re-reads its
+    # weights only after all the others, so they are prefetched again)
+    last = {}
+
+    def resident(b: Buffer, j: int) -> bool:
+        return b.name in last and before[j] - before[last[b.name] + 1] <= budget
+
     for i, host in enumerate(calls):
-        taken.update(b.name for b in weights[i])
+        last.update((b.name, max(i, last.get(b.name, i))) for b in weights[i])
         if host.family not in prefetch.FAMILIES or host.params.get("l2_next"):
             continue
-        window, spans = 0, []
-        for ws in weights[i + 1:]:
-            window += sum(b.nbytes for b in ws)
-            if window > budget:
+        spans = []
+        for j in range(i + 1, len(calls)):
+            if before[j + 1] - before[i + 1] > budget:
                 break
-            spans += [b for b in ws if b.name not in taken]
-            taken.update(b.name for b in ws)
+            for b in weights[j]:
+                if not resident(b, j):
+                    spans.append(b)
+                    last[b.name] = j
         if spans:
             host.params["l2_next"] = [b.nbytes // 16 * 16 for b in spans]
             host.args += [TensorRef.contiguous_view(b, (b.nelems,)) for b in spans]

@@ -38,6 +38,19 @@ def test_window_rule():
     assert "prefetches 23.1 MB of later launches' weights into L2 (o0, mlp0" in calls[0].reason  # shown by inspect
 
 
+def test_loop_steps_prefetch_their_weights_again():
+    """A loop's next step re-reads its weights after all the others: more than the budget streamed through L2
+    since, so they are prefetched again; a weight read again soon after is not."""
+    a, b, c = (Buffer(name, "weight", "uint8", 10 * MB) for name in "abc")
+    calls = [_call("gemv", w) for w in (a, b, c, a, b, c)]
+    plan.plan_l2_prefetch(calls, 16 * MB)
+    assert [c.params.get("l2_next") for c in calls] == [[10 * MB]] * 5 + [None]
+    assert [c.args[-1].buffer.name for c in calls[:5]] == ["b", "c", "a", "b", "c"]
+    calls = [_call("gemv", w) for w in (a, b, a)]
+    plan.plan_l2_prefetch(calls, 16 * MB)
+    assert [c.params.get("l2_next") for c in calls] == [[10 * MB], None, None]  # a: 10 MB read since, resident
+
+
 def test_no_budget_no_prefetch():
     calls = _layer(0)
     plan.plan_l2_prefetch(calls, 0)
