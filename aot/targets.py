@@ -87,10 +87,18 @@ def attention_prefetch_enabled() -> bool:
     return os.environ.get("FLASHRT_ATTN_PREFETCH") == "1"
 
 
+# L2 bytes of the smallest part of each architecture flashrt targets (H100 / H200 50 MB; Jetson Thor 32 MiB, as
+# its driver reports it; the RTX 50 series 32 to 96 MB; B200 126 MB)
+L2_BYTES = {"sm_90a": 50 << 20, "sm_100a": 126 << 20, "sm_110a": 32 << 20, "sm_120a": 32 << 20}
+
+
 def l2_prefetch_budget(archs: list[str]) -> int:
-    """Bytes of later launches' weights that may sit in L2 ahead of use (aot/prefetch.py; 0: none). Opt-in with
-    FLASHRT_L2_PREFETCH_MB=n until it has been measured; sm_90+ only (the bulk L2 prefetch instruction)."""
+    """Bytes of later launches' weights that may sit in L2 ahead of use (aot/prefetch.py; 0: none):
+    FLASHRT_L2_PREFETCH_MB MiB, or with "auto" half the smallest target's L2. Opt-in until it has been measured;
+    sm_90+ only (the bulk L2 prefetch instruction)."""
     value = os.environ.get("FLASHRT_L2_PREFETCH_MB", "0")
-    if not value.isdigit() or not archs or any(sm_number(a) < 90 for a in archs):
+    if not archs or any(sm_number(a) < 90 for a in archs):
         return 0
-    return int(value) << 20
+    if value == "auto":
+        return min(L2_BYTES.get(a, 32 << 20) for a in archs) // 2
+    return int(value) << 20 if value.isdigit() else 0
