@@ -14,7 +14,7 @@ from flashrt.errors import EngineFormatError
 
 def tiny_engine(**overrides) -> bytes:
     manifest = {
-        "format": {"major": 1, "minor": 8},
+        "format": {"major": 1, "minor": 9},
         "inputs": [{"name": "x", "dtype": "float32", "shape": [4], "offset": 0, "nbytes": 16}],
         "outputs": [{"name": "y", "dtype": "float32", "shape": [4], "offset": 256, "nbytes": 16}],
         "memory": {"arena_bytes": 512, "weights_bytes": 256},
@@ -37,7 +37,7 @@ def tiny_engine(**overrides) -> bytes:
 def test_round_trip():
     data = tiny_engine()
     ef = read_engine(data)
-    assert (ef.major, ef.minor) == (1, 8)
+    assert (ef.major, ef.minor) == (1, 9)
     assert ef.targets == ["sm_90a"] and ef.cubin("sm_90a") == b"\x7fELF-cubin"
     assert ef.inputs[0].name == "x" and ef.inputs[0].shape == (4,) and ef.outputs[0].offset == 256
     assert ef.launches == [Launch(0, (1, 1, 1), (256, 1, 1), 0, 0, 16, 0, 2)]
@@ -74,7 +74,7 @@ def _fix_table_sha(data: bytes) -> bytes:
     (lambda d: d[:40], "shorter than the 64-byte header"),
     (lambda d: d[:-1], "truncated"),
     (lambda d: _patch(d, 8, struct.pack("<H", 2)), "newer than this reader"),
-    (lambda d: _patch(d, 10, struct.pack("<H", 9)), "newer than this reader"),
+    (lambda d: _patch(d, 10, struct.pack("<H", 10)), "newer than this reader"),
     (lambda d: _patch(d, 64 + 2 * SECTION.size + 10, b"\xff"), "section table checksum"),
     (lambda d: _patch(d, len(d) - 3, b"\x01"), "checksum mismatch"),
 ])
@@ -105,12 +105,12 @@ def test_manifest_lies_are_named():
 def test_header_layout_matches_spec():
     data = tiny_engine()
     magic, major, minor, count, table_offset, size, _ = HEADER.unpack_from(data)
-    assert magic == b"FLASHRT\0" and (major, minor) == (1, 8) and table_offset == 64 and size == len(data)
+    assert magic == b"FLASHRT\0" and (major, minor) == (1, 9) and table_offset == 64 and size == len(data)
     kinds = [SECTION.unpack_from(data, 64 + i * SECTION.size)[0] for i in range(count)]
     assert kinds == [1, 2, 3, 4, 5, 6]
     manifest_entry = SECTION.unpack_from(data, 64)
     manifest = json.loads(data[manifest_entry[2]:manifest_entry[2] + manifest_entry[3]])
-    assert manifest["format"] == {"major": 1, "minor": 8}
+    assert manifest["format"] == {"major": 1, "minor": 9}
 
 
 def test_older_minor_version_is_read():
