@@ -1,7 +1,8 @@
 """Which opt-in decode fusion makes PDL on / off differ (benchmarks/NOTES.md v14): the CI-size sample decoder
 built with each of them, run with PDL off twice and on once over a prefill and 12 decode steps; prints the
 largest logit difference off vs off (the run-to-run spread of the float atomics), on vs off, and rel-L2 vs the
-CPU reference. A race shows as on vs off far above off vs off."""
+CPU reference. A race shows as on vs off far above off vs off.
+    PYTHONPATH=. python3 scripts/pdl_diag.py [variant ...]      (default: all of VARIANTS)"""
 
 import json
 import os
@@ -28,7 +29,8 @@ def main() -> None:
     onnx_path = test_state.export_dynamic(model, os.path.join(d, "decoder.onnx"))
     major, minor = device_arch()
     prompt = dec.example_prompt(model, 7).numpy()
-    for name, env in VARIANTS.items():
+    for name in sys.argv[1:] or VARIANTS:
+        env = VARIANTS[name]
         for k in ("FLASHRT_FUSE_OPROJ", "FLASHRT_ATTN_PREFETCH"):
             os.environ[k] = env.get(k, "0")
         path = os.path.join(d, f"{name}.frt")
