@@ -150,7 +150,7 @@ class Partitioner:
         self.clusters = all(sm_number(t) >= 90 for t in targets or [])  # thread-block clusters
         self.mma = all(sm_number(t) >= 80 for t in targets or [])  # bf16 mma.sync and cp.async
         self.wgmma = wgmma_enabled(self.targets)  # the sm_90a wgmma GEMM (off: FLASHRT_WGMMA=0)
-        self.wgmma_fp8 = wgmma_fp8_enabled(self.targets)  # fp8 weights in it too (opt-in: FLASHRT_WGMMA_FP8=1)
+        self.wgmma_fp8 = wgmma_fp8_enabled(self.targets)  # fp8 weights in it too (off: FLASHRT_WGMMA_FP8=0)
         # decode fusions that add into float32 accumulators with atomics (a run-to-run varying summation order)
         self.fuse_oproj = fused_oproj_enabled() and not deterministic
         self.fuse_mlp = fused_mlp_enabled() and not deterministic
@@ -940,7 +940,7 @@ class Partitioner:
     def fold_norm(self, mm: Node, norm: Node, w: np.ndarray, a: TensorRef, fmt: str) -> tuple | None:
         """The norm prologue folded into the weight for the sm_90a wgmma kernel (kernels/gemm.py ln.fold), which
         stages A as it is and has no register pass to normalize it in: B = gamma * W stored in fmt (the activation
-        type, or fp8 where FLASHRT_WGMMA_FP8=1), colsum = sum_k B as stored (LayerNorm), bias = beta . W (with a
+        type, or fp8 unless FLASHRT_WGMMA_FP8=0), colsum = sum_k B as stored (LayerNorm), bias = beta . W (with a
         beta). Returns (the weight ref, its quantization scale refs, its B params or None, (ln params, [colsum,
         bias refs])), or None where that kernel would not run it (decode GEMVs, other targets, nvfp4, the
         model's own fp8 codes) or where the engine's entry points share weights (prefill + decode: the decode

@@ -57,9 +57,10 @@ def wgmma_enabled(archs: list[str]) -> bool:
 
 
 def wgmma_fp8_enabled(archs: list[str]) -> bool:
-    """Whether the wgmma GEMM also takes fp8 weights (decoded to 16 bits in shared memory): opt-in with
-    FLASHRT_WGMMA_FP8=1 until it has run on a GPU."""
-    return wgmma_enabled(archs) and os.environ.get("FLASHRT_WGMMA_FP8") == "1"
+    """Whether the wgmma GEMM also takes fp8 weights (decoded to 16 bits in shared memory; run on an H100 on
+    2026-12-07: within 14% of bf16, where mma.sync's fp8 path took 1.3-1.7x). FLASHRT_WGMMA_FP8=0 keeps fp8
+    weights on mma.sync (for comparison)."""
+    return wgmma_enabled(archs) and os.environ.get("FLASHRT_WGMMA_FP8") != "0"
 
 
 def fused_mlp_enabled() -> bool:

@@ -11,7 +11,7 @@ params["mma"] = {dtype, bm, bn, split, stages, wg, a_mode, b_mode, b_const}:
   b_mode     0 cp.async chunks, 1 fp8, 2 nvfp4 (raw bytes decoded in shared memory), 3 element loads
   b_const    B is a constant weight: its first tiles load before the kernel waits for its predecessor
   wgmma      (optional, true) the sm_90a warp-group MMA kernel (kernels/cuda/gemm_wgmma.cuh) instead of
-             mma.sync: a_mode 0, b_mode 0 (or 1: an fp8 weight, FLASHRT_WGMMA_FP8=1), a norm only folded
+             mma.sync: a_mode 0, b_mode 0 (or 1: an fp8 weight; FLASHRT_WGMMA_FP8=0: not), a norm only folded
              (ln.fold, kernels/gemm.py), no activation quantization, and gated GEMMs (only there); bm = 64 wg
              (wg warp groups stacked along M), bn 64 / 128, stages >= 3. Used wherever it applies when every target is
              sm_90a (FLASHRT_WGMMA=0 turns it off: aot/targets.py)"""
@@ -150,7 +150,7 @@ def wgmma_config(p: dict, a_offset: int, b_offset: int, dtype: str, b_const: boo
                  fp8_weights: bool = False) -> dict | None:
     """The wgmma configuration, or None where that kernel does not apply (16-bit A and B by 16-byte chunks, a
     norm only folded into B, no activation quantization; gated: BN / 2 outputs per block; fp8_weights: an fp8
-    B (b_mode 1) too, decoded in shared memory: opt-in, FLASHRT_WGMMA_FP8=1 in aot/targets.py). Rule: the most blocks
+    B (b_mode 1) too, decoded in shared memory; aot/targets.py wgmma_fp8_enabled). Rule: the most blocks
     that still fit one wave of the 132 SMs; ties: the least padding, the larger tile, the smaller split, the wider
     BN. Past one wave: no split, the least padding, the largest tile."""
     if dtype not in OPERAND_DTYPES or (p["ln"] and not p["ln"].get("fold")) or p.get("aq"):

@@ -292,9 +292,9 @@ def test_swiglu_blocks_become_gated_wgmma_gemms(tmp_path, monkeypatch):
         feeds = {"x": np.random.default_rng(1).standard_normal((1, T, d)).astype(np.float32)}
         assert rel_l2(engine.run(feeds)["y"], onnxruntime_outputs(model, feeds)["y"]) <= 2e-2
     assert "eltwise" in kinds["0"] and "eltwise" not in kinds["1"] and len(kinds["1"]) < len(kinds["0"])
-    # fp8 weights in the wgmma kernel (opt-in): the gated GEMM with the folded norm over E4M3 rows
+    # fp8 weights in the wgmma kernel (the default): the gated GEMM with the folded norm over E4M3 rows
     monkeypatch.setenv("FLASHRT_WGMMA", "1")
-    monkeypatch.setenv("FLASHRT_WGMMA_FP8", "1")
+    monkeypatch.delenv("FLASHRT_WGMMA_FP8", raising=False)
     path = tmp_path / "swiglu_fp8.frt"
     build_engine(str(model), ["h100"], str(path), None, "fp8")
     gemms = [k["params"] for k in read_engine(path).manifest["kernels"] if k["family"] == "gemm"]
