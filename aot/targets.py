@@ -77,15 +77,16 @@ def mlp_gated_rows(default: int) -> int:
 
 
 def fused_oproj_enabled() -> bool:
-    """Whether one-token attention fuses the o-projection that follows it (kernels/attention.py `oproj`): opt-in
-    with FLASHRT_FUSE_OPROJ=1 until it has run on a GPU (benchmarks/NOTES.md v13)."""
-    return os.environ.get("FLASHRT_FUSE_OPROJ") == "1"
+    """Whether one-token attention fuses the o-projection that follows it (kernels/attention.py `oproj`; run on an
+    H100 2026-12-07 with the prefetch below: decode 0.874 -> 0.758 ms, benchmarks/NOTES.md v13). FLASHRT_FUSE_OPROJ=0
+    keeps the o-projection a GEMV of its own (for A/B timing); --deterministic too."""
+    return os.environ.get("FLASHRT_FUSE_OPROJ", "1") != "0"
 
 
 def attention_prefetch_enabled() -> bool:
     """Whether dynamic-length attention prefetches the cached rows before pos into L2 before it waits
-    (kernels/attention.py `prefetch`): opt-in with FLASHRT_ATTN_PREFETCH=1 until it has run on a GPU."""
-    return os.environ.get("FLASHRT_ATTN_PREFETCH") == "1"
+    (kernels/attention.py `prefetch`; FLASHRT_ATTN_PREFETCH=0: not, for A/B timing)."""
+    return os.environ.get("FLASHRT_ATTN_PREFETCH", "1") != "0"
 
 
 # L2 bytes of the smallest part of each architecture flashrt targets (H100 / H200 50 MB; Jetson Thor 32 MiB, as

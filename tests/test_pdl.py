@@ -103,12 +103,10 @@ def engines(samples, tmp_path_factory) -> dict[str, str]:
                     mp.setenv(k, v)
             built[name] = str(out / f"{name}.frt")
             build_engine(str(model), ["h100"], built[name], shapes, precision)
-    if HAS_TORCH:  # KV-cache writes, positions, dynamic-length attention, gated GEMVs (and the opt-in fusions)
+    if HAS_TORCH:  # KV-cache writes, positions, dynamic-length attention, gated GEMVs, the decode fusions
         _, onnx_path = decoder_onnx(str(out / "decoder.onnx"))
         built["decoder"] = str(out / "decoder.frt")
         with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("FLASHRT_FUSE_OPROJ", "1")
-            mp.setenv("FLASHRT_ATTN_PREFETCH", "1")
             mp.setenv("FLASHRT_L2_PREFETCH_MB", "1")  # kernels/prefetch.py's bulk prefetches of later weights
             mp.setattr(prefetch_plan, "MIN_BYTES", 0)
             build_engine(onnx_path, ["h100"], built["decoder"], precision="bf16", max_context=24, prefill_len=8)
@@ -359,9 +357,8 @@ def gpu_engines(samples, tmp_path_factory):
         model, onnx_path = decoder_onnx(str(out / "decoder.onnx"))
         built["decoder"] = str(out / "decoder.frt")
         # deterministic (no float atomics), so that PDL on and off must agree bit for bit: a race shows; with
-        # the opt-in attention prefetch and the L2 weight prefetch, which touch memory before the wait
+        # the attention prefetch and the (opt-in) L2 weight prefetch, which touch memory before the wait
         with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("FLASHRT_ATTN_PREFETCH", "1")
             mp.setenv("FLASHRT_L2_PREFETCH_MB", "1")
             mp.setattr(prefetch_plan, "MIN_BYTES", 0)
             build_engine(onnx_path, [GPU_ARCH], built["decoder"], precision="bf16", max_context=24, prefill_len=8,

@@ -47,10 +47,7 @@ def decoder(tmp_path_factory):
     model = dec.make_model("ci")
     onnx_path = export_dynamic(model, str(d / "decoder.onnx"))
     engine = str(d / "decoder.frt")
-    with pytest.MonkeyPatch.context() as mp:  # the opt-in decode fusions too (benchmarks/NOTES.md v13)
-        mp.setenv("FLASHRT_FUSE_OPROJ", "1")
-        mp.setenv("FLASHRT_ATTN_PREFETCH", "1")
-        build_engine(onnx_path, ["sm_90a"], engine, precision="fp32", max_context=MAX_CONTEXT, prefill_len=PREFILL)
+    build_engine(onnx_path, ["sm_90a"], engine, precision="fp32", max_context=MAX_CONTEXT, prefill_len=PREFILL)
     return model, onnx_path, engine
 
 
@@ -226,7 +223,7 @@ def _cuda_available() -> bool:
 
 
 @pytest.mark.skipif(not _cuda_available(), reason="needs an NVIDIA GPU and cuda-bindings")
-@pytest.mark.parametrize("opt_in", [False, True])  # the decode fusions still opt-in (benchmarks/NOTES.md v13)
+@pytest.mark.parametrize("opt_in", [False, True])  # the decode fusions off; on, with the opt-in L2 weight prefetch
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
 def test_gpu_matches_cpu_reference(decoder, tmp_path, precision, opt_in, monkeypatch):
     """The CUDA loader runs both entry points from one captured graph each, at every position, as the CPU
