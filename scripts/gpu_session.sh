@@ -8,9 +8,7 @@
 #   bash scripts/gpu_session.sh verify    # tests of new attention/elementwise code, wgmma probe, expert + VLA rows
 #   bash scripts/gpu_session.sh sanitize  # compute-sanitizer memcheck on the three workloads and the samples
 #   bash scripts/gpu_session.sh next      # what the 2026-12-07 sessions left unmeasured (benchmarks/NOTES.md v12, v13)
-#   bash scripts/gpu_session.sh v13       # the opt-in decode fusions (oproj, attention prefetch): tests, on / off, pi0
-#   bash scripts/gpu_session.sh v13b      # v13 without the pi0 chunk (~5 minutes)
-#   bash scripts/gpu_session.sh v14       # v13b's tests and decode on / off, plus the L2 weight prefetch (FLASHRT_L2_PREFETCH_MB)
+#   bash scripts/gpu_session.sh v14       # decode fusions' tests, decode with each off / on, the L2 weight prefetch swept
 #   bash scripts/gpu_session.sh compare   # pi0 chunk vs a compiled static step; decode 512 / 4096 vs torch.compile
 set -u
 cd "$(dirname "$0")/.."
@@ -68,45 +66,22 @@ case "$stage" in
       --out "$OUT/unfused" >> "$OUT/bench.log" 2>&1; echo "unfused rc=$?"; grep '^| ' "$OUT/unfused/RESULTS.md"
     rm -f "$OUT/fused/RESULTS.md" "$OUT/unfused/RESULTS.md"
     ;;
-  v13|v13b)  # benchmarks/NOTES.md v13: the opt-in decode fusions (FLASHRT_FUSE_OPROJ=1, FLASHRT_ATTN_PREFETCH=1) on
-              # the GPU: their tests, then decode / decode4k with each on and off; v13 also the pi0 chunk vs a
-              # compiled step (~9 minutes in all; v13b ~5)
+  v14)  # benchmarks/NOTES.md v13 + v14: the decode fusions' GPU tests, decode with each fusion off and the L2
+        # weight prefetch (opt-in) swept, fp8 too (~8 minutes on a machine whose cubin cache is cold)
     timeout 150 python3 -m pytest -q -rf -n 8 tests/test_gpu_attention.py tests/test_gpu_gemv.py tests/test_state.py \
       tests/test_pdl.py -k "oproj or decode_dynamic or fused_down or mirror or gpu_matches or gpu_pdl" \
       > "$OUT/tests.log" 2>&1
     echo "tests rc=$?"; tail -3 "$OUT/tests.log"
     bench() {  # bench DIR WORKLOADS... (the environment as the caller sets it)
       local dir=$1; shift; mkdir -p "$OUT/$dir"
-      timeout 120 python3 benchmarks/bench.py --no-torch --workloads "$@" --precisions bf16 fp8 --out "$OUT/$dir" \
+      timeout 150 python3 benchmarks/bench.py --no-torch --workloads "$@" --precisions bf16 fp8 --out "$OUT/$dir" \
         >> "$OUT/bench.log" 2>&1
       echo "$dir rc=$?"; grep '^| decode' "$OUT/$dir/RESULTS.md"; rm -f "$OUT/$dir/RESULTS.md"
     }
-    FLASHRT_FUSE_OPROJ=1 FLASHRT_ATTN_PREFETCH=1 bench both decode decode4k
-    FLASHRT_ATTN_PREFETCH=1 bench prefetch decode decode4k
-    FLASHRT_FUSE_OPROJ=1 bench oproj decode
-    bench neither decode decode4k --ablate
-    FLASHRT_MLP_R=4 bench r4 decode
-    if [ "$stage" = v13 ]; then
-      timeout 140 python3 benchmarks/pi0_bench.py --scale full --precisions bf16 --out "$OUT" > "$OUT/pi0.log" 2>&1
-      echo "pi0 rc=$?"; grep '^{"impl\|^|' "$OUT/pi0.log" | tail -8
-    fi
-    ;;
-  v14)  # benchmarks/NOTES.md v13 + v14: the opt-in fusions' GPU tests, decode with each knob on and off, the L2
-        # weight prefetch's budget swept (~8 minutes)
-    timeout 150 python3 -m pytest -q -rf -n 8 tests/test_gpu_attention.py tests/test_gpu_gemv.py tests/test_state.py \
-      tests/test_pdl.py -k "oproj or decode_dynamic or fused_down or mirror or gpu_matches or gpu_pdl" \
-      > "$OUT/tests.log" 2>&1
-    echo "tests rc=$?"; tail -3 "$OUT/tests.log"
-    bench() {  # bench DIR WORKLOADS... (the environment as the caller sets it)
-      local dir=$1; shift; mkdir -p "$OUT/$dir"
-      timeout 100 python3 benchmarks/bench.py --no-torch --workloads "$@" --precisions bf16 fp8 --out "$OUT/$dir" \
-        >> "$OUT/bench.log" 2>&1
-      echo "$dir rc=$?"; grep '^| decode' "$OUT/$dir/RESULTS.md"; rm -f "$OUT/$dir/RESULTS.md"
-    }
-    bench neither decode decode4k
-    FLASHRT_FUSE_OPROJ=1 FLASHRT_ATTN_PREFETCH=1 bench both decode decode4k
-    for mb in 12 24 36; do FLASHRT_L2_PREFETCH_MB=$mb bench l2_$mb decode; done
-    FLASHRT_L2_PREFETCH_MB=24 FLASHRT_FUSE_OPROJ=1 FLASHRT_ATTN_PREFETCH=1 bench all decode decode4k
+    bench default decode decode4k
+    FLASHRT_FUSE_OPROJ=0 bench no_oproj decode
+    FLASHRT_ATTN_PREFETCH=0 bench no_prefetch decode decode4k
+    for mb in 8 16; do FLASHRT_L2_PREFETCH_MB=$mb bench l2_$mb decode; done
     FLASHRT_MLP_R=4 bench r4 decode
     for f in "$OUT"/*/*.json; do echo "== $f"; cat "$f"; done > "$OUT/v14_results.txt"
     ;;
@@ -116,5 +91,5 @@ case "$stage" in
     timeout 250 python3 benchmarks/bench.py --workloads decode decode4k --precisions bf16 fp8 --out "$OUT" 2>&1 \
       | tee "$OUT/bench_decode.log" | grep '^| '
     ;;
-  *) echo "usage: $0 tests|kernels|bench|loops|verify|sanitize|next|v13|v13b|v14|compare" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|kernels|bench|loops|verify|sanitize|next|v14|compare" >&2; exit 2 ;;
 esac
