@@ -77,9 +77,11 @@ def assemble(entries: list[Entry] | Program, arena_bytes: int, weights: bytes, c
             packed[slot:slot + 8] = byte_offset.to_bytes(8, "little")
             relocs.append(Relocation(slot, base, ref.span_bytes()))
         launches.append(Launch(kernel_index[key], grid, block, smem, len(args_blob), size, first, len(ptr_args)))
-        # the region's value: its last argument, but for a fused o-projection its first accumulator (a second
-        # one belongs to the MLP after it)
-        out = call.args[-call.params["oproj"]["outs"]] if call.params.get("oproj") else call.args[-1]
+        # the region's value: its last argument before any fused cache writes and L2 prefetch spans, but for a
+        # fused o-projection its first accumulator (a second one belongs to the MLP after it)
+        named = {n: ref for (n, t), ref in zip([s for s in spec if s[1] == "ptr"], call.args)}
+        own = [ref for n, ref in named.items() if not n.startswith(("l2_next", "cache"))]
+        out = named["y0"] if call.params.get("oproj") else own[-1]
         regions.append({"name": call.name, "kind": call.family, "kernel": kernel_index[key],
                         "launches": [len(launches) - 1], "ops": call.ops, "source_nodes": call.source_nodes,
                         "precision": call.params.get("out_dtype", out.dtype), "reason": call.reason,

@@ -16,7 +16,7 @@ def _weights(call) -> list[Buffer]:
     seen = {}
     for ref in call.args:
         if ref.buffer.kind == "weight" and ref.buffer.nbytes >= max(MIN_BYTES, 16):
-            seen.setdefault(ref.buffer.name, ref.buffer)
+            seen.setdefault(id(ref.buffer), ref.buffer)
     return list(seen.values())
 
 
@@ -34,10 +34,10 @@ def plan_l2_prefetch(calls: list, budget: int) -> None:
     last = {}
 
     def resident(b: Buffer, j: int) -> bool:
-        return b.name in last and before[j] - before[last[b.name] + 1] <= budget
+        return id(b) in last and before[j] - before[last[id(b)] + 1] <= budget
 
     for i, host in enumerate(calls):
-        last.update((b.name, max(i, last.get(b.name, i))) for b in weights[i])
+        last.update((id(b), max(i, last.get(id(b), i))) for b in weights[i])
         if host.family not in prefetch.FAMILIES or host.params.get("l2_next"):
             continue
         spans = []
@@ -47,10 +47,10 @@ def plan_l2_prefetch(calls: list, budget: int) -> None:
             for b in weights[j]:
                 if not resident(b, j):
                     spans.append(b)
-                    last[b.name] = j
+                    last[id(b)] = j
         if spans:
             host.params["l2_next"] = [b.nbytes // 16 * 16 for b in spans]
             host.args += [TensorRef.contiguous_view(b, (b.nelems,)) for b in spans]
             note = (f"prefetches {sum(b.nbytes for b in spans) / 1e6:.1f} MB of later launches' weights into L2 "
-                    f"({', '.join(b.name for b in spans)}; budget {budget / 1e6:.0f} MB)")
+                    f"({', '.join(b.name for b in spans)}; budget {budget / (1 << 20):.0f} MiB)")
             host.reason = f"{host.reason}; {note}" if host.reason else note

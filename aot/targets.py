@@ -96,11 +96,12 @@ L2_BYTES = {"sm_90a": 50 << 20, "sm_100a": 126 << 20, "sm_110a": 32 << 20, "sm_1
 
 def l2_prefetch_budget(archs: list[str]) -> int:
     """Bytes of later launches' weights that may sit in L2 ahead of use (aot/prefetch.py; 0: none):
-    FLASHRT_L2_PREFETCH_MB MiB, or with "auto" half the smallest target's L2. Opt-in until it has been measured;
-    sm_90+ only (the bulk L2 prefetch instruction)."""
-    value = os.environ.get("FLASHRT_L2_PREFETCH_MB", "0")
+    FLASHRT_L2_PREFETCH_MB MiB (at most the smallest target's L2), or with "auto" half of it. Opt-in: measured
+    without gain so far (benchmarks/NOTES.md v14); sm_90+ only (the bulk L2 prefetch instruction)."""
+    value = os.environ.get("FLASHRT_L2_PREFETCH_MB", "0").strip()
+    if value != "auto" and not value.isdigit():
+        raise BuildError(f"FLASHRT_L2_PREFETCH_MB={value!r}: expected a whole number of MiB or 'auto'")
     if not archs or any(sm_number(a) < 90 for a in archs):
         return 0
-    if value == "auto":
-        return min(L2_BYTES.get(a, 32 << 20) for a in archs) // 2
-    return int(value) << 20 if value.isdigit() else 0
+    l2 = min(L2_BYTES.get(a, 32 << 20) for a in archs)
+    return l2 // 2 if value == "auto" else min(int(value) << 20, l2)

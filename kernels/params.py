@@ -143,6 +143,14 @@ def _proj_weight(b: dict, path: str) -> None:
         raise _Bad(path, f"= {_show(b)}: an fp8_e4m3 weight needs quant 'fp8', and only it")
 
 
+def L2_NEXT(v, path):
+    """kernels/prefetch.py's spans: byte counts, each a positive multiple of 16, under 1 GiB in all."""
+    sizes = List(Int(16, 1 << 30), min_len=1, max_len=256)(v, path)
+    if any(n % 16 for n in sizes) or sum(sizes) >= 1 << 30:
+        raise _Bad(path, f"= {_show(v)}: expected byte counts that are multiples of 16, under 1 GiB in all")
+    return sizes
+
+
 _GEMM = Dict(
     {"M": DIM, "N": DIM, "K": DIM, "batch": List(DIM, max_len=MAX_VIEW_RANK - 2),
      "a": Dict({"dtype": Dtype, "batch": ATOMS, "m": ATOMS, "k": ATOMS}),
@@ -152,7 +160,7 @@ _GEMM = Dict(
     {"gated": Bool, "mma": Dict({"dtype": Enum("bfloat16", "float16", "e4m3")},  # the reference rounds to it
                                 {"wgmma": Bool}),
      "aq": Nullable(Enum(*ACT_QUANT)), "cache": lambda v, path: CACHE(v, path), "mirror": Bool, "a_mirror": Int(1, 2),
-     "down": Dict({"N": DIM, "b": PROJ_WEIGHT})})
+     "down": Dict({"N": DIM, "b": PROJ_WEIGHT}), "l2_next": lambda v, path: L2_NEXT(v, path)})
 
 
 # ------------------------------------------------------------------------------------------ relations / caps
@@ -273,7 +281,8 @@ def _attention(p: dict) -> None:
               "epi_inputs": List(Dict(OPERAND)), "expr": EXPR, "out_dtype": Dtype},
              {"dyn": Nullable(Dict({"causal": Bool})),
               "mma": Dict({"dtype": Enum("bfloat16", "float16")}),  # mma.dtype: the reference rounds P to it
-              "oproj": Dict({"N": DIM, "b": PROJ_WEIGHT, "outs": Int(1, 2)}), "prefetch": Bool})(p, "")
+              "oproj": Dict({"N": DIM, "b": PROJ_WEIGHT, "outs": Int(1, 2)}), "prefetch": Bool,
+              "l2_next": lambda v, path: L2_NEXT(v, path)})(p, "")
     BH, T, S, HD, VD = p["BH"], p["T"], p["S"], p["HD"], p["VD"]
     for name in ("k", "v"):
         keys = [src["keys"] for src in p[name].get("sources", [])]

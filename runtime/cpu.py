@@ -58,6 +58,7 @@ class CPUEngine(Engine):
                 else:
                     args[name] = struct.unpack_from(_SCALARS[typ], raw, off)[0]
             self.steps.append((i, k, fam, args))
+        self._check_prefetch_spans()
 
     def run(self, feeds: dict, after_launch=None, entry: str | None = None) -> dict[str, np.ndarray]:
         """Run an entry point's launches (the first entry by default); after_launch(i), if given, is called

@@ -140,6 +140,25 @@ class Engine:
         """Every kernel's params and argument list, checked before anything runs (both executors)."""
         for index in range(len(self.file.kernels)):
             self._check_kernel(index)
+        self._check_prefetch_spans()
+
+    def _check_prefetch_spans(self) -> None:
+        """Each L2 prefetch span (kernels/prefetch.py) lies within what its relocation grants: the GPU issues the
+        prefetch, the CPU reference never reads it."""
+        ef = self.file
+        for i, launch in enumerate(ef.launches):
+            k = ef.kernels[launch.kernel]
+            sizes = k.params.get("l2_next") or []
+            if not sizes:
+                continue
+            relocs = {r.slot: r for r in ef.relocations[launch.reloc_first:launch.reloc_first + launch.reloc_count]}
+            offsets = dict(zip(k.arg_names, k.arg_offsets))
+            for j, n in enumerate(sizes):
+                r = relocs.get(offsets.get(f"l2_next{j}"))
+                if r is None or r.extent < n:
+                    raise EngineFormatError(f"{ef.path}: launch[{i}] ({k.family} kernel {k.symbol}): l2_next[{j}] "
+                                            f"= {n} bytes exceeds its relocation's "
+                                            f"{'missing extent' if r is None else f'{r.extent} bytes'}")
 
     @property
     def inputs(self) -> list[TensorInfo]:

@@ -1,4 +1,4 @@
-"""Which opt-in decode fusion makes PDL on / off differ (benchmarks/NOTES.md v14): the CI-size sample decoder
+"""Which decode fusion makes PDL on / off differ (benchmarks/NOTES.md v14): the CI-size sample decoder
 built with each of them, run with PDL off twice and on once over a prefill and 12 decode steps; prints the
 largest logit difference off vs off (the run-to-run spread of the float atomics), on vs off, and rel-L2 vs the
 CPU reference. A race shows as on vs off far above off vs off.

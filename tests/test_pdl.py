@@ -84,7 +84,8 @@ def engines(samples, tmp_path_factory) -> dict[str, str]:
     """Engines for target h100 (sm_90a) covering every kernel family and variant."""
     out = tmp_path_factory.mktemp("pdl")
     cases = [("encoder_bf16", samples / "tiny_encoder.onnx", {}, "bf16", {}),  # wgmma GEMMs, folded norms
-             # kernels/prefetch.py's bulk L2 prefetches of later weights, in the wgmma and attention kernels
+             # kernels/prefetch.py's bulk L2 prefetches of later weights, in the GEMM kernels (attention rarely
+             # hosts: the launch before it, with the same window ahead, takes the weights first)
              ("encoder_l2", samples / "tiny_encoder.onnx", {}, "bf16", {"l2_budget": 16 << 10}),
              ("encoder_mma", samples / "tiny_encoder.onnx", {}, "bf16", {"FLASHRT_WGMMA": "0"}),  # mma.sync
              ("encoder_fp32", samples / "tiny_encoder.onnx", {}, "fp32", {}),  # SIMT GEMM and attention
@@ -363,6 +364,8 @@ def gpu_engines(samples, tmp_path_factory):
             mp.setattr(prefetch_plan, "MIN_BYTES", 0)
             build_engine(onnx_path, [GPU_ARCH], built["decoder"], precision="bf16", max_context=24, prefill_len=8,
                          deterministic=True)
+        built["decoder_fused"] = str(out / "decoder_fused.frt")  # the default build: float atomics
+        build_engine(onnx_path, [GPU_ARCH], built["decoder_fused"], precision="bf16", max_context=24, prefill_len=8)
         built["decoder_model"] = model
     return built
 
@@ -400,21 +403,26 @@ def test_gpu_pdl_on_and_off_match_the_cpu(gpu_engines, monkeypatch, name):
 
 @pytest.mark.gpu
 @requires_gpu
-def test_gpu_pdl_stateful_decoder(gpu_engines, monkeypatch):
+@pytest.mark.parametrize("name", ["decoder", "decoder_fused"])
+def test_gpu_pdl_stateful_decoder(gpu_engines, monkeypatch, name):
     """Cache writes, the position counter and its advance under programmatic dependent launch: prefill, then decode
-    steps, each equal with PDL on and off and close to the CPU reference."""
-    if "decoder" not in gpu_engines:
+    steps, with PDL on and off, close to the CPU reference. The deterministic build must agree bit for bit; the
+    default one adds with float atomics, whose order varies from run to run, and an occasional flipped bf16
+    rounding of an activation carries through the later layers: two runs with PDL off were up to 9.4e-4 of the
+    logits' maximum apart on an H100 (scripts/pdl_diag.py), so there on and off agree to 5e-3 of it."""
+    if name not in gpu_engines:
         pytest.skip("the decoder sample needs torch")
     import decoder as dec  # samples/, on sys.path through test_state
 
-    on, off = load_both(gpu_engines["decoder"], monkeypatch)
-    cpu = flashrt.load(gpu_engines["decoder"], device="cpu")
+    on, off = load_both(gpu_engines[name], monkeypatch)
+    cpu = flashrt.load(gpu_engines[name], device="cpu")
     prompt = dec.example_prompt(gpu_engines["decoder_model"], 7).numpy()
     outs = [e.run({"input_ids": prompt}, entry="prefill")["logits"] for e in (cpu, on, off)]
     for t in range(12):
-        # a deterministic build: the fused projections' atomics would make every run's rounding differ (and a
-        # bf16 activation's rounding flip, which the next layers carry: 1e-3 apart on an H100), hiding a race
-        np.testing.assert_array_equal(outs[1], outs[2])
+        if name == "decoder":
+            np.testing.assert_array_equal(outs[1], outs[2])
+        else:
+            np.testing.assert_allclose(outs[1], outs[2], rtol=0, atol=5e-3 * np.abs(outs[2]).max())
         assert rel_l2(outs[1], outs[0]) < 2e-2, t
         token = np.array([[int(np.argmax(outs[0][0, -1]))]])
         outs = [e.run({"input_ids": token}, entry="decode")["logits"] for e in (cpu, on, off)]

@@ -6,8 +6,11 @@ import pytest
 from flashrt.aot import prefetch as plan
 from flashrt.aot.build import build_engine
 from flashrt.aot.partition import KernelCall
+from flashrt.aot.targets import l2_prefetch_budget
 from flashrt.aot.views import Buffer, TensorRef
+from flashrt.errors import BuildError, EngineFormatError
 from flashrt.kernels import prefetch
+from flashrt.kernels.params import check as check_params
 from flashrt.runtime import load
 
 MB = 1 << 20
@@ -64,9 +67,9 @@ def test_span_sizes_are_checked():
         prefetch.code({"l2_next": [24]})
 
 
-def test_engine_with_prefetch_computes_the_same(samples, tmp_path, monkeypatch):
-    """An engine built with the prefetch (all three GPU targets compile it) gives the CPU reference's outputs bit
-    for bit: the hint changes no result."""
+def test_engine_with_prefetch(samples, tmp_path, monkeypatch):
+    """An engine built with the prefetch: all three GPU targets compile it, the loaders accept its extra arguments
+    (the CPU reference ignores them: the same outputs), and each region still names the value it writes."""
     monkeypatch.setattr(plan, "MIN_BYTES", 0)  # the sample's weights are a few KB
     paths = {}
     for budget in ("0", "1"):
@@ -78,3 +81,36 @@ def test_engine_with_prefetch_computes_the_same(samples, tmp_path, monkeypatch):
     assert hosts and not any(k.params.get("l2_next") for k in off.file.kernels)
     x = np.random.default_rng(0).standard_normal((4, 32)).astype(np.float32)
     np.testing.assert_array_equal(on.run({"x": x})["y"], off.run({"x": x})["y"])
+    outputs = [[r["output"] for r in e.manifest["regions"]] for e in (on, off)]
+    assert outputs[0] == outputs[1]
+
+
+def test_budget_from_the_environment(monkeypatch):
+    monkeypatch.setenv("FLASHRT_L2_PREFETCH_MB", "auto")
+    assert l2_prefetch_budget(["sm_90a"]) == 25 * MB and l2_prefetch_budget(["sm_90a", "sm_110a"]) == 16 * MB
+    assert l2_prefetch_budget(["sm_89"]) == 0  # no bulk L2 prefetch before sm_90
+    monkeypatch.setenv("FLASHRT_L2_PREFETCH_MB", "4096")
+    assert l2_prefetch_budget(["sm_120a"]) == 32 * MB  # at most the smallest target's L2
+    for bad in ("1.5", "-1", "lots"):
+        monkeypatch.setenv("FLASHRT_L2_PREFETCH_MB", bad)
+        with pytest.raises(BuildError, match="FLASHRT_L2_PREFETCH_MB"):
+            l2_prefetch_budget(["sm_90a"])
+
+
+def test_bad_spans_are_rejected_at_load(samples, tmp_path, monkeypatch):
+    """A damaged engine: a span that is not a multiple of 16, or larger than its argument's relocation."""
+    monkeypatch.setattr(plan, "MIN_BYTES", 0)
+    monkeypatch.setenv("FLASHRT_L2_PREFETCH_MB", "1")
+    path = tmp_path / "mlp.frt"
+    build_engine(str(samples / "mlp.onnx"), ["h100"], str(path), {"x": (4, 32)}, "bf16")
+    with pytest.raises(EngineFormatError, match="l2_next"):
+        check_params("gemv", {**_host_params(path), "l2_next": [24]})
+    engine = load(str(path), device="cpu")
+    k = next(k for k in engine.file.kernels if k.params.get("l2_next"))
+    k.params["l2_next"][0] += 1 << 20  # past the weight it points at
+    with pytest.raises(EngineFormatError, match=r"l2_next\[0\] = .* exceeds its relocation"):
+        engine._check_prefetch_spans()
+
+
+def _host_params(path) -> dict:
+    return next(k.params for k in load(str(path), device="cpu").file.kernels if k.params.get("l2_next"))

@@ -223,9 +223,9 @@ def _cuda_available() -> bool:
 
 
 @pytest.mark.skipif(not _cuda_available(), reason="needs an NVIDIA GPU and cuda-bindings")
-@pytest.mark.parametrize("opt_in", [False, True])  # the decode fusions off; on, with the opt-in L2 weight prefetch
+@pytest.mark.parametrize("fused", [False, True])  # the decode fusions off; on, with the opt-in L2 weight prefetch
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
-def test_gpu_matches_cpu_reference(decoder, tmp_path, precision, opt_in, monkeypatch):
+def test_gpu_matches_cpu_reference(decoder, tmp_path, precision, fused, monkeypatch):
     """The CUDA loader runs both entry points from one captured graph each, at every position, as the CPU
     reference executor does; launch() and latencies() keep the host's position in step."""
     from flashrt.runtime.cuda import device_arch
@@ -234,7 +234,7 @@ def test_gpu_matches_cpu_reference(decoder, tmp_path, precision, opt_in, monkeyp
     major, minor = device_arch()
     path = str(tmp_path / "gpu.frt")
     for name in ("FLASHRT_FUSE_OPROJ", "FLASHRT_ATTN_PREFETCH", "FLASHRT_L2_PREFETCH_MB"):
-        monkeypatch.setenv(name, "1" if opt_in else "0")
+        monkeypatch.setenv(name, "1" if fused else "0")
     build_engine(onnx_path, [f"sm_{major}{minor}a"], path, precision=precision, max_context=MAX_CONTEXT,
                  prefill_len=PREFILL)
     cpu, gpu = load(path, device="cpu"), load(path, device="cuda")
