@@ -30,7 +30,8 @@ from flashrt.aot.state import CACHE_WRITE, POSITIONS
 from flashrt.aot.gemv_cost import choose_gemv_format
 from flashrt.aot.prefetch import plan_l2_prefetch
 from flashrt.aot.targets import (attention_prefetch_enabled, fp8_mma, fused_mlp_enabled, fused_oproj_enabled,
-                                 l2_prefetch_budget, mlp_gated_rows, sm_number, wgmma_enabled, wgmma_fp8_enabled)
+                                 l2_prefetch_budget, mlp_gated_rows, sm_number, wgmma_enabled, wgmma_fp8_enabled,
+                                 wgmma_nvfp4_enabled)
 from flashrt.aot.views import Buffer, TensorRef
 from flashrt.errors import BuildError, ModelError
 from flashrt.kernels import attention as attention_kernel
@@ -38,7 +39,7 @@ from flashrt.kernels import concat as concat_kernel
 from flashrt.kernels import layernorm as layernorm_kernel
 from flashrt.kernels import gemm_mma, gemv, registry
 from flashrt.kernels.dtypes import ITEMSIZE, STORAGE, from_f32, to_f32
-from flashrt.kernels.quant import dequant_fp8
+from flashrt.kernels.quant import dequant_fp8, dequant_nvfp4
 
 ACT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp8": "bfloat16", "nvfp4": "bfloat16",
               "auto": "bfloat16"}
@@ -151,6 +152,7 @@ class Partitioner:
         self.mma = all(sm_number(t) >= 80 for t in targets or [])  # bf16 mma.sync and cp.async
         self.wgmma = wgmma_enabled(self.targets)  # the sm_90a wgmma GEMM (off: FLASHRT_WGMMA=0)
         self.wgmma_fp8 = wgmma_fp8_enabled(self.targets)  # fp8 weights in it too (off: FLASHRT_WGMMA_FP8=0)
+        self.wgmma_nvfp4 = wgmma_nvfp4_enabled(self.targets)  # and nvfp4 ones (opt-in: FLASHRT_WGMMA_NVFP4=1)
         # decode fusions that add into float32 accumulators with atomics (a run-to-run varying summation order)
         self.fuse_oproj = fused_oproj_enabled() and not deterministic
         self.fuse_mlp = fused_mlp_enabled() and not deterministic
@@ -732,7 +734,8 @@ class Partitioner:
             params["M"], params["batch"] = rows, []
             params["a"] = {**a_atoms, "batch": [[1, 0]], "m": _atoms(a_atoms["batch"] + a_atoms["m"])}
         elif self.mma and (mma := gemm_mma.config(params, a.offset, b.offset, self.act, b.buffer.kind == "weight",
-                                                  self.fp8_mma, self.clusters, self.wgmma, self.wgmma_fp8)):
+                                                  self.fp8_mma, self.clusters, self.wgmma, self.wgmma_fp8,
+                                                  self.wgmma_nvfp4)):
             params["mma"] = mma  # 16-bit activations: the tensor-core GEMM (kernels/gemm_mma.py)
         if (folded is not None or family == "gemm" and gated) and not params.get("mma", {}).get("wgmma"):
             raise BuildError(f"node '{name}': internal: a folded norm or a gated GEMM without the wgmma kernel")
@@ -937,18 +940,28 @@ class Partitioner:
         gated.args = gated.args[:-1] + weight + [y]
         self._absorb(gated, down, last, acc, onnx_shape, "down projection")
 
+    def wgmma_takes(self, fmt: str) -> bool:
+        """Whether the wgmma kernel takes a weight stored in fmt (the activation type, or fp8 / nvfp4 decoded in
+        shared memory where enabled)."""
+        return fmt == self.act or (fmt == "fp8" and self.wgmma_fp8) or (fmt == "nvfp4" and self.wgmma_nvfp4)
+
+    def b_trial(self, fmt: str) -> dict:
+        """The B operand's type params of a weight stored in fmt (for a trial configuration)."""
+        return {"fp8": {"dtype": "fp8_e4m3", "quant": "fp8"}, "nvfp4": {"dtype": "nvfp4", "quant": "nvfp4"}}.get(
+            fmt, {"dtype": self.act})
+
     def fold_norm(self, mm: Node, norm: Node, w: np.ndarray, a: TensorRef, fmt: str) -> tuple | None:
         """The norm prologue folded into the weight for the sm_90a wgmma kernel (kernels/gemm.py ln.fold), which
         stages A as it is and has no register pass to normalize it in: B = gamma * W stored in fmt (the activation
-        type, or fp8 unless FLASHRT_WGMMA_FP8=0), colsum = sum_k B as stored (LayerNorm), bias = beta . W (with a
+        type, or fp8 / nvfp4 where wgmma_takes it), colsum = sum_k B as stored (LayerNorm), bias = beta . W (with a
         beta). Returns (the weight ref, its quantization scale refs, its B params or None, (ln params, [colsum,
-        bias refs])), or None where that kernel would not run it (decode GEMVs, other targets, nvfp4, the
-        model's own fp8 codes) or where the engine's entry points share weights (prefill + decode: the decode
+        bias refs])), or None where that kernel would not run it (decode GEMVs, other targets, the model's own
+        quantized codes) or where the engine's entry points share weights (prefill + decode: the decode
         GEMVs read W itself, and a folded copy would store the weight twice)."""
         K, N = w.shape
         batch, M = tuple(a.shape[:-2]), a.shape[-2]
-        quant = fmt == "fp8"
-        if not self.wgmma or self.shared is not None or fmt not in (self.act, "fp8") or (quant and not self.wgmma_fp8) \
+        quant = fmt in QUANT_FORMATS
+        if not self.wgmma or self.shared is not None or not self.wgmma_takes(fmt) \
                 or gemv.eligible(math.prod(a.shape[:-1]), K, gemv.VALUES_PER_16B.get(self.act, 1)):
             return None
         if quant and self.g.prequantized and self.g.prequantized.find(w.T) is not None:
@@ -960,16 +973,19 @@ class Partitioner:
         gamma = np.broadcast_to(np.asarray(self.g.constants[norm.inputs[1]], np.float32), (K,))
         folded_nk = np.ascontiguousarray((w.astype(np.float32) * gamma[:, None]).T)
         a_atoms = {"dtype": a.dtype, "batch": a.batch_atoms(batch), "m": a.dim_atoms(-2), "k": a.dim_atoms(-1)}
-        b_trial = {**({"dtype": "fp8_e4m3", "quant": "fp8"} if quant else {"dtype": self.act}),
-                   "batch": [[math.prod(batch), 0]], "k": [[K, 1]], "n": [[N, K]]}
+        b_trial = {**self.b_trial(fmt), "batch": [[math.prod(batch), 0]], "k": [[K, 1]], "n": [[N, K]]}
         params = {"M": M, "N": N, "K": K, "batch": list(batch), "a": a_atoms, "ln": ln, "b": b_trial}
-        if gemm_mma.wgmma_config(params, a.offset, 0, self.act, True, quant) is None:
+        if gemm_mma.wgmma_config(params, a.offset, 0, self.act, True, self.wgmma_fp8, self.wgmma_nvfp4) is None:
             return None
         name = f"{mm.inputs[1]}*{norm.inputs[1]}"
         if quant:
-            b, scale_refs, b_atoms = self.quant_weight(name, folded_nk, "fp8")
-            codes, scales = b.buffer.data.reshape(N, K), scale_refs[0].buffer.data
-            stored = dequant_fp8(codes, scales)
+            b, scale_refs, b_atoms = self.quant_weight(name, folded_nk, fmt)
+            if fmt == "fp8":
+                stored = dequant_fp8(b.buffer.data.reshape(N, K), scale_refs[0].buffer.data)
+            else:
+                block, global_scale = (r.buffer.data for r in scale_refs)
+                stored = dequant_nvfp4(b.buffer.data.reshape(N, K // 2), block.reshape(N, K // 16),
+                                       np.float32(global_scale.reshape(-1)[0]))
         else:
             b = self.weight(name, self.act, folded_nk).transpose((1, 0))
             scale_refs, b_atoms = [], None
@@ -1095,12 +1111,10 @@ class Partitioner:
                 self.emit_gated_unfused(group)
                 return
             a_atoms = {"dtype": a2.dtype, "batch": [[1, 0]], "m": a2.dim_atoms(0), "k": a2.dim_atoms(1)}
-            fp8 = fmt == "fp8" and self.wgmma_fp8
-            b_trial = {"dtype": "fp8_e4m3", "quant": "fp8"} if fp8 else {"dtype": self.act}
             trial = {"M": rows, "N": F, "K": K, "batch": [], "a": a_atoms, "ln": None, "gated": True,
-                     "b": {**b_trial, "batch": [[1, 0]], "k": [[K, 1]], "n": [[2 * F, K]]}}
-            if (fmt in QUANT_FORMATS and not fp8) or aq or \
-                    gemm_mma.wgmma_config(trial, a2.offset, 0, self.act, True, fp8) is None:
+                     "b": {**self.b_trial(fmt), "batch": [[1, 0]], "k": [[K, 1]], "n": [[2 * F, K]]}}
+            if not self.wgmma_takes(fmt) or aq or gemm_mma.wgmma_config(
+                    trial, a2.offset, 0, self.act, True, self.wgmma_fp8, self.wgmma_nvfp4) is None:
                 self.emit_gated_unfused(group)
                 return
             if norm is not None:

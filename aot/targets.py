@@ -63,6 +63,12 @@ def wgmma_fp8_enabled(archs: list[str]) -> bool:
     return wgmma_enabled(archs) and os.environ.get("FLASHRT_WGMMA_FP8") != "0"
 
 
+def wgmma_nvfp4_enabled(archs: list[str]) -> bool:
+    """Whether the wgmma GEMM also takes nvfp4 weights (E2M1 x block scale decoded to 16 bits in shared memory,
+    as the fp8 path): opt-in with FLASHRT_WGMMA_NVFP4=1 until it has run on a GPU."""
+    return wgmma_enabled(archs) and os.environ.get("FLASHRT_WGMMA_NVFP4") == "1"
+
+
 def fused_mlp_enabled() -> bool:
     """Whether decode MLPs fuse the down projection into the gated GEMV (kernels/gemm.py `down`; off:
     FLASHRT_FUSE_MLP=0, for measuring what the fusion gains)."""

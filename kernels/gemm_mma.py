@@ -11,7 +11,8 @@ params["mma"] = {dtype, bm, bn, split, stages, wg, a_mode, b_mode, b_const}:
   b_mode     0 cp.async chunks, 1 fp8, 2 nvfp4 (raw bytes decoded in shared memory), 3 element loads
   b_const    B is a constant weight: its first tiles load before the kernel waits for its predecessor
   wgmma      (optional, true) the sm_90a warp-group MMA kernel (kernels/cuda/gemm_wgmma.cuh) instead of
-             mma.sync: a_mode 0, b_mode 0 (or 1: an fp8 weight; FLASHRT_WGMMA_FP8=0: not), a norm only folded
+             mma.sync: a_mode 0, b_mode 0 (or 1: an fp8 weight, FLASHRT_WGMMA_FP8=0: not; 2: an nvfp4
+             weight, opt-in FLASHRT_WGMMA_NVFP4=1), a norm only folded
              (ln.fold, kernels/gemm.py), no activation quantization, and gated GEMMs (only there); bm = 64 wg
              (wg warp groups stacked along M), bn 64 / 128, stages >= 3. Used wherever it applies when every target is
              sm_90a (FLASHRT_WGMMA=0 turns it off: aot/targets.py)"""
@@ -136,8 +137,9 @@ WGMMA_MAX_STAGES = 8
 
 def wgmma_smem_bytes(bm: int, bn: int, stages: int, b_mode: int = 0) -> int:
     """Dynamic shared memory of the wgmma kernel; mirrors WgmmaShape in gemm_wgmma.cuh (+ 1024: ring alignment;
-    b_mode 1: each stage also holds the fp8 rows as stored)."""
-    stage = (bm + bn) * BK * 2 + (bn * BK if b_mode == 1 else 0)
+    b_mode 1 / 2: each stage also holds the fp8 / nvfp4 rows as stored, nvfp4's with their block scales)."""
+    raw = {1: bn * BK, 2: -(-bn * (BK // 2 + 4) // 1024) * 1024}.get(b_mode, 0)
+    stage = (bm + bn) * BK * 2 + raw
     return max(stages * stage, bm * (bn + 8) * 4) + 1024
 
 
@@ -147,16 +149,17 @@ def out_bn(p: dict, bn: int) -> int:
 
 
 def wgmma_config(p: dict, a_offset: int, b_offset: int, dtype: str, b_const: bool = False,
-                 fp8_weights: bool = False) -> dict | None:
+                 fp8_weights: bool = False, nvfp4_weights: bool = False) -> dict | None:
     """The wgmma configuration, or None where that kernel does not apply (16-bit A and B by 16-byte chunks, a
     norm only folded into B, no activation quantization; gated: BN / 2 outputs per block; fp8_weights: an fp8
-    B (b_mode 1) too, decoded in shared memory; aot/targets.py wgmma_fp8_enabled). Rule: the most blocks
+    B (b_mode 1) too, decoded in shared memory; aot/targets.py wgmma_fp8_enabled; nvfp4_weights: an nvfp4 B
+    (b_mode 2) likewise, opt-in: wgmma_nvfp4_enabled). Rule: the most blocks
     that still fit one wave of the 132 SMs; ties: the least padding, the larger tile, the smaller split, the wider
     BN. Past one wave: no split, the least padding, the largest tile."""
     if dtype not in OPERAND_DTYPES or (p["ln"] and not p["ln"].get("fold")) or p.get("aq"):
         return None
     a_chunks, b_mode = staging(p, a_offset, b_offset, dtype)
-    if not a_chunks or not (b_mode == 0 or (b_mode == 1 and fp8_weights)):
+    if not a_chunks or not (b_mode == 0 or (b_mode == 1 and fp8_weights) or (b_mode == 2 and nvfp4_weights)):
         return None
     M, N, K, nb = p["M"], p["N"], p["K"], math.prod(p["batch"])
     kt = math.ceil(K / BK)
@@ -178,12 +181,14 @@ def wgmma_config(p: dict, a_offset: int, b_offset: int, dtype: str, b_const: boo
             key = (not one_wave, -blocks if one_wave else 0, padded, -bm * bn, split, -bn)
             if best is None or key < best[0]:
                 best = (key, {"dtype": dtype, "bm": bm, "bn": bn, "split": split, "stages": stages, "wg": bm // 64,
-                              "a_mode": 0, "b_mode": b_mode, "b_const": b_const or b_mode == 1, "wgmma": True})
+                              "a_mode": 0, "b_mode": b_mode, "b_const": b_const or b_mode in (1, 2),
+                              "wgmma": True})
     return best[1] if best else None
 
 
 def config(p: dict, a_offset: int, b_offset: int, dtype: str, b_const: bool = False,
-           fp8_mma: bool = False, clusters: bool = True, wgmma: bool = False, wgmma_fp8: bool = False) -> dict | None:
+           fp8_mma: bool = False, clusters: bool = True, wgmma: bool = False, wgmma_fp8: bool = False,
+           wgmma_nvfp4: bool = False) -> dict | None:
     """The cheapest configuration by the cost model, or None where the tensor-core path does not apply
     (operand type not 16-bit, a grid beyond CUDA's limits). b_const: B is a constant weight, so the kernel
     may prefetch it before waiting for the previous kernel (programmatic dependent launch). fp8_mma: every
@@ -193,8 +198,8 @@ def config(p: dict, a_offset: int, b_offset: int, dtype: str, b_const: bool = Fa
     if dtype not in OPERAND_DTYPES:
         return None
     if p.get("gated") or (p["ln"] and p["ln"].get("fold")):  # only the wgmma kernel has these
-        return wgmma_config(p, a_offset, b_offset, dtype, b_const, wgmma_fp8) if wgmma else None
-    if wgmma and (c := wgmma_config(p, a_offset, b_offset, dtype, b_const, wgmma_fp8)):
+        return wgmma_config(p, a_offset, b_offset, dtype, b_const, wgmma_fp8, wgmma_nvfp4) if wgmma else None
+    if wgmma and (c := wgmma_config(p, a_offset, b_offset, dtype, b_const, wgmma_fp8, wgmma_nvfp4)):
         return c
     M, N, K, nb = p["M"], p["N"], p["K"], math.prod(p["batch"])
     a_chunks, b_mode = staging(p, a_offset, b_offset, dtype)

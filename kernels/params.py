@@ -238,17 +238,17 @@ def _gemm_family(p: dict) -> None:
 
 def _wgmma(p: dict, raw_mma: dict) -> None:
     """The sm_90a wgmma GEMM (kernels/cuda/gemm_wgmma.cuh) stages 16-bit A and B by 16-byte chunks (mma.a_mode and
-    b_mode 0, read from the unfiltered params; b_mode 1 for an fp8 B); a norm only comes folded (ln.fold), no
-    activation quantization."""
+    b_mode 0, read from the unfiltered params; b_mode 1 / 2 for an fp8 / nvfp4 B, nvfp4 with K % 64 == 0); a norm
+    only comes folded (ln.fold), no activation quantization."""
     mma, why = {**raw_mma, **p["mma"]}, None
     if mma["dtype"] not in ("bfloat16", "float16"):
         why = f"mma.dtype = {mma['dtype']!r} (16-bit operands only)"
-    elif p["a"]["dtype"] != mma["dtype"] or p["b"].get("quant") not in (None, "fp8") or \
-            (not p["b"].get("quant") and p["b"]["dtype"] != mma["dtype"]):
-        why = f"operands a: {p['a']['dtype']}, b: {p['b']['dtype']} (both {mma['dtype']}, or an fp8 b)"
-    elif mma.get("a_mode", 0) != 0 or mma.get("b_mode", 0) != (1 if p["b"].get("quant") else 0):
+    elif p["a"]["dtype"] != mma["dtype"] or (not p["b"].get("quant") and p["b"]["dtype"] != mma["dtype"]) or \
+            (p["b"].get("quant") == "nvfp4" and p["K"] % 64):
+        why = f"operands a: {p['a']['dtype']}, b: {p['b']['dtype']} (both {mma['dtype']}, or an fp8 / nvfp4 b)"
+    elif mma.get("a_mode", 0) != 0 or mma.get("b_mode", 0) != {None: 0, "fp8": 1, "nvfp4": 2}[p["b"].get("quant")]:
         why = (f"mma.a_mode = {_show(mma.get('a_mode'))}, b_mode = {_show(mma.get('b_mode'))} (16-byte chunks: 0, "
-               "and b_mode 0, or 1 for an fp8 b)")
+               "and b_mode 0, or 1 / 2 for an fp8 / nvfp4 b)")
     elif (p["ln"] and not p["ln"].get("fold")) or p.get("aq"):
         why = "a norm prologue not folded into the weight, or activation quantization"
     if why:

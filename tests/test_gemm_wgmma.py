@@ -305,6 +305,16 @@ def test_swiglu_blocks_become_gated_wgmma_gemms(tmp_path, monkeypatch):
     engine = flashrt.load(path, device="cpu")
     feeds = {"x": np.random.default_rng(1).standard_normal((1, T, d)).astype(np.float32)}
     assert rel_l2(engine.run(feeds)["y"], onnxruntime_outputs(model, feeds)["y"]) <= 4e-2
+    # nvfp4 weights in the wgmma kernel (opt-in): the same model, E2M1 rows with their block scales
+    monkeypatch.setenv("FLASHRT_WGMMA_NVFP4", "1")
+    path = tmp_path / "swiglu_nvfp4.frt"
+    build_engine(str(model), ["h100"], str(path), None, "nvfp4")
+    gemms = [k["params"] for k in read_engine(path).manifest["kernels"] if k["family"] == "gemm"]
+    gated = [p for p in gemms if p.get("gated")]
+    assert len(gated) == 1 and gated[0]["mma"]["b_mode"] == 2 and gated[0]["ln"]["fold"]
+    assert gated[0]["b"]["quant"] == "nvfp4" and gated[0]["mma"]["wgmma"]
+    engine = flashrt.load(path, device="cpu")
+    assert rel_l2(engine.run(feeds)["y"], onnxruntime_outputs(model, feeds)["y"]) <= 0.12  # E2M1 codes: 0.105
     # flashrt inspect names each GEMM kernel's implementation
     out = subprocess.run(flashrt_cli() + ["inspect", "--json", str(tmp_path / "swiglu1.frt")], capture_output=True,
                          text=True, check=True).stdout
@@ -330,6 +340,13 @@ def variants() -> list[dict]:
         p["b"] = {**p["b"], "n": [[2 * N if gated else N, K]]}
         p["mma"] = gemm_mma.config(p, 0, 0, "bfloat16", True, wgmma=True, wgmma_fp8=True)
         assert p["mma"]["wgmma"] and p["mma"]["b_mode"] == 1
+        out.append(p)
+    for M, N, K, ln, gated in ((50, 1024, 4096, None, False), (50, 4096, 1024, {**RMS, "fold": True}, True),
+                               (197, 3072, 768, layernorm, False)):  # nvfp4 weights (b_mode 2)
+        p = {**gemm_params(M, N, K, ln=ln, quant="nvfp4"), "gated": gated, "expr": swiglu if gated else [["acc"]]}
+        p["b"] = {**p["b"], "n": [[2 * N if gated else N, K]]}
+        p["mma"] = gemm_mma.config(p, 0, 0, "bfloat16", True, wgmma=True, wgmma_nvfp4=True)
+        assert p["mma"]["wgmma"] and p["mma"]["b_mode"] == 2
         out.append(p)
     for M, N, K, ln in ((50, 4096, 1024, {**RMS, "fold": True}), (197, 3072, 768, layernorm), (197, 1000, 1000, None)):
         p = {**gemm_params(M, N, K, ln=ln), "gated": True, "expr": swiglu}

@@ -25,13 +25,15 @@ RESIDUAL = [["acc"], ["in", 0], ["add", 0, 1]]
 
 
 def problem(M: int, N: int, K: int, batch=(), ln=None, quant=None, expr=None, a=None, b=None, dtype="bfloat16",
-            config=None, aq=None, fp8_mma=False, wgmma=False, gated=False, wgmma_fp8=False) -> dict:
+            config=None, aq=None, fp8_mma=False, wgmma=False, gated=False, wgmma_fp8=False,
+            wgmma_nvfp4=False) -> dict:
     """GEMM family params: A [batch, M, K] and B stored [N, K] (a weight) unless views are given; the epilogue
     inputs follow from the expression (bias [N] for BIAS_GELU, a residual [batch, M, N] for RESIDUAL);
     aq: FP8 activations ("tensor" | "row"), multiplied as E4M3 with an fp8 weight when fp8_mma; config
     overrides fields of the chosen mma configuration (no mma key: the SIMT tiled kernel, as for float32);
     wgmma: the sm_90a wgmma kernel where it applies (kernels/cuda/gemm_wgmma.cuh); gated: B holds [gate | up]
-    (2N rows), the expression reads both accumulators (wgmma only); wgmma_fp8: an fp8 weight may take wgmma."""
+    (2N rows), the expression reads both accumulators (wgmma only); wgmma_fp8 / wgmma_nvfp4: an fp8 / nvfp4
+    weight may take wgmma."""
     nb = int(np.prod(batch)) if batch else 1
     a = a or {"dtype": dtype, "batch": [[nb, M * K]] if batch else [[1, 0]], "m": [[M, K]], "k": [[K, 1]]}
     if quant:
@@ -50,7 +52,8 @@ def problem(M: int, N: int, K: int, batch=(), ln=None, quant=None, expr=None, a=
          "epi_inputs": epi, "expr": expr, "aq": aq}
     if gated:
         p["gated"] = True
-    mma = gemm_mma.config(p, 0, 0, dtype, b_const=weight, fp8_mma=fp8_mma, wgmma=wgmma, wgmma_fp8=wgmma_fp8)
+    mma = gemm_mma.config(p, 0, 0, dtype, b_const=weight, fp8_mma=fp8_mma, wgmma=wgmma, wgmma_fp8=wgmma_fp8,
+                          wgmma_nvfp4=wgmma_nvfp4)
     if mma:
         p["mma"] = {**mma, **(config or {})}
     return p

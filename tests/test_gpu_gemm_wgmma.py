@@ -75,6 +75,16 @@ def cases() -> list[tuple[str, dict]]:
         assert chosen["mma"]["b_mode"] == 1
         out.append((f"fp8 {'gated ' if gated else ''}{'fold ' if ln else ''}M{M} N{N} K{K} "
                     f"BM{chosen['mma']['bm']} BN{chosen['mma']['bn']} split{chosen['mma']['split']}", chosen))
+    # nvfp4 weights (b_mode 2: E2M1 x block scale decoded into the B tile; opt-in FLASHRT_WGMMA_NVFP4=1)
+    for M, N, K, ln, gated in ((50, 1024, 4096, None, False), (50, 2560, 1024, RMS, False),
+                               (50, 4096, 1024, RMS, True), (197, 768, 3072, None, False),
+                               (197, 3072, 768, LN, True), (197, 1000, 1024, None, False)):
+        fold = {**ln, "fold": True} if ln else None
+        chosen = wgmma_problem(M, N, K, ln=fold, quant="nvfp4", wgmma_nvfp4=True, gated=gated,
+                               expr=SWIGLU if gated else RESIDUAL)
+        assert chosen["mma"]["b_mode"] == 2
+        out.append((f"nvfp4 {'gated ' if gated else ''}{'fold ' if ln else ''}M{M} N{N} K{K} "
+                    f"BM{chosen['mma']['bm']} BN{chosen['mma']['bn']} split{chosen['mma']['split']}", chosen))
     out.append(("fold layernorm no beta M100 N512 K512", wgmma_problem(100, 512, 512,
                                                                       ln={**LN, "has_beta": False, "fold": True})))
     return out

@@ -90,6 +90,7 @@ def engines(samples, tmp_path_factory) -> dict[str, str]:
              ("encoder_mma", samples / "tiny_encoder.onnx", {}, "bf16", {"FLASHRT_WGMMA": "0"}),  # mma.sync
              ("encoder_fp32", samples / "tiny_encoder.onnx", {}, "fp32", {}),  # SIMT GEMM and attention
              ("encoder_fp8", samples / "tiny_encoder.onnx", {}, "fp8", {}),  # fp8 B tiles
+             ("encoder_nvfp4", samples / "tiny_encoder.onnx", {}, "nvfp4", {"FLASHRT_WGMMA_NVFP4": "1"}),  # wgmma
              ("mlp_bf16", samples / "mlp.onnx", {"x": (4, 32)}, "bf16", {}),  # GEMVs
              ("mlp_nvfp4", samples / "mlp.onnx", {"x": (4, 32)}, "nvfp4", {}),
              ("misc", misc_model(str(out / "misc.onnx")), {}, "bf16", {})]

@@ -14,6 +14,9 @@
 // bytes, cp.async); after tile i lands, every thread decodes the 8 values of the chunk the 16-bit copy would
 // have written into the B tile (exact in bf16 / f16), then a proxy fence and a barrier before the wgmma; each
 // output column's weight scale multiplies its sum (as the mma.sync kernel's b_mode 1).
+// NVFP4 weights (P::B_MODE 2, opt-in: FLASHRT_WGMMA_NVFP4=1): the same with the packed rows (BN x 32 bytes) and
+// their E4M3 block scales (BN x 4 bytes) in the stage; a thread's 8 values are E2M1 x their block's scale, exact
+// in bf16 / f16 (at most 6 significant bits), and the tensor's global scale multiplies every sum.
 //
 // Block: WG warp groups stacked along M (BM = 64 WG), each issuing wgmma.mma_async.m64n{BN}k16 on its 64 rows
 // of A and all BN rows of B (both K-major: A row-major [m][k], B stored [n][k], no transposes).
@@ -96,7 +99,10 @@ struct WgmmaShape {
   static constexpr int BM = 64 * P::WG, BN = P::BN, BK = 64, ST = P::STAGES;
   static constexpr int KT = (P::K + BK - 1) / BK;  // k-tiles of the whole K
   static constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
-  static constexpr int RAW_BYTES = P::B_MODE == 1 ? BN * BK : 0;  // fp8 weight rows as stored
+  // quantized weight rows as stored: fp8 BN x 64 bytes; nvfp4 BN x 32 bytes, then BN x 4 scale bytes (padded to
+  // the 1024-byte alignment of the stages)
+  static constexpr int NVFP4_ROW = BK / 2, NVFP4_SCALES = BN * NVFP4_ROW;
+  static constexpr int RAW_BYTES = P::B_MODE == 1 ? BN * BK : P::B_MODE == 2 ? (BN * (NVFP4_ROW + 4) + 1023) / 1024 * 1024 : 0;
   static constexpr int STAGE_BYTES = A_BYTES + B_BYTES + RAW_BYTES;
   static constexpr int RED_LD = BN + 8;            // f32 partial tile row stride
   static constexpr int RED_BYTES = BM * RED_LD * 4;
@@ -115,9 +121,10 @@ __device__ __forceinline__ void gemm_wgmma(const typename P::Args& g) {
   static_assert(ST >= 3, "the copies of tile i + ST - 2 go to the stage of tile i - 2");
   static_assert(P::A_MODE == 0 && !P::LN && P::AQ == 0 && !P::FP8 && P::K % 8 == 0,
                 "wgmma: 16-byte chunks of 16-bit A, norm prologues folded, no activation quantization");
-  static_assert(P::B_MODE == 0 || (P::B_MODE == 1 && P::QUANT == 1 && P::K % 16 == 0),
-                "wgmma: B by 16-byte chunks of 16-bit values or of fp8 rows");
-  constexpr bool FOLD = P::NORM_FOLD != 0, GATED = P::GATED, FP8B = P::B_MODE == 1;
+  static_assert(P::B_MODE == 0 || (P::B_MODE == 1 && P::QUANT == 1 && P::K % 16 == 0) ||
+                (P::B_MODE == 2 && P::QUANT == 2 && P::K % 64 == 0),
+                "wgmma: B by 16-byte chunks of 16-bit values, of fp8 rows or of nvfp4 rows (K % 64 == 0)");
+  constexpr bool FOLD = P::NORM_FOLD != 0, GATED = P::GATED, FP8B = P::B_MODE == 1, FP4B = P::B_MODE == 2;
   constexpr int OUT_BN = GATED ? BN / 2 : BN;  // outputs per block along N
   static_assert(S::SMEM_BYTES <= 227 * 1024, "shared memory per block");
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -151,7 +158,7 @@ __device__ __forceinline__ void gemm_wgmma(const typename P::Args& g) {
     const int n = n0 + (up ? j - OUT_BN : j);
     return n < P::N ? (up ? P::N + n : n) : -1;
   };
-  if constexpr (!FP8B) {
+  if constexpr (!FP8B && !FP4B) {
 #pragma unroll
     for (int i = 0; i < B_CH; ++i) {
       const int row = b_tile_row(cr + RSTEP * i);
@@ -183,7 +190,22 @@ __device__ __forceinline__ void gemm_wgmma(const typename P::Args& g) {
     }
   }
   auto load_b_tile = [&](int kt, int s) {
-    if constexpr (FP8B) {
+    if constexpr (FP4B) {  // 16-byte chunk c: half c % 2 of row c / 2's 32 bytes; then each row's 4 scale bytes
+      const unsigned raw = ring + s * S::STAGE_BYTES + S::A_BYTES + S::B_BYTES;
+      const unsigned char* b = reinterpret_cast<const unsigned char*>(g.b);
+      for (int c = tid; c < 2 * BN; c += THREADS) {
+        const int row = b_tile_row(c / 2), k = kt * BK + (c % 2) * 32;
+        const bool ok = row >= 0 && k < P::K;
+        cp16(raw + c * 16, ok ? b + ((long)row * P::K + k) / 2 : b, ok);
+      }
+      for (int r = tid; r < BN; r += THREADS) {
+        const int row = b_tile_row(r), k = kt * BK;
+        const bool ok = row >= 0 && k < P::K;
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(raw + S::NVFP4_SCALES + r * 4),
+                     "l"(ok ? (const void*)(g.b_block + ((long)row * P::K + k) / 16) : (const void*)g.b_block),
+                     "r"(ok ? 4 : 0));
+      }
+    } else if constexpr (FP8B) {
       const int k = kt * BK + (tid % 4) * 16;
       const unsigned dst = ring + s * S::STAGE_BYTES + S::A_BYTES + S::B_BYTES + (tid / 4) * BK + (tid % 4) * 16;
 #pragma unroll
@@ -256,6 +278,25 @@ __device__ __forceinline__ void gemm_wgmma(const typename P::Args& g) {
         *reinterpret_cast<uint4*>(bt + dst0 + RSTEP * r * 128) = o;
       }
       wg::fence_proxy_async();  // generic writes before the async-proxy wgmma reads
+      __syncthreads();
+    }
+    if constexpr (FP4B) {  // tile i's E2M1 rows x their E4M3 block scales -> the B tile, as the fp8 decode
+      const unsigned char* raw = smem + s * S::STAGE_BYTES + S::A_BYTES + S::B_BYTES;
+      unsigned char* bt = smem + s * S::STAGE_BYTES + S::A_BYTES;
+#pragma unroll
+      for (int r = 0; r < B_CH; ++r) {
+        const int row = cr + RSTEP * r;  // values (tid % 8) * 8 .. + 7 of the tile row: 4 bytes, one block scale
+        const unsigned w = *reinterpret_cast<const unsigned*>(raw + row * S::NVFP4_ROW + (tid % 8) * 4);
+        const float sc = e4m3_to_float(raw[S::NVFP4_SCALES + row * 4 + (tid % 8) / 2]);
+        unsigned o[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {  // byte j: value 2j in the low nibble, 2j + 1 in the high one
+          const unsigned byte = (w >> (8 * j)) & 0xffu;
+          o[j] = mma::pack2<T>(e2m1_to_float(byte & 15u) * sc, e2m1_to_float(byte >> 4) * sc);
+        }
+        *reinterpret_cast<uint4*>(bt + dst0 + RSTEP * r * 128) = make_uint4(o[0], o[1], o[2], o[3]);
+      }
+      wg::fence_proxy_async();
       __syncthreads();
     }
     const unsigned stage = ring + s * S::STAGE_BYTES;
@@ -372,9 +413,10 @@ __device__ __forceinline__ void gemm_wgmma(const typename P::Args& g) {
       const float4 u = sum4(c + OUT_BN);
       ups[0] = u.x; ups[1] = u.y; ups[2] = u.z; ups[3] = u.w;
     }
-    // the sum of B's row `row`: times the fp8 weight row's scale, then the folded norm (the reference's order)
+    // the sum of B's row `row`: times the fp8 weight row's scale (nvfp4: the global scale), then the folded
+    // norm (the reference's order)
     auto finish = [&](float v, int row) {
-      if constexpr (FP8B) v *= P::row_scale(g, row);
+      if constexpr (FP8B || FP4B) v *= P::row_scale(g, row);
       if constexpr (FOLD) v = row_rstd[r] * (v - row_mean[r] * P::fold_colsum(g, row)) + P::fold_bias(g, row);
       return v;
     };
