@@ -3,8 +3,12 @@ workloads of benchmarks/workloads.py, in one process, with CUDA events, warm-up 
 
   python3 benchmarks/bench.py [--workloads decode expert vit] [--precisions bf16] [--no-torch] [--out DIR]
                               [--profile] [--ablate]
+  python3 benchmarks/bench.py --build-only [--arch sm_90a] [--workloads ...] [--precisions ...]
 
-Prints one table and writes it (GPU name, date) to DIR/RESULTS.md (default: $OUT, else benchmarks/)."""
+Prints one table and writes it (GPU name, date) to DIR/RESULTS.md (default: $OUT, else benchmarks/).
+--build-only (no GPU) builds the same engines and discards them: with FLASHRT_CACHE_DIR set to a folder of the
+repository, the device can then be handed that compiled-cubin cache (run's `carry`) and skip every nvcc run,
+which on a fresh machine took most of a 10-minute call (benchmarks/NOTES.md v14)."""
 
 import argparse
 import datetime
@@ -155,6 +159,22 @@ def run_workload(name: str, precisions: list[str], with_torch: bool, tmp: str, b
     return rows
 
 
+def build_only(names: list[str], precisions: list[str], arch: str) -> None:
+    """The engines run_workload builds, built for arch and discarded (their cubins stay in the cache)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            stack, inputs = W.make(name)
+            onnx_path = os.path.join(tmp, f"{name}.onnx")
+            stateful = name.startswith("decode")
+            W.export_onnx(stack, inputs, onnx_path, dynamic_cache=stateful)
+            ctx = len(inputs[1]) and inputs[1][0].shape[2]
+            for precision in precisions:
+                t0 = time.time()
+                build_engine(onnx_path, [arch], os.path.join(tmp, "e.frt"), None, precision,
+                             **({"max_context": ctx + 1} if stateful else {}))
+                print(f"{name} {precision}: built in {time.time() - t0:.0f} s", flush=True)
+
+
 def table(rows: list[dict], gpu: str, bw: float, date: str | None = None) -> str:
     compile_ms = {r["workload"]: r["ms"] for r in rows if r["impl"].startswith("torch.compile") and "ms" in r}
     floors = {"bf16": "floor_ms_bf16", "fp8": "floor_ms_fp8"}
@@ -187,7 +207,12 @@ def main() -> int:
     ap.add_argument("--ablate", action="store_true",
                     help="in-graph cost per kind: graph replay ms minus that of a graph without the kind's kernels")
     ap.add_argument("--out", default=os.environ.get("OUT", HERE))
+    ap.add_argument("--build-only", action="store_true", help="build the engines for --arch only (no GPU)")
+    ap.add_argument("--arch", default="sm_90a")
     a = ap.parse_args()
+    if a.build_only:
+        build_only(a.workloads, a.precisions, a.arch)
+        return 0
     gpu = torch.cuda.get_device_name()
     bw = copy_bandwidth()
     rows = []
