@@ -9,6 +9,7 @@
 #   bash scripts/gpu_session.sh sanitize  # compute-sanitizer memcheck on the three workloads and the samples
 #   bash scripts/gpu_session.sh next      # what the 2026-12-07 sessions left unmeasured (benchmarks/NOTES.md v12, v13)
 #   bash scripts/gpu_session.sh v14       # decode fusions' tests, decode with each off / on, the L2 weight prefetch swept
+#   bash scripts/gpu_session.sh v15       # nvfp4 weights in wgmma (NOTES v15): GPU cases, expert / ViT vs torch at 3 precisions
 #   bash scripts/gpu_session.sh compare   # pi0 chunk vs a compiled static step; decode 512 / 4096 vs torch.compile
 set -u
 cd "$(dirname "$0")/.."
@@ -85,11 +86,22 @@ case "$stage" in
     FLASHRT_MLP_R=4 bench r4 decode
     for f in "$OUT"/*/*.json; do echo "== $f"; cat "$f"; done > "$OUT/v14_results.txt"
     ;;
+  v15)  # benchmarks/NOTES.md v15: the opt-in nvfp4 wgmma GEMM's GPU cases, then the expert and ViT against torch at
+        # bf16 / fp8 / nvfp4 (nvfp4 on wgmma). Hand the device a warm cubin cache: here, first
+        #   FLASHRT_CACHE_DIR=$PWD/.cubin_cache FLASHRT_WGMMA_NVFP4=1 python3 benchmarks/bench.py --build-only \
+        #     --workloads expert vit --precisions bf16 fp8 nvfp4
+        # then run this stage with carry [".cubin_cache"] and FLASHRT_CACHE_DIR=$PWD/.cubin_cache
+    export FLASHRT_WGMMA_NVFP4=1
+    timeout 150 python3 -m pytest -q -rf -n 8 tests/test_gpu_gemm_wgmma.py -k "nvfp4 or fp8" > "$OUT/tests.log" 2>&1
+    echo "tests rc=$?"; tail -3 "$OUT/tests.log"
+    timeout 400 python3 benchmarks/bench.py --workloads expert vit --precisions bf16 fp8 nvfp4 --out "$OUT" \
+      > "$OUT/bench.log" 2>&1; echo "bench rc=$?"; grep '^| ' "$OUT/bench.log"
+    ;;
   compare)  # the pi0 chunk against a compiled static-shape step; decode at 512 and 4096 against torch.compile
     timeout 280 python3 benchmarks/pi0_bench.py --scale full --precisions bf16 --out "$OUT" 2>&1 \
       | tee "$OUT/pi0.log" | grep '^{"impl\|^|'
     timeout 250 python3 benchmarks/bench.py --workloads decode decode4k --precisions bf16 fp8 --out "$OUT" 2>&1 \
       | tee "$OUT/bench_decode.log" | grep '^| '
     ;;
-  *) echo "usage: $0 tests|kernels|bench|loops|verify|sanitize|next|v14|compare" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|kernels|bench|loops|verify|sanitize|next|v14|v15|compare" >&2; exit 2 ;;
 esac
