@@ -30,8 +30,8 @@ from flashrt.aot.state import CACHE_WRITE, POSITIONS
 from flashrt.aot.gemv_cost import choose_gemv_format
 from flashrt.aot.prefetch import plan_l2_prefetch
 from flashrt.aot.targets import (attention_prefetch_enabled, fp8_mma, fused_mlp_enabled, fused_oproj_enabled,
-                                 l2_prefetch_budget, mlp_gated_rows, sm_number, wgmma_enabled, wgmma_fp8_enabled,
-                                 wgmma_nvfp4_enabled)
+                                 l2_prefetch_budget, l2_prefetch_hosts, mlp_gated_rows, sm_number, wgmma_enabled,
+                                 wgmma_fp8_enabled, wgmma_nvfp4_enabled)
 from flashrt.aot.views import Buffer, TensorRef
 from flashrt.errors import BuildError, ModelError
 from flashrt.kernels import attention as attention_kernel
@@ -1615,7 +1615,7 @@ class Partitioner:
             args = [self.state_ref(self.entry.pos)] + ([self.state_ref(self.entry.length)] if count is None else [])
             self.calls.append(KernelCall("advance_position", "state", {"op": "advance", "count": count}, args,
                                          ["AdvancePosition"], []))
-        plan_l2_prefetch(self.calls, l2_prefetch_budget(self.targets))
+        plan_l2_prefetch(self.calls, l2_prefetch_budget(self.targets), l2_prefetch_hosts())
         compute = sum(1 for n in self.g.nodes if n.op not in VIEW_OPS)
         return Program(self.calls, inputs, outputs, self.buffers, compute, self.warnings)
 

@@ -20,8 +20,9 @@ def _weights(call) -> list[Buffer]:
     return list(seen.values())
 
 
-def plan_l2_prefetch(calls: list, budget: int) -> None:
-    """Adds `l2_next` (bytes per span) and the spans' pointer arguments to host calls, in place."""
+def plan_l2_prefetch(calls: list, budget: int, hosts: tuple[str, ...] = prefetch.FAMILIES) -> None:
+    """Adds `l2_next` (bytes per span) and the spans' pointer arguments to host calls (of the families in hosts),
+    in place."""
     if budget <= 0:
         return
     weights = [_weights(c) for c in calls]
@@ -38,7 +39,7 @@ def plan_l2_prefetch(calls: list, budget: int) -> None:
 
     for i, host in enumerate(calls):
         last.update((id(b), max(i, last.get(id(b), i))) for b in weights[i])
-        if host.family not in prefetch.FAMILIES or host.params.get("l2_next"):
+        if host.family not in hosts or host.params.get("l2_next"):
             continue
         spans = []
         for j in range(i + 1, len(calls)):

@@ -100,6 +100,22 @@ def attention_prefetch_enabled() -> bool:
 L2_BYTES = {"sm_90a": 50 << 20, "sm_100a": 126 << 20, "sm_110a": 32 << 20, "sm_120a": 32 << 20}
 
 
+def l2_prefetch_hosts() -> tuple[str, ...]:
+    """The kernel families that may prefetch later weights (FLASHRT_L2_PREFETCH_HOSTS=attention,gemv,...; default
+    all that can). Attention alone, for example, streams the MLP's weights while its own DRAM traffic is light
+    (benchmarks/NOTES.md v14)."""
+    from flashrt.kernels.prefetch import FAMILIES
+
+    value = os.environ.get("FLASHRT_L2_PREFETCH_HOSTS")
+    if not value:
+        return FAMILIES
+    hosts = tuple(h.strip() for h in value.split(","))
+    if not set(hosts) <= set(FAMILIES):
+        raise BuildError(f"FLASHRT_L2_PREFETCH_HOSTS={value!r}: expected a comma-separated subset of "
+                         f"{', '.join(FAMILIES)}")
+    return hosts
+
+
 def l2_prefetch_budget(archs: list[str]) -> int:
     """Bytes of later launches' weights that may sit in L2 ahead of use (aot/prefetch.py; 0: none):
     FLASHRT_L2_PREFETCH_MB MiB (at most the smallest target's L2), or with "auto" half of it. Opt-in: measured

@@ -83,6 +83,7 @@ case "$stage" in
     FLASHRT_FUSE_OPROJ=0 bench no_oproj decode
     FLASHRT_ATTN_PREFETCH=0 bench no_prefetch decode decode4k
     for mb in 8 16; do FLASHRT_L2_PREFETCH_MB=$mb bench l2_$mb decode; done
+    FLASHRT_L2_PREFETCH_MB=24 FLASHRT_L2_PREFETCH_HOSTS=attention bench l2_attention decode
     FLASHRT_MLP_R=4 bench r4 decode
     for f in "$OUT"/*/*.json; do echo "== $f"; cat "$f"; done > "$OUT/v14_results.txt"
     ;;

@@ -91,7 +91,7 @@ def engines(samples, tmp_path_factory) -> dict[str, str]:
              ("encoder_fp32", samples / "tiny_encoder.onnx", {}, "fp32", {}),  # SIMT GEMM and attention
              ("encoder_fp8", samples / "tiny_encoder.onnx", {}, "fp8", {}),  # fp8 B tiles
              ("encoder_nvfp4", samples / "tiny_encoder.onnx", {}, "nvfp4", {"FLASHRT_WGMMA_NVFP4": "1"}),  # wgmma
-             ("mlp_bf16", samples / "mlp.onnx", {"x": (4, 32)}, "bf16", {}),  # GEMVs
+             ("mlp_bf16", samples / "mlp.onnx", {"x": (4, 32)}, "bf16", {"l2_budget": 8 << 10}),  # GEMVs (hosts)
              ("mlp_nvfp4", samples / "mlp.onnx", {"x": (4, 32)}, "nvfp4", {}),
              ("misc", misc_model(str(out / "misc.onnx")), {}, "bf16", {})]
     built = {}
@@ -108,8 +108,9 @@ def engines(samples, tmp_path_factory) -> dict[str, str]:
     if HAS_TORCH:  # KV-cache writes, positions, dynamic-length attention, gated GEMVs, the decode fusions
         _, onnx_path = decoder_onnx(str(out / "decoder.onnx"))
         built["decoder"] = str(out / "decoder.frt")
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("FLASHRT_L2_PREFETCH_MB", "1")  # kernels/prefetch.py's bulk prefetches of later weights
+        with pytest.MonkeyPatch.context() as mp:  # kernels/prefetch.py's prefetches, from the attention kernels
+            mp.setenv("FLASHRT_L2_PREFETCH_MB", "1")
+            mp.setenv("FLASHRT_L2_PREFETCH_HOSTS", "attention")
             mp.setattr(prefetch_plan, "MIN_BYTES", 0)
             build_engine(onnx_path, ["h100"], built["decoder"], precision="bf16", max_context=24, prefill_len=8)
     return built

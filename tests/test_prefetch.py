@@ -6,7 +6,7 @@ import pytest
 from flashrt.aot import prefetch as plan
 from flashrt.aot.build import build_engine
 from flashrt.aot.partition import KernelCall
-from flashrt.aot.targets import l2_prefetch_budget
+from flashrt.aot.targets import l2_prefetch_budget, l2_prefetch_hosts
 from flashrt.aot.views import Buffer, TensorRef
 from flashrt.errors import BuildError, EngineFormatError
 from flashrt.kernels import prefetch
@@ -39,6 +39,18 @@ def test_window_rule():
     assert names[0] == ["qkv0", "o0", "mlp0"] and names[3] == ["mlp0", "qkv1", "o1"] and names[4] == ["qkv1", "mlp1"]
     assert all(c.family in prefetch.FAMILIES for c, s in zip(calls, sizes) if s)
     assert "prefetches 23.1 MB of later launches' weights into L2 (o0, mlp0" in calls[0].reason  # shown by inspect
+
+
+def test_hosts_can_be_restricted(monkeypatch):
+    """Attention alone as host (FLASHRT_L2_PREFETCH_HOSTS=attention): it takes what the QKV GEMV would have."""
+    calls = _layer(0) + _layer(1)
+    monkeypatch.setenv("FLASHRT_L2_PREFETCH_HOSTS", "attention")
+    plan.plan_l2_prefetch(calls, 24 * MB, l2_prefetch_hosts())
+    assert [c.params.get("l2_next") for c in calls] == [None, [4 * MB, 18 * MB], None, None,
+                                                         None, [4 * MB, 18 * MB], None, None]
+    monkeypatch.setenv("FLASHRT_L2_PREFETCH_HOSTS", "attention,softmax")
+    with pytest.raises(BuildError, match="FLASHRT_L2_PREFETCH_HOSTS"):
+        l2_prefetch_hosts()
 
 
 def test_loop_steps_prefetch_their_weights_again():
