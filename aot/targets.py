@@ -4,6 +4,7 @@ import os
 import re
 
 from flashrt.errors import BuildError
+from flashrt.kernels.prefetch import FAMILIES
 
 TARGETS = {
     "thor": ("sm_110a", "NVIDIA Jetson Thor (Blackwell)"),
@@ -104,8 +105,6 @@ def l2_prefetch_hosts() -> tuple[str, ...]:
     """The kernel families that may prefetch later weights (FLASHRT_L2_PREFETCH_HOSTS=attention,gemv,...; default
     all that can). Attention alone, for example, streams the MLP's weights while its own DRAM traffic is light
     (benchmarks/NOTES.md v14)."""
-    from flashrt.kernels.prefetch import FAMILIES
-
     value = os.environ.get("FLASHRT_L2_PREFETCH_HOSTS")
     if not value:
         return FAMILIES

@@ -13,6 +13,7 @@ GEMM of a 7B model at a 2k-token prompt is ~1e11 multiply-adds), and far below w
 import math
 
 from flashrt.errors import EngineFormatError
+from flashrt.kernels import prefetch
 from flashrt.kernels.attention import MAX_SOURCES
 from flashrt.kernels.dtypes import ITEMSIZE
 from flashrt.kernels.layernorm import MAX_PARTS
@@ -146,8 +147,8 @@ def _proj_weight(b: dict, path: str) -> None:
 def L2_NEXT(v, path):
     """kernels/prefetch.py's spans: byte counts, each a positive multiple of 16, under 1 GiB in all."""
     sizes = List(Int(16, 1 << 30), min_len=1, max_len=256)(v, path)
-    if any(n % 16 for n in sizes) or sum(sizes) >= 1 << 30:
-        raise _Bad(path, f"= {_show(v)}: expected byte counts that are multiples of 16, under 1 GiB in all")
+    if why := prefetch.problem(sizes):
+        raise _Bad(path, f"= {_show(v)}: {why}")
     return sizes
 
 
@@ -160,7 +161,7 @@ _GEMM = Dict(
     {"gated": Bool, "mma": Dict({"dtype": Enum("bfloat16", "float16", "e4m3")},  # the reference rounds to it
                                 {"wgmma": Bool}),
      "aq": Nullable(Enum(*ACT_QUANT)), "cache": lambda v, path: CACHE(v, path), "mirror": Bool, "a_mirror": Int(1, 2),
-     "down": Dict({"N": DIM, "b": PROJ_WEIGHT}), "l2_next": lambda v, path: L2_NEXT(v, path)})
+     "down": Dict({"N": DIM, "b": PROJ_WEIGHT}), "l2_next": L2_NEXT})
 
 
 # ------------------------------------------------------------------------------------------ relations / caps
@@ -282,7 +283,7 @@ def _attention(p: dict) -> None:
              {"dyn": Nullable(Dict({"causal": Bool})),
               "mma": Dict({"dtype": Enum("bfloat16", "float16")}),  # mma.dtype: the reference rounds P to it
               "oproj": Dict({"N": DIM, "b": PROJ_WEIGHT, "outs": Int(1, 2)}), "prefetch": Bool,
-              "l2_next": lambda v, path: L2_NEXT(v, path)})(p, "")
+              "l2_next": L2_NEXT})(p, "")
     BH, T, S, HD, VD = p["BH"], p["T"], p["S"], p["HD"], p["VD"]
     for name in ("k", "v"):
         keys = [src["keys"] for src in p[name].get("sources", [])]

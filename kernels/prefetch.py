@@ -10,6 +10,15 @@ is unchanged. aot/prefetch.py decides which kernel prefetches what."""
 FAMILIES = ("gemv", "gemm", "attention")  # the families whose sources take it
 
 
+def problem(sizes: list[int]) -> str | None:
+    """Why span sizes cannot be prefetched as generated (32-bit offsets in l2_prefetch_share), or None."""
+    if not all(isinstance(n, int) and n > 0 and n % 16 == 0 for n in sizes):
+        return "expected byte counts, each a positive multiple of 16"
+    if sum(sizes) >= 1 << 30:
+        return "expected under 1 GiB in all"
+    return None
+
+
 def sizes(p: dict) -> list[int]:
     return list(p.get("l2_next") or [])
 
@@ -25,12 +34,10 @@ def params(p: dict) -> list[str]:
 def code(p: dict) -> str:
     """The statement that issues this block's share (empty without `l2_next`)."""
     spans, total = [], sum(sizes(p))
-    if total >= 1 << 30:
-        raise ValueError(f"l2_next: {total} bytes in all; expected under 1 GiB (32-bit offsets)")
+    if why := problem(sizes(p)):
+        raise ValueError(f"l2_next = {sizes(p)}: {why}")
     begin = 0
     for i, n in enumerate(sizes(p)):
-        if n % 16 or n <= 0:
-            raise ValueError(f"l2_next: span {i} has {n} bytes; expected a positive multiple of 16")
         spans.append(f"l2_prefetch_share(l2_next{i}, {begin}u, {n}u, {total}u);")
         begin += n
     return " ".join(spans)

@@ -7,6 +7,7 @@ from types import ModuleType
 from flashrt.engine_format.reader import EngineFile, EntryInfo, TensorInfo
 from flashrt.errors import EngineFormatError, InputError
 from flashrt.kernels.dtypes import STORAGE, bf16_to_f32, f32_to_bf16
+from flashrt.kernels import prefetch
 from flashrt.kernels.params import check as check_params
 from flashrt.kernels.registry import family
 
@@ -148,7 +149,7 @@ class Engine:
         ef = self.file
         for i, launch in enumerate(ef.launches):
             k = ef.kernels[launch.kernel]
-            sizes = k.params.get("l2_next") or []
+            sizes = prefetch.sizes(k.params)
             if not sizes:
                 continue
             relocs = {r.slot: r for r in ef.relocations[launch.reloc_first:launch.reloc_first + launch.reloc_count]}

@@ -334,20 +334,14 @@ def variants() -> list[dict]:
     out += [wgmma_params(50, 2560, 1024, ln={**RMS, "fold": True}), wgmma_params(197, 2304, 768, ln=layernorm),
             wgmma_params(197, 3072, 768, ln=layernorm)]
     swiglu = [["acc"], ["sigmoid", 0], ["mul", 0, 1], ["acc", 1], ["mul", 2, 3]]
-    for M, N, K, ln, gated in ((50, 1024, 4096, None, False), (50, 4096, 1024, {**RMS, "fold": True}, True),
-                               (197, 768, 3072, None, False)):  # fp8 weights (b_mode 1)
-        p = {**gemm_params(M, N, K, ln=ln, quant="fp8"), "gated": gated, "expr": swiglu if gated else [["acc"]]}
-        p["b"] = {**p["b"], "n": [[2 * N if gated else N, K]]}
-        p["mma"] = gemm_mma.config(p, 0, 0, "bfloat16", True, wgmma=True, wgmma_fp8=True)
-        assert p["mma"]["wgmma"] and p["mma"]["b_mode"] == 1
-        out.append(p)
-    for M, N, K, ln, gated in ((50, 1024, 4096, None, False), (50, 4096, 1024, {**RMS, "fold": True}, True),
-                               (197, 3072, 768, layernorm, False)):  # nvfp4 weights (b_mode 2)
-        p = {**gemm_params(M, N, K, ln=ln, quant="nvfp4"), "gated": gated, "expr": swiglu if gated else [["acc"]]}
-        p["b"] = {**p["b"], "n": [[2 * N if gated else N, K]]}
-        p["mma"] = gemm_mma.config(p, 0, 0, "bfloat16", True, wgmma=True, wgmma_nvfp4=True)
-        assert p["mma"]["wgmma"] and p["mma"]["b_mode"] == 2
-        out.append(p)
+    quantized = [("fp8", 1, (197, 768, 3072, None, False)), ("nvfp4", 2, (197, 3072, 768, layernorm, False))]
+    for quant, b_mode, last in quantized:  # weights decoded into the B tile: fp8 (b_mode 1), nvfp4 (b_mode 2)
+        for M, N, K, ln, gated in ((50, 1024, 4096, None, False), (50, 4096, 1024, {**RMS, "fold": True}, True), last):
+            p = {**gemm_params(M, N, K, ln=ln, quant=quant), "gated": gated, "expr": swiglu if gated else [["acc"]]}
+            p["b"] = {**p["b"], "n": [[2 * N if gated else N, K]]}
+            p["mma"] = gemm_mma.config(p, 0, 0, "bfloat16", True, wgmma=True, **{f"wgmma_{quant}": True})
+            assert p["mma"]["wgmma"] and p["mma"]["b_mode"] == b_mode
+            out.append(p)
     for M, N, K, ln in ((50, 4096, 1024, {**RMS, "fold": True}), (197, 3072, 768, layernorm), (197, 1000, 1000, None)):
         p = {**gemm_params(M, N, K, ln=ln), "gated": True, "expr": swiglu}
         p["b"] = {**p["b"], "n": [[2 * N, K]]}

@@ -65,26 +65,18 @@ def cases() -> list[tuple[str, dict]]:
     out.append(("gated tile 128x64 split2 M197 N1000 K1000",
                 wgmma_problem(197, 1000, 1000, expr=SWIGLU, gated=True,
                               config={"bm": 128, "bn": 64, "wg": 2, "split": 2, "stages": 3})))
-    # fp8 weights (b_mode 1: E4M3 rows decoded into the B tile), plain, folded, gated, tails, two warp groups
-    for M, N, K, ln, gated in ((50, 1024, 4096, None, False), (50, 2560, 1024, RMS, False),
-                               (50, 4096, 1024, RMS, True), (197, 768, 3072, None, False),
-                               (197, 3072, 768, LN, True), (197, 1008, 1008, None, False)):
-        fold = {**ln, "fold": True} if ln else None
-        chosen = wgmma_problem(M, N, K, ln=fold, quant="fp8", wgmma_fp8=True, gated=gated,
-                               expr=SWIGLU if gated else RESIDUAL)
-        assert chosen["mma"]["b_mode"] == 1
-        out.append((f"fp8 {'gated ' if gated else ''}{'fold ' if ln else ''}M{M} N{N} K{K} "
-                    f"BM{chosen['mma']['bm']} BN{chosen['mma']['bn']} split{chosen['mma']['split']}", chosen))
-    # nvfp4 weights (b_mode 2: E2M1 x block scale decoded into the B tile; opt-in FLASHRT_WGMMA_NVFP4=1)
-    for M, N, K, ln, gated in ((50, 1024, 4096, None, False), (50, 2560, 1024, RMS, False),
-                               (50, 4096, 1024, RMS, True), (197, 768, 3072, None, False),
-                               (197, 3072, 768, LN, True), (197, 1000, 1024, None, False)):
-        fold = {**ln, "fold": True} if ln else None
-        chosen = wgmma_problem(M, N, K, ln=fold, quant="nvfp4", wgmma_nvfp4=True, gated=gated,
-                               expr=SWIGLU if gated else RESIDUAL)
-        assert chosen["mma"]["b_mode"] == 2
-        out.append((f"nvfp4 {'gated ' if gated else ''}{'fold ' if ln else ''}M{M} N{N} K{K} "
-                    f"BM{chosen['mma']['bm']} BN{chosen['mma']['bn']} split{chosen['mma']['split']}", chosen))
+    # quantized weights decoded into the B tile: fp8 (b_mode 1: E4M3 rows) and nvfp4 (b_mode 2: E2M1 x block
+    # scale; opt-in FLASHRT_WGMMA_NVFP4=1); plain, folded, gated, tails (nvfp4 needs K % 64), two warp groups
+    for quant, b_mode, tail in (("fp8", 1, (197, 1008, 1008)), ("nvfp4", 2, (197, 1000, 1024))):
+        for M, N, K, ln, gated in ((50, 1024, 4096, None, False), (50, 2560, 1024, RMS, False),
+                                   (50, 4096, 1024, RMS, True), (197, 768, 3072, None, False),
+                                   (197, 3072, 768, LN, True), (*tail, None, False)):
+            fold = {**ln, "fold": True} if ln else None
+            chosen = wgmma_problem(M, N, K, ln=fold, quant=quant, gated=gated, expr=SWIGLU if gated else RESIDUAL,
+                                   **{f"wgmma_{quant}": True})
+            assert chosen["mma"]["b_mode"] == b_mode
+            out.append((f"{quant} {'gated ' if gated else ''}{'fold ' if ln else ''}M{M} N{N} K{K} "
+                        f"BM{chosen['mma']['bm']} BN{chosen['mma']['bn']} split{chosen['mma']['split']}", chosen))
     out.append(("fold layernorm no beta M100 N512 K512", wgmma_problem(100, 512, 512,
                                                                       ln={**LN, "has_beta": False, "fold": True})))
     return out

@@ -277,10 +277,7 @@ __device__ __forceinline__ void gemm_wgmma(const typename P::Args& g) {
         o.w = mma::e4m3x2_to<T>((unsigned short)(v.y >> 16));
         *reinterpret_cast<uint4*>(bt + dst0 + RSTEP * r * 128) = o;
       }
-      wg::fence_proxy_async();  // generic writes before the async-proxy wgmma reads
-      __syncthreads();
-    }
-    if constexpr (FP4B) {  // tile i's E2M1 rows x their E4M3 block scales -> the B tile, as the fp8 decode
+    } else if constexpr (FP4B) {  // tile i's E2M1 rows x their E4M3 block scales -> the B tile, as the fp8 decode
       const unsigned char* raw = smem + s * S::STAGE_BYTES + S::A_BYTES + S::B_BYTES;
       unsigned char* bt = smem + s * S::STAGE_BYTES + S::A_BYTES;
 #pragma unroll
@@ -296,7 +293,9 @@ __device__ __forceinline__ void gemm_wgmma(const typename P::Args& g) {
         }
         *reinterpret_cast<uint4*>(bt + dst0 + RSTEP * r * 128) = make_uint4(o[0], o[1], o[2], o[3]);
       }
-      wg::fence_proxy_async();
+    }
+    if constexpr (FP8B || FP4B) {
+      wg::fence_proxy_async();  // generic writes before the async-proxy wgmma reads
       __syncthreads();
     }
     const unsigned stage = ring + s * S::STAGE_BYTES;
